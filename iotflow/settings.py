@@ -1,0 +1,118 @@
+"""Settings from ``IOTFLOW_*`` environment variables (and a ``.env`` file).
+
+When ``IOTFLOW_MQTT_URL`` or ``IOTFLOW_KAFKA_BOOTSTRAP`` is unset, the address
+of the local stack started by ``iotflow stack up`` (or ``iotflow demo``) is
+used, read from its state file. Secrets never appear in ``repr`` or logs:
+``Settings.mqtt_url`` is a ``SecretStr`` and ``redact_url`` masks passwords.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from iotflow.errors import ConfigError
+
+__all__ = ["Settings", "redact_url", "stack_state_path"]
+
+DEFAULT_STATE_DIR = Path(".iotflow")
+
+
+def stack_state_path() -> Path:
+    """Where the local stack records its brokers (``IOTFLOW_STATE_DIR``, default ``.iotflow``)."""
+    return Path(os.environ.get("IOTFLOW_STATE_DIR", DEFAULT_STATE_DIR)) / "stack.json"
+
+
+def redact_url(url: str) -> str:
+    """``mqtt://user:secret@host:1883`` -> ``mqtt://user:***@host:1883``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}"
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class Settings(BaseSettings):
+    """Everything a flow or command needs to find its brokers and stores.
+
+    Example::
+
+        >>> s = Settings(mqtt_url="mqtt://u:pw@localhost:1883", kafka_bootstrap="h:9092")
+        >>> s.mqtt_url_redacted
+        'mqtt://u:***@localhost:1883'
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="IOTFLOW_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    mqtt_url: SecretStr | None = None
+    kafka_bootstrap: str | None = None
+    duckdb: Path = Path(".iotflow/iotflow.duckdb")
+    topic_prefix: str = "iot"
+    mqtt_base: str = "iotflow"
+    ingest: Literal["mqtt", "kafka"] = "mqtt"
+    recovery_dir: Path | None = None
+    window_s: float = Field(60.0, gt=0)
+    lateness_s: float = Field(5.0, ge=0)
+    max_payload_bytes: int = Field(256 * 1024, gt=0)
+    max_future_skew_s: float = Field(300.0, ge=0)
+    mqtt_idle_stop_s: float | None = Field(None, gt=0)
+    mqtt_client_id: str = "iotflow-telemetry"
+
+    @field_validator("topic_prefix", "mqtt_base")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        bad = set(value) & set("+#/ \t\n\0")
+        if not value or bad:
+            msg = f"{value!r} must be a non-empty name without '+', '#', '/' or spaces"
+            raise ValueError(msg)
+        return value
+
+    @property
+    def mqtt_url_redacted(self) -> str | None:
+        """The MQTT URL with its password masked, safe to print."""
+        url = self.resolved_mqtt_url()
+        return None if url is None else redact_url(url)
+
+    def _stack(self) -> dict[str, str]:
+        path = stack_state_path()
+        if not path.exists():
+            return {}
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            msg = f"stack state file {path} is unreadable ({exc}); run `iotflow stack down` then `up`"
+            raise ConfigError(msg) from exc
+
+    def resolved_mqtt_url(self) -> str | None:
+        """``IOTFLOW_MQTT_URL``, else the local stack's broker, else None."""
+        if self.mqtt_url is not None:
+            return self.mqtt_url.get_secret_value()
+        return self._stack().get("mqtt_url")
+
+    def resolved_kafka_bootstrap(self) -> str | None:
+        """``IOTFLOW_KAFKA_BOOTSTRAP``, else the local stack's broker, else None."""
+        return self.kafka_bootstrap or self._stack().get("kafka_bootstrap")
+
+    def require_mqtt_url(self) -> str:
+        url = self.resolved_mqtt_url()
+        if url is None:
+            msg = "no MQTT broker: set IOTFLOW_MQTT_URL or start one with `iotflow stack up`"
+            raise ConfigError(msg)
+        return url
+
+    def require_kafka_bootstrap(self) -> str:
+        bootstrap = self.resolved_kafka_bootstrap()
+        if bootstrap is None:
+            msg = "no Kafka broker: set IOTFLOW_KAFKA_BOOTSTRAP or start one with `iotflow stack up`"
+            raise ConfigError(msg)
+        return bootstrap
