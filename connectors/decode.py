@@ -42,8 +42,14 @@ def dead_letter(
     kept = payload[:DEADLETTER_KEEP_BYTES]
     try:
         text, encoding = kept.decode("utf-8"), "utf-8"
-    except UnicodeDecodeError:
-        text, encoding = base64.b64encode(kept).decode("ascii"), "base64"
+    except UnicodeDecodeError as exc:
+        if len(payload) > len(kept) and exc.end == len(kept) and exc.start >= len(kept) - 3:
+            # The cut fell inside a multi-byte character: keep whole characters only.
+            kept = kept[: exc.start]
+        try:
+            text, encoding = kept.decode("utf-8"), "utf-8"
+        except UnicodeDecodeError:
+            text, encoding = base64.b64encode(kept).decode("ascii"), "base64"
     return DeadLetter(
         source=source,
         reason=reason,
@@ -79,7 +85,12 @@ class TelemetryDecoder:
     Example::
 
         >>> d = TelemetryDecoder()
-        >>> out = d.decode([DeviceMessage("iotflow/devices/t1/telemetry", b'{"ts": 1767268800000, "temp": 21.5}', 1767268800100)])
+        >>> msg = DeviceMessage(
+        ...     "iotflow/devices/t1/telemetry",
+        ...     b'{"ts": 1767268800000, "temp": 21.5}',
+        ...     1767268800100,
+        ... )
+        >>> out = d.decode([msg])
         >>> out.ok[0]
         Reading(device_id='t1', ts_ms=1767268800000, metrics={'temp': 21.5})
     """
@@ -96,7 +107,8 @@ class TelemetryDecoder:
         self._device_path: FieldPath = self.mapping.device_path
         self._ts_path: FieldPath = self.mapping.ts_path
         self._metric_paths = self.mapping.metric_paths
-        self._ts_field = self._ts_path.steps[0] if self._ts_path.source == "payload" and len(self._ts_path.steps) == 1 else None
+        flat_ts = self._ts_path.source == "payload" and len(self._ts_path.steps) == 1
+        self._ts_field = self._ts_path.steps[0] if flat_ts else None
         self.max_payload_bytes = max_payload_bytes
         self.max_future_skew_ms = max_future_skew_ms
         self.source = source
@@ -110,15 +122,26 @@ class TelemetryDecoder:
 
     def _decode_one(self, msg: DeviceMessage, out: DecodeOut) -> None:
         def reject(reason: str) -> None:
-            out.dead.append(dead_letter(self.source, reason, msg.payload, msg.received_ms, msg.topic))
+            out.dead.append(
+                dead_letter(self.source, reason, msg.payload, msg.received_ms, msg.topic)
+            )
 
         if len(msg.payload) > self.max_payload_bytes:
-            reject(f"payload is {len(msg.payload)} bytes; the limit is {self.max_payload_bytes} (IOTFLOW_MAX_PAYLOAD_BYTES)")
+            reject(
+                f"payload is {len(msg.payload)} bytes; the limit is {self.max_payload_bytes}"
+                " (IOTFLOW_MAX_PAYLOAD_BYTES)"
+            )
             return
         try:
             doc = self._json.decode(msg.payload)
         except msgspec.DecodeError as exc:
             reject(f"invalid JSON: {exc}")
+            return
+        except UnicodeDecodeError as exc:
+            reject(f"payload is not valid UTF-8: {exc.reason} at byte {exc.start}")
+            return
+        except RecursionError:
+            reject("invalid JSON: nested too deeply")
             return
         levels = msg.topic.split("/")
         if isinstance(doc, dict):
@@ -126,15 +149,24 @@ class TelemetryDecoder:
         elif isinstance(doc, list) and doc:
             items = doc
         else:
-            reject(f"payload must be a JSON object or a non-empty list of objects, got {_kind(doc)}")
+            reject(
+                f"payload must be a JSON object or a non-empty list of objects, got {_kind(doc)}"
+            )
             return
         for index, item in enumerate(items):
             where = "" if len(items) == 1 and isinstance(doc, dict) else f"item {index}: "
             try:
                 out.ok.append(self._reading(levels, item, msg.received_ms))
             except _Rejected as exc:
-                payload = msgspec.json.encode(item) if where else msg.payload
-                out.dead.append(dead_letter(self.source, where + str(exc), payload, msg.received_ms, msg.topic))
+                payload = msg.payload
+                if where:
+                    try:
+                        payload = msgspec.json.encode(item)
+                    except (RecursionError, msgspec.EncodeError, OverflowError):
+                        payload = msg.payload
+                out.dead.append(
+                    dead_letter(self.source, where + str(exc), payload, msg.received_ms, msg.topic)
+                )
 
     def _reading(self, levels: list[str], item: Any, received_ms: int) -> Reading:
         if not isinstance(item, dict):
@@ -142,6 +174,11 @@ class TelemetryDecoder:
         device_id = self._device_path.get(levels, item)
         if is_missing(device_id):
             raise _Rejected(f"no device id at {self._device_path.text}")
+        if not isinstance(device_id, str):
+            raise _Rejected(
+                f"device id must be a string, got {_kind(device_id)}"
+                f" (from {self._device_path.text})"
+            )
         problem = check_device_id(device_id)
         if problem:
             raise _Rejected(f"{problem} (from {self._device_path.text})")
@@ -183,21 +220,33 @@ class TelemetryDecoder:
             try:
                 parsed = datetime.fromisoformat(raw)
             except ValueError:
+                if raw.isdecimal():
+                    hint = "send epoch milliseconds as a JSON number, not a string"
+                    raise _Rejected(f"ts {raw[:40]!r} is a string of digits; {hint}") from None
                 raise _Rejected(f"ts {raw[:40]!r} is not ISO 8601 nor epoch milliseconds") from None
             if parsed.tzinfo is None:
                 raise _Rejected(f"ts {raw[:40]!r} has no UTC offset; add 'Z' or '+00:00'")
             ts_ms = round(parsed.timestamp() * 1000)
         else:
-            raise _Rejected(f"ts must be epoch milliseconds or an ISO 8601 string, got {_kind(raw)}")
+            raise _Rejected(
+                f"ts must be epoch milliseconds or an ISO 8601 string, got {_kind(raw)}"
+            )
         if ts_ms < _MIN_TS_MS:
-            raise _Rejected(f"ts {ts_ms} is before 2000-01-01; send epoch milliseconds, not seconds")
+            raise _Rejected(
+                f"ts {_show(ts_ms)} is before 2000-01-01; send epoch milliseconds, not seconds"
+            )
         if ts_ms - received_ms > self.max_future_skew_ms:
             ahead_s = (ts_ms - received_ms) / 1000
             raise _Rejected(
-                f"ts {ts_ms} is {ahead_s:.0f}s in the future; the limit is "
+                f"ts {_show(ts_ms)} is {_show(ahead_s)}s in the future; the limit is "
                 f"{self.max_future_skew_ms / 1000:.0f}s (IOTFLOW_MAX_FUTURE_SKEW_S)"
             )
         return ts_ms
+
+
+def _show(number: float) -> str:
+    """A number for a message: whole digits, or 3 significant digits when absurdly large."""
+    return f"{number:.0f}" if abs(number) < 1e16 else f"{number:.3g}"
 
 
 def _kind(value: Any) -> str:

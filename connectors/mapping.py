@@ -26,9 +26,9 @@ from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 __all__ = ["FieldPath", "SourceMapping"]
 
-_TOPIC_RE = re.compile(r"^topic\[(-?\d+)\]$")
-_PAYLOAD_STEP_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_\-]*)((?:\[\d+\])*)$")
-_INDEX_RE = re.compile(r"\[(\d+)\]")
+_TOPIC_RE = re.compile(r"topic\[(-?[0-9]+)\]")
+_PAYLOAD_STEP_RE = re.compile(r"([A-Za-z_][A-Za-z0-9_\-]*)((?:\[[0-9]+\])*)")
+_INDEX_RE = re.compile(r"\[([0-9]+)\]")
 
 _MISSING = object()
 
@@ -44,7 +44,7 @@ class FieldPath:
     @classmethod
     def parse(cls, text: str) -> FieldPath:
         """Parse ``topic[N]`` or ``payload.a.b[0]``; raise ValueError naming the fix."""
-        match = _TOPIC_RE.match(text)
+        match = _TOPIC_RE.fullmatch(text)
         if match:
             return cls("topic", (int(match.group(1)),), text)
         if text == "payload":
@@ -52,9 +52,12 @@ class FieldPath:
         if text.startswith("payload."):
             steps: list[str | int] = []
             for part in text[len("payload.") :].split("."):
-                step = _PAYLOAD_STEP_RE.match(part)
+                step = _PAYLOAD_STEP_RE.fullmatch(part)
                 if step is None:
-                    msg = f"path {text!r}: bad segment {part!r}; use names like payload.a.b or payload.a[0]"
+                    msg = (
+                        f"path {text!r}: bad segment {part!r};"
+                        " use names like payload.a.b or payload.a[0]"
+                    )
                     raise ValueError(msg)
                 steps.append(step.group(1))
                 steps.extend(int(i) for i in _INDEX_RE.findall(step.group(2)))
@@ -91,7 +94,9 @@ class SourceMapping(BaseModel):
 
     Example::
 
-        >>> m = SourceMapping.model_validate({"device_id": "topic[1]", "temperature": "payload.value"})
+        >>> m = SourceMapping.model_validate(
+        ...     {"device_id": "topic[1]", "temperature": "payload.value"}
+        ... )
         >>> m.metric_paths["temperature"].text
         'payload.value'
     """

@@ -1,0 +1,177 @@
+"""Kafka plumbing around Bytewax's own Kafka connector (``bytewax.connectors.kafka``).
+
+``KafkaOutput`` is Bytewax's ``KafkaSink`` with an idempotent, ``acks=all``
+producer tuned for low latency, that creates its topics when missing.
+``read_topic`` and ``tail`` read a topic for tests, the demo and ``iotflow tail``
+(Debian's kcat cannot talk to the local Kafka-compatible broker).
+confluent-kafka errors are translated into ``iotflow.errors`` at this boundary.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from bytewax.connectors.kafka import KafkaSink, KafkaSinkMessage
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from iotflow.errors import BrokerUnavailable
+
+__all__ = [
+    "KafkaOutput",
+    "KafkaRecord",
+    "ensure_topics",
+    "producer_config",
+    "read_topic",
+    "tail",
+]
+
+DEFAULT_PARTITIONS = 3
+
+
+def producer_config(bootstrap: str) -> dict[str, Any]:
+    """An idempotent ``acks=all`` producer that lingers 5 ms at most (the 5 ms default
+    of librdkafka >= 1.5 is kept explicit: latency targets depend on it)."""
+    return {
+        "bootstrap.servers": bootstrap,
+        "acks": "all",
+        "enable.idempotence": True,
+        "linger.ms": 5,
+        "message.max.bytes": 2_000_000,
+    }
+
+
+def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int = DEFAULT_PARTITIONS) -> None:
+    """Create the topics that do not exist yet; existing ones are left as they are."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    try:
+        existing = set(admin.list_topics(timeout=10).topics)
+    except KafkaException as exc:
+        raise BrokerUnavailable(f"cannot reach Kafka at {bootstrap}: {exc}") from exc
+    missing = [t for t in dict.fromkeys(topics) if t not in existing]
+    if not missing:
+        return
+    futures = admin.create_topics(
+        [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in missing]
+    )
+    for topic, future in futures.items():
+        try:
+            future.result(timeout=10)
+        except KafkaException as exc:
+            if "TOPIC_ALREADY_EXISTS" not in str(exc):  # a concurrent creator won the race
+                raise BrokerUnavailable(f"cannot create Kafka topic {topic!r}: {exc}") from exc
+
+
+class KafkaOutput(KafkaSink):
+    """Bytewax's ``KafkaSink`` (topic per message) that creates ``topics`` when first built.
+
+    At least once: Bytewax re-sends the resume epoch after a restart; consumers
+    drop duplicates by the message key, which is always the record's natural key.
+    """
+
+    def __init__(self, bootstrap: str, topics: Iterable[str]) -> None:
+        super().__init__([bootstrap], topic=None, add_config=producer_config(bootstrap))
+        self._bootstrap = bootstrap
+        self._topics = list(topics)
+
+    def build(self, step_id: str, worker_index: int, worker_count: int):  # noqa: ANN201
+        if worker_index == 0:
+            ensure_topics(self._bootstrap, self._topics)
+        return super().build(step_id, worker_index, worker_count)
+
+
+def message(topic: str, key: str, value: bytes) -> KafkaSinkMessage[bytes, bytes]:
+    return KafkaSinkMessage(key.encode(), value, topic=topic)
+
+
+@dataclass(frozen=True)
+class KafkaRecord:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int
+
+
+def _consumer(bootstrap: str) -> Consumer:
+    return Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"iotflow-reader-{uuid.uuid4().hex[:8]}",
+            "enable.auto.commit": False,
+            "fetch.wait.max.ms": 20,
+        }
+    )
+
+
+def _partitions(consumer: Consumer, topic: str, timeout_s: float) -> list[int]:
+    try:
+        meta = consumer.list_topics(topic, timeout=timeout_s)
+    except KafkaException as exc:
+        raise BrokerUnavailable(f"cannot read Kafka topic {topic!r}: {exc}") from exc
+    info = meta.topics.get(topic)
+    if info is None or info.error is not None:
+        return []
+    return sorted(info.partitions)
+
+
+def read_topic(bootstrap: str, topic: str, timeout_s: float = 10.0) -> list[KafkaRecord]:
+    """Every record in ``topic`` up to its end offsets at call time (empty if no topic)."""
+    consumer = _consumer(bootstrap)
+    try:
+        parts = _partitions(consumer, topic, timeout_s)
+        targets: dict[int, int] = {}
+        for p in parts:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)
+            if high > low:
+                targets[p] = high
+        if not targets:
+            return []
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in targets])
+        records: list[KafkaRecord] = []
+        done: set[int] = set()
+        deadline = time.monotonic() + timeout_s
+        while len(done) < len(targets) and time.monotonic() < deadline:
+            for msg in consumer.consume(10_000, 0.2):
+                if msg.error() is not None:
+                    continue
+                records.append(_record(msg))
+                if msg.offset() + 1 >= targets[msg.partition()]:
+                    done.add(msg.partition())
+        if len(done) < len(targets):
+            raise BrokerUnavailable(f"reading {topic!r} did not reach its end within {timeout_s}s")
+        return records
+    finally:
+        consumer.close()
+
+
+def tail(
+    bootstrap: str, topic: str, *, from_beginning: bool = True, idle_timeout_s: float | None = None
+) -> Iterator[KafkaRecord]:
+    """Follow ``topic`` (all partitions) and yield records as they come.
+
+    Stops after ``idle_timeout_s`` without a record, or never when None.
+    """
+    consumer = _consumer(bootstrap)
+    try:
+        parts = _partitions(consumer, topic, 10)
+        start = OFFSET_BEGINNING if from_beginning else OFFSET_END
+        consumer.assign([TopicPartition(topic, p, start) for p in parts])
+        last = time.monotonic()
+        while idle_timeout_s is None or time.monotonic() - last < idle_timeout_s:
+            for msg in consumer.consume(1000, 0.2):
+                if msg.error() is None:
+                    last = time.monotonic()
+                    yield _record(msg)
+    finally:
+        consumer.close()
+
+
+def _record(msg: Any) -> KafkaRecord:
+    _kind, ts = msg.timestamp()
+    return KafkaRecord(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(), ts)
