@@ -203,7 +203,10 @@ class TelemetryDecoder:
     def _metric(name: str, value: Any) -> float:
         if not _is_number(value):
             raise _Rejected(f"metric {name!r} must be a number, got {_kind(value)}")
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            raise _Rejected(f"metric {name!r} is too large for a float (~1e{_magnitude(value)})") from None
         if not math.isfinite(number):
             raise _Rejected(f"metric {name!r} is not finite ({number})")
         return number
@@ -213,7 +216,7 @@ class TelemetryDecoder:
         if is_missing(raw) or raw is None:
             return received_ms
         if _is_number(raw):
-            if not math.isfinite(raw):
+            if isinstance(raw, float) and not math.isfinite(raw):
                 raise _Rejected(f"ts is not finite ({raw})")
             ts_ms = int(raw)
         elif isinstance(raw, str):
@@ -236,7 +239,7 @@ class TelemetryDecoder:
                 f"ts {_show(ts_ms)} is before 2000-01-01; send epoch milliseconds, not seconds"
             )
         if ts_ms - received_ms > self.max_future_skew_ms:
-            ahead_s = (ts_ms - received_ms) / 1000
+            ahead_s = (ts_ms - received_ms) // 1000
             raise _Rejected(
                 f"ts {_show(ts_ms)} is {_show(ahead_s)}s in the future; the limit is "
                 f"{self.max_future_skew_ms / 1000:.0f}s (IOTFLOW_MAX_FUTURE_SKEW_S)"
@@ -244,13 +247,25 @@ class TelemetryDecoder:
         return ts_ms
 
 
-def _show(number: float) -> str:
-    """A number for a message: whole digits, or 3 significant digits when absurdly large."""
-    return f"{number:.0f}" if abs(number) < 1e16 else f"{number:.3g}"
+def _magnitude(number: int) -> int:
+    return int(math.log10(abs(number))) if number else 0
+
+
+def _show(number: int) -> str:
+    """An integer for a message: its digits, or its order of magnitude when absurdly large."""
+    if abs(number) < 10**16:
+        return str(number)
+    return f"{'-' if number < 0 else ''}~1e{_magnitude(number)}"
 
 
 def _kind(value: Any) -> str:
     if value is None:
         return "null"
-    return {bool: "a boolean", str: "a string", int: "a number", float: "a number",
-            list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+    return {
+        bool: "a boolean",
+        str: "a string",
+        int: "a number",
+        float: "a number",
+        list: "a list",
+        dict: "an object",
+    }.get(type(value), type(value).__name__)

@@ -45,7 +45,9 @@ def producer_config(bootstrap: str) -> dict[str, Any]:
     }
 
 
-def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int = DEFAULT_PARTITIONS) -> None:
+def ensure_topics(
+    bootstrap: str, topics: Iterable[str], partitions: int = DEFAULT_PARTITIONS
+) -> None:
     """Create the topics that do not exist yet; existing ones are left as they are."""
     admin = AdminClient({"bootstrap.servers": bootstrap})
     try:
@@ -78,7 +80,7 @@ class KafkaOutput(KafkaSink):
         self._bootstrap = bootstrap
         self._topics = list(topics)
 
-    def build(self, step_id: str, worker_index: int, worker_count: int):  # noqa: ANN201
+    def build(self, step_id: str, worker_index: int, worker_count: int):
         if worker_index == 0:
             ensure_topics(self._bootstrap, self._topics)
         return super().build(step_id, worker_index, worker_count)

@@ -64,7 +64,11 @@ class MqttUrl:
         )
 
     def __repr__(self) -> str:
-        user = f"{self.username}:***@" if self.password else (f"{self.username}@" if self.username else "")
+        user = (
+            f"{self.username}:***@"
+            if self.password
+            else (f"{self.username}@" if self.username else "")
+        )
         return f"MqttUrl('{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}')"
 
     __str__ = __repr__
@@ -121,7 +125,9 @@ def connect_client(
     if receive_maximum is not None:
         props.ReceiveMaximum = receive_maximum
     try:
-        client.connect(parsed.host, parsed.port, keepalive=30, clean_start=clean_start, properties=props)
+        client.connect(
+            parsed.host, parsed.port, keepalive=30, clean_start=clean_start, properties=props
+        )
     except (OSError, ValueError) as exc:
         raise BrokerUnavailable(f"cannot reach MQTT broker {parsed}: {exc}") from exc
     client.loop_start()
@@ -314,7 +320,9 @@ class _MqttSinkPartition(StatelessSinkPartition[MqttMessage]):
         for info in pending:
             info.wait_for_publish(30)
             if not info.is_published():
-                raise PublishRejected(f"MQTT broker did not acknowledge message {info.mid} within 30s")
+                raise PublishRejected(
+                    f"MQTT broker did not acknowledge message {info.mid} within 30s"
+                )
 
     def close(self) -> None:
         self._client.disconnect()

@@ -219,9 +219,7 @@ def _start_mosquitto(state_dir: Path, attempts: int = 3) -> tuple[subprocess.Pop
     for _ in range(attempts):
         port = free_port()
         conf = state_dir / f"mosquitto-{port}.conf"
-        conf.write_text(
-            _CONF_TEMPLATE.read_text().format(port=port)
-        )
+        conf.write_text(_CONF_TEMPLATE.read_text().format(port=port))
         proc = _spawn([binary, "-c", str(conf)], state_dir / "mosquitto.out")
         try:
             wait_for_port(port, 10, proc)
@@ -243,8 +241,16 @@ def _start_tansu(state_dir: Path, attempts: int = 3) -> tuple[subprocess.Popen, 
     for _ in range(attempts):
         port = free_port()
         url = f"tcp://127.0.0.1:{port}"
-        argv = [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
-                "--storage-engine", "memory://tansu/"]
+        argv = [
+            binary,
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+        ]
         proc = _spawn(argv, state_dir / "tansu.out")
         try:
             wait_for_port(port, 10, proc)

@@ -90,7 +90,9 @@ class Settings(BaseSettings):
         try:
             return json.loads(path.read_text())
         except (OSError, ValueError) as exc:
-            msg = f"stack state file {path} is unreadable ({exc}); run `iotflow stack down` then `up`"
+            msg = (
+                f"stack state file {path} is unreadable ({exc}); run `iotflow stack down` then `up`"
+            )
             raise ConfigError(msg) from exc
 
     def resolved_mqtt_url(self) -> str | None:
@@ -113,6 +115,26 @@ class Settings(BaseSettings):
     def require_kafka_bootstrap(self) -> str:
         bootstrap = self.resolved_kafka_bootstrap()
         if bootstrap is None:
-            msg = "no Kafka broker: set IOTFLOW_KAFKA_BOOTSTRAP or start one with `iotflow stack up`"
+            msg = (
+                "no Kafka broker: set IOTFLOW_KAFKA_BOOTSTRAP or start one with `iotflow stack up`"
+            )
             raise ConfigError(msg)
         return bootstrap
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as ``IOTFLOW_*`` variables, to hand to a flow subprocess.
+
+        Brokers are resolved (the local stack's when unset); secrets are
+        included, so never log the result.
+        """
+        env: dict[str, str] = {}
+        for name, value in self.model_dump(exclude_none=True).items():
+            if name in ("mqtt_url", "kafka_bootstrap"):
+                continue
+            env[f"IOTFLOW_{name.upper()}"] = str(value)
+        mqtt_url, bootstrap = self.resolved_mqtt_url(), self.resolved_kafka_bootstrap()
+        if mqtt_url is not None:
+            env["IOTFLOW_MQTT_URL"] = mqtt_url
+        if bootstrap is not None:
+            env["IOTFLOW_KAFKA_BOOTSTRAP"] = bootstrap
+        return env

@@ -1,0 +1,79 @@
+"""The telemetry flow end to end: real MQTT in, real Kafka and DuckDB out."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import duckdb
+import paho.mqtt.client as mqtt
+import pytest
+
+from connectors.kafka import read_topic
+from connectors.mqtt import connect_client
+from infra.flowproc import FlowProcess
+from iotflow.settings import Settings
+from iotflow.topics import KafkaTopics, MqttTopics
+
+T0 = 1_767_268_800_000  # 2026-01-01T12:00:00Z, a window boundary for 10 s windows
+
+
+def publish_all(url: str, messages: list[tuple[str, bytes]]) -> None:
+    client = connect_client(url)
+    infos = [client.publish(topic, payload, qos=1) for topic, payload in messages]
+    for info in infos:
+        info.wait_for_publish(10)
+    client.disconnect()
+    client.loop_stop()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_known_readings_give_exact_aggregates(settings: Settings, tmp_path: Path, workers: int) -> None:
+    settings = settings.model_copy(
+        update={"window_s": 10.0, "lateness_s": 30.0, "mqtt_idle_stop_s": 1.5, "max_future_skew_s": 1e9}
+    )
+    mqtt_topics = MqttTopics(settings.mqtt_base)
+    readings = {
+        "dev-a": [(T0 + 1_000, 20.0), (T0 + 5_000, 22.0), (T0 + 9_999, 24.0), (T0 + 10_000, 30.0)],
+        "dev-b": [(T0 + 2_000, 1.5), (T0 + 12_000, 2.5), (T0 + 13_000, 3.5)],
+    }
+    messages = [
+        (mqtt_topics.telemetry(dev), json.dumps({"ts": ts, "temperature": v, "status": "ok"}).encode())
+        for dev, rows in readings.items()
+        for ts, v in rows
+    ]
+    messages.append((mqtt_topics.telemetry("dev-a"), b"{not json"))
+
+    with FlowProcess.start("dataflows.telemetry:flow", settings, log=tmp_path / "flow.log", workers=workers) as proc:
+        proc.wait_online()
+        publish_all(settings.require_mqtt_url(), messages)
+        assert proc.wait(60) == 0, proc.log.read_text()
+
+    def iso(ms: int) -> str:
+        return datetime.fromtimestamp(ms / 1000, UTC).isoformat().replace("+00:00", "Z")
+
+    expected = {
+        ("dev-a", iso(T0)): (3, 20.0, 24.0, 22.0),
+        ("dev-a", iso(T0 + 10_000)): (1, 30.0, 30.0, 30.0),
+        ("dev-b", iso(T0)): (1, 1.5, 1.5, 1.5),
+        ("dev-b", iso(T0 + 10_000)): (2, 2.5, 3.5, 3.0),
+    }
+    topics = KafkaTopics(settings.topic_prefix)
+    bootstrap = settings.require_kafka_bootstrap()
+    aggregates = [json.loads(r.value) for r in read_topic(bootstrap, topics.aggregates)]
+    got = {(a["key"], a["window_start"]): (a["count"], a["min"], a["max"], a["avg"]) for a in aggregates}
+    assert got == expected
+    assert all(a["metric"] == "temperature" for a in aggregates)
+    assert len(aggregates) == len(expected)
+
+    telemetry = read_topic(bootstrap, topics.telemetry)
+    assert len(telemetry) == 7
+    dead = [json.loads(r.value) for r in read_topic(bootstrap, topics.deadletter)]
+    assert len(dead) == 1 and dead[0]["reason"].startswith("invalid JSON")
+
+    con = duckdb.connect(str(settings.duckdb), read_only=True)
+    rows = con.execute(
+        "SELECT key, strftime(window_start AT TIME ZONE 'UTC', '%Y-%m-%dT%H:%M:%SZ'), count, min, max, avg FROM aggregates"
+    ).fetchall()
+    assert {(k, ws): (c, lo, hi, avg) for k, ws, c, lo, hi, avg in rows} == expected
