@@ -153,19 +153,41 @@ def read_topic(bootstrap: str, topic: str, timeout_s: float = 10.0) -> list[Kafk
 
 
 def tail(
-    bootstrap: str, topic: str, *, from_beginning: bool = True, idle_timeout_s: float | None = None
+    bootstrap: str,
+    topics: str | list[str],
+    *,
+    from_beginning: bool = True,
+    idle_timeout_s: float | None = None,
 ) -> Iterator[KafkaRecord]:
-    """Follow ``topic`` (all partitions) and yield records as they come.
+    """Follow topics (all their partitions) and yield records as they come.
 
-    Stops after ``idle_timeout_s`` without a record, or never when None.
+    Topics that do not exist yet are picked up once they appear. Stops after
+    ``idle_timeout_s`` without a record, or never when None.
     """
+    names = [topics] if isinstance(topics, str) else list(topics)
     consumer = _consumer(bootstrap)
+    start = OFFSET_BEGINNING if from_beginning else OFFSET_END
+    assigned: set[tuple[str, int]] = set()
     try:
-        parts = _partitions(consumer, topic, 10)
-        start = OFFSET_BEGINNING if from_beginning else OFFSET_END
-        consumer.assign([TopicPartition(topic, p, start) for p in parts])
         last = time.monotonic()
+        next_lookup = 0.0
         while idle_timeout_s is None or time.monotonic() - last < idle_timeout_s:
+            if time.monotonic() >= next_lookup:
+                new = [
+                    TopicPartition(t, p, start)
+                    for t in names
+                    for p in _partitions(consumer, t, 10)
+                    if (t, p) not in assigned
+                ]
+                if new:
+                    consumer.incremental_assign(new)
+                    # Partitions that appear later are new since we started: read them whole.
+                    start = OFFSET_BEGINNING
+                    assigned.update((tp.topic, tp.partition) for tp in new)
+                next_lookup = time.monotonic() + 1.0
+            if not assigned:
+                time.sleep(0.2)
+                continue
             for msg in consumer.consume(1000, 0.2):
                 if msg.error() is None:
                     last = time.monotonic()
