@@ -27,7 +27,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from iotflow.errors import BrokerUnavailable, ConfigError, PublishRejected
+from iotflow.errors import BrokerError, BrokerUnavailable, ConfigError, PublishRejected
 from iotflow.events import DeviceMessage
 from iotflow.settings import redact_url
 
@@ -84,6 +84,8 @@ def connect_client(
     manual_ack: bool = False,
     will: tuple[str, bytes] | None = None,
     on_connect: Callable[[mqtt.Client], None] | None = None,
+    on_subscribe: Callable[..., None] | None = None,
+    on_message: Callable[..., None] | None = None,
     timeout_s: float = 10.0,
 ) -> mqtt.Client:
     """An MQTT 5 client, connected and with its network loop running.
@@ -120,6 +122,11 @@ def connect_client(
             connected.set()
 
     client.on_connect = _on_connect
+    if on_subscribe is not None:
+        client.on_subscribe = on_subscribe
+    if on_message is not None:
+        # Set before connecting: a resumed session delivers right after CONNACK.
+        client.on_message = on_message
     props = Properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = session_expiry_s
     if receive_maximum is not None:
@@ -161,9 +168,21 @@ class _MqttPartition(StatelessSourcePartition[list[DeviceMessage]]):
         self._awake: datetime | None = None
         self._status_topic = status_topic
 
+        subscribed = threading.Event()
+        refused: list[str] = []
+
         def subscribe(client: mqtt.Client) -> None:
             client.subscribe([(topic, 1) for topic in subscriptions])
+
+        def on_subscribe(client: mqtt.Client, _u: Any, _mid: int, codes: list, _p: Any) -> None:
+            refused.extend(
+                f"{topic} ({code})"
+                for topic, code in zip(subscriptions, codes, strict=False)
+                if code.is_failure
+            )
+            # Online only once the broker confirmed the subscriptions: nothing published after is missed.
             client.publish(status_topic, b"online", qos=1, retain=True)
+            subscribed.set()
 
         self._client = connect_client(
             url,
@@ -174,8 +193,13 @@ class _MqttPartition(StatelessSourcePartition[list[DeviceMessage]]):
             manual_ack=True,
             will=(status_topic, b"offline"),
             on_connect=subscribe,
+            on_subscribe=on_subscribe,
+            on_message=lambda _c, _u, msg: self._queue.put(msg),
         )
-        self._client.on_message = lambda _c, _u, msg: self._queue.put(msg)
+        if not subscribed.wait(10) or refused:
+            self.close()
+            why = ", ".join(refused) if refused else "no SUBACK within 10s"
+            raise BrokerError(f"MQTT broker {MqttUrl.parse(url)} refused the subscription: {why}")
 
     def next_batch(self) -> list[list[DeviceMessage]]:
         received_ms = time.time_ns() // 1_000_000

@@ -23,6 +23,7 @@ from bytewax.inputs import Source
 from connectors.decode import TelemetryDecoder, dead_letter
 from connectors.duckdb_store import AGGREGATES, DuckDBSink, aggregate_rows
 from connectors.kafka import KafkaOutput, message
+from connectors.mapping import SourceMapping
 from connectors.mqtt import MqttSource
 from iotflow.errors import ConfigError
 from iotflow.events import DeviceMessage
@@ -50,7 +51,7 @@ def mqtt_source(settings: Settings) -> MqttSource:
     idle = settings.mqtt_idle_stop_s
     return MqttSource(
         settings.require_mqtt_url(),
-        [MqttTopics(settings.mqtt_base).telemetry()],
+        settings.mqtt_topics or [MqttTopics(settings.mqtt_base).telemetry()],
         client_id=settings.mqtt_client_id,
         status_base=settings.mqtt_base,
         idle_stop=None if idle is None else timedelta(seconds=idle),
@@ -67,7 +68,9 @@ def build_flow(
         raise ConfigError(msg)
     topics = KafkaTopics(settings.topic_prefix)
     bootstrap = settings.require_kafka_bootstrap()
+    mapping = settings.source_mapping
     decoder = TelemetryDecoder(
+        SourceMapping.model_validate(mapping) if mapping is not None else None,
         max_payload_bytes=settings.max_payload_bytes,
         max_future_skew_ms=int(settings.max_future_skew_s * 1000),
     )

@@ -75,8 +75,8 @@ class FlowProcess:
         client = connect_client(
             self.settings.require_mqtt_url(),
             on_connect=lambda c: c.subscribe([(t, 1) for t in wanted]),
+            on_message=on_message,
         )
-        client.on_message = on_message
         try:
             deadline = time.monotonic() + timeout_s
             while not ready.wait(0.1):

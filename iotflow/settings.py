@@ -67,6 +67,11 @@ class Settings(BaseSettings):
     max_future_skew_s: float = Field(300.0, ge=0)
     mqtt_idle_stop_s: float | None = Field(None, gt=0)
     mqtt_client_id: str = "iotflow-telemetry"
+    # Topic filters to subscribe (default: {base}/devices/+/telemetry) and how to map
+    # them (see connectors.mapping.SourceMapping), e.g. for zigbee2mqtt:
+    # IOTFLOW_MQTT_TOPICS='["zigbee2mqtt/+"]' IOTFLOW_SOURCE_MAPPING='{"device_id": "topic[1]"}'
+    mqtt_topics: list[str] = Field(default_factory=list)
+    source_mapping: dict[str, str] | None = None
 
     @field_validator("topic_prefix", "mqtt_base")
     @classmethod
@@ -128,10 +133,11 @@ class Settings(BaseSettings):
         included, so never log the result.
         """
         env: dict[str, str] = {}
-        for name, value in self.model_dump(exclude_none=True).items():
+        for name, value in self.model_dump(mode="json", exclude_none=True).items():
             if name in ("mqtt_url", "kafka_bootstrap"):
                 continue
-            env[f"IOTFLOW_{name.upper()}"] = str(value)
+            text = value if isinstance(value, str) else json.dumps(value)
+            env[f"IOTFLOW_{name.upper()}"] = text
         mqtt_url, bootstrap = self.resolved_mqtt_url(), self.resolved_kafka_bootstrap()
         if mqtt_url is not None:
             env["IOTFLOW_MQTT_URL"] = mqtt_url

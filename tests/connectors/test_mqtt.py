@@ -1,0 +1,145 @@
+"""MQTT source and sink against the real broker: sessions, acks, wildcards, guards."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import timedelta
+
+import pytest
+
+from connectors.mqtt import MqttMessage, MqttSink, MqttSource, MqttUrl, connect_client
+from infra.stack import StackInfo, free_port
+from iotflow.errors import BrokerUnavailable, ConfigError, PublishRejected
+from iotflow.events import DeviceMessage
+
+
+def poll(partition, want: int, timeout_s: float = 10.0) -> list[DeviceMessage]:
+    got: list[DeviceMessage] = []
+    deadline = time.monotonic() + timeout_s
+    while len(got) < want and time.monotonic() < deadline:
+        for batch in partition.next_batch():
+            got.extend(batch)
+        time.sleep(0.01)
+    return got
+
+
+def publish(url: str, messages: list[tuple[str, bytes]]) -> None:
+    client = connect_client(url)
+    for info in [client.publish(t, p, qos=1) for t, p in messages]:
+        info.wait_for_publish(10)
+    client.disconnect()
+    client.loop_stop()
+
+
+@pytest.fixture
+def client_id() -> str:
+    return f"test-{uuid.uuid4().hex[:8]}"
+
+
+def test_wildcard_subscription_delivers_batches_in_order(stack: StackInfo, names, client_id: str) -> None:
+    base = names.mqtt_base
+    source = MqttSource(stack.mqtt_url, [f"{base}/devices/+/telemetry"], client_id=client_id, status_base=base)
+    part = source.build("in", 0, 1)
+    try:
+        publish(stack.mqtt_url, [(f"{base}/devices/d{i % 3}/telemetry", b"%d" % i) for i in range(300)])
+        publish(stack.mqtt_url, [(f"{base}/devices/d1/state", b"not subscribed")])
+        got = poll(part, 300)
+        assert [int(m.payload) for m in got] == list(range(300))
+        assert {m.topic for m in got} == {f"{base}/devices/d{i}/telemetry" for i in range(3)}
+        time.sleep(0.2)
+        assert poll(part, 1, 0.3) == []
+    finally:
+        part.close()
+
+
+def test_persistent_session_keeps_what_was_published_while_down(stack: StackInfo, names, client_id: str) -> None:
+    topic = f"{names.mqtt_base}/devices/x/telemetry"
+    source = MqttSource(stack.mqtt_url, [topic], client_id=client_id, status_base=names.mqtt_base)
+    part = source.build("in", 0, 1)
+    part.close()
+    publish(stack.mqtt_url, [(topic, b"%d" % i) for i in range(50)])
+    part = source.build("in", 0, 1)
+    try:
+        assert [int(m.payload) for m in poll(part, 50)] == list(range(50))
+    finally:
+        part.close()
+
+
+def test_messages_not_handed_over_are_redelivered(stack: StackInfo, names, client_id: str) -> None:
+    """The source acknowledges only what next_batch returned; the rest comes again."""
+    topic = f"{names.mqtt_base}/devices/x/telemetry"
+    source = MqttSource(
+        stack.mqtt_url, [topic], client_id=client_id, status_base=names.mqtt_base, batch_size=10
+    )
+    part = source.build("in", 0, 1)
+    publish(stack.mqtt_url, [(topic, b"%d" % i) for i in range(40)])
+    time.sleep(0.5)  # all 40 reached the client; only one batch of 10 is handed over
+    first = part.next_batch()[0]
+    part.close()
+    part = source.build("in", 0, 1)
+    try:
+        rest = poll(part, 30)
+        assert [int(m.payload) for m in first] == list(range(10))
+        assert sorted(int(m.payload) for m in rest) == list(range(10, 40))
+    finally:
+        part.close()
+
+
+def test_idle_stop_ends_input_after_quiet_period(stack: StackInfo, names, client_id: str) -> None:
+    topic = f"{names.mqtt_base}/devices/x/telemetry"
+    source = MqttSource(
+        stack.mqtt_url, [topic], client_id=client_id, status_base=names.mqtt_base,
+        idle_stop=timedelta(seconds=0.3),
+    )
+    part = source.build("in", 0, 1)
+    try:
+        assert part.next_batch() == []  # never stops before the first message
+        time.sleep(0.4)
+        assert part.next_batch() == []
+        publish(stack.mqtt_url, [(topic, b"1")])
+        assert len(poll(part, 1)) == 1
+        time.sleep(0.4)
+        with pytest.raises(StopIteration):
+            part.next_batch()
+    finally:
+        part.close()
+
+
+def test_sink_publishes_and_refuses_retained_commands(stack: StackInfo, names) -> None:
+    base = names.mqtt_base
+    sink = MqttSink(stack.mqtt_url, client_id=f"sink-{uuid.uuid4().hex[:6]}").build("out", 0, 1)
+    source = MqttSource(stack.mqtt_url, [f"{base}/#"], client_id=f"s-{uuid.uuid4().hex[:6]}", status_base="elsewhere")
+    part = source.build("in", 0, 1)
+    try:
+        sink.write_batch([MqttMessage(f"{base}/devices/d/cmd", b"go", expiry_s=30)])
+        assert [m.payload for m in poll(part, 1)] == [b"go"]
+        with pytest.raises(PublishRejected, match="never retained"):
+            sink.write_batch([MqttMessage(f"{base}/devices/d/cmd", b"x", retain=True)])
+    finally:
+        sink.close()
+        part.close()
+
+
+def test_url_parsing_hides_password_and_rejects_bad_urls() -> None:
+    url = MqttUrl.parse("mqtts://user:s3cret@broker.example:8884")
+    assert (url.host, url.port, url.tls, url.username, url.password) == ("broker.example", 8884, True, "user", "s3cret")
+    assert "s3cret" not in repr(url) and "s3cret" not in str(url)
+    assert MqttUrl.parse("mqtt://h").port == 1883
+    for bad in ["http://h:1", "mqtt://", "h:1883", "mqtt://h:notaport"]:
+        with pytest.raises(ConfigError):
+            MqttUrl.parse(bad)
+
+
+def test_unreachable_broker_is_translated() -> None:
+    port = free_port()  # nothing listens there
+    with pytest.raises(BrokerUnavailable, match=f"127.0.0.1:{port}") as err:
+        connect_client(f"mqtt://u:pw@127.0.0.1:{port}", timeout_s=2)
+    assert "pw" not in str(err.value)
+
+
+def test_source_refuses_bad_configuration(stack: StackInfo) -> None:
+    with pytest.raises(ConfigError, match="at least one topic"):
+        MqttSource(stack.mqtt_url, [])
+    with pytest.raises(ConfigError, match="receive_maximum"):
+        MqttSource(stack.mqtt_url, ["a/#"], receive_maximum=0)
