@@ -9,6 +9,7 @@ confluent-kafka errors are translated into ``iotflow.errors`` at this boundary.
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -158,11 +159,12 @@ def tail(
     *,
     from_beginning: bool = True,
     idle_timeout_s: float | None = None,
+    stop: threading.Event | None = None,
 ) -> Iterator[KafkaRecord]:
     """Follow topics (all their partitions) and yield records as they come.
 
     Topics that do not exist yet are picked up once they appear. Stops after
-    ``idle_timeout_s`` without a record, or never when None.
+    ``idle_timeout_s`` without a record (never when None), or once ``stop`` is set.
     """
     names = [topics] if isinstance(topics, str) else list(topics)
     consumer = _consumer(bootstrap)
@@ -172,6 +174,8 @@ def tail(
         last = time.monotonic()
         next_lookup = 0.0
         while idle_timeout_s is None or time.monotonic() - last < idle_timeout_s:
+            if stop is not None and stop.is_set():
+                return
             if time.monotonic() >= next_lookup:
                 new = [
                     TopicPartition(t, p, start)

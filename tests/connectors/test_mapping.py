@@ -166,7 +166,7 @@ def test_iot2mqtt_mapping() -> None:
     mapping = SourceMapping.model_validate(
         {"device_id": "topic[-2]", "ts": "payload.meta.ts", "brightness": "payload.value"}
     )
-    levels = "iot2mqtt/v1/instances/hue/devices/lamp_3/state".split("/")
+    levels = ["iot2mqtt", "v1", "instances", "hue", "devices", "lamp_3", "state"]
     assert mapping.device_path.get(levels, {}) == "lamp_3"
     assert mapping.ts_path.steps == ("meta", "ts")
     assert set(mapping.metric_paths) == {"brightness"}
