@@ -139,13 +139,18 @@ def read_topic(bootstrap: str, topic: str, timeout_s: float = 10.0) -> list[Kafk
         records: list[KafkaRecord] = []
         done: set[int] = set()
         deadline = time.monotonic() + timeout_s
-        while len(done) < len(targets) and time.monotonic() < deadline:
-            for msg in consumer.consume(10_000, 0.2):
+        while time.monotonic() < deadline:
+            batch = consumer.consume(10_000, 0.3)
+            for msg in batch:
                 if msg.error() is not None:
                     continue
                 records.append(_record(msg))
                 if msg.offset() + 1 >= targets[msg.partition()]:
                     done.add(msg.partition())
+            # Tansu reports the high watermark as the start of the last record batch + 1,
+            # so reaching it is not the end: read on until a poll comes back empty.
+            if len(done) == len(targets) and not batch:
+                break
         if len(done) < len(targets):
             raise BrokerUnavailable(f"reading {topic!r} did not reach its end within {timeout_s}s")
         return records

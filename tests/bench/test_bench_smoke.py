@@ -1,0 +1,107 @@
+"""Each benchmark, run briefly through its CLI: the JSON shape and complete, correct work.
+
+Correctness only: no figure is compared with a threshold (DESIGN.md, Benchmarks).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.harness import BENCHMARKS
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# figures each benchmark must report, and the counts that must equal what was sent
+EXPECTED = {
+    "flow_throughput": (
+        {"events_per_s", "decode_only_events_per_s"},
+        ["kafka_telemetry", "duckdb_temperature_readings", "duckdb_humidity_readings"],
+    ),
+    "ingest_mqtt": ({"msgs_per_s", "publish_msgs_per_s"}, ["decoded"]),
+}
+
+
+def bench(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bench", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+
+
+def test_every_registered_benchmark_has_a_smoke_test() -> None:
+    assert set(EXPECTED) == set(BENCHMARKS)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_quick_run_prints_one_json_result_with_complete_counts(name: str, tmp_path: Path) -> None:
+    out = tmp_path / "result.json"
+    done = bench(name, "--quick", "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert json.loads(out.read_text()) == result
+
+    assert result["name"] == name
+    assert set(result) >= {"name", "figures", "params", "machine", "counts"}
+    figures, counted = EXPECTED[name]
+    assert set(result["figures"]) >= figures
+    for figure in result["figures"].values():
+        assert set(figure) == {"value", "unit"}
+        assert isinstance(figure["value"], int | float) and figure["value"] > 0
+        assert isinstance(figure["unit"], str) and figure["unit"]
+    assert result["params"]["quick"] is True
+    assert set(result["machine"]) == {
+        "cpu_model",
+        "cores",
+        "memory_gib",
+        "python",
+        "bytewax",
+        "platform",
+    }
+
+    counts = result["counts"]
+    assert counts["sent"] > 0
+    for key in counted:
+        assert counts[key] == counts["sent"], (key, counts)
+
+
+def test_flow_throughput_windows_each_device_once_per_window() -> None:
+    done = bench("flow_throughput", "--quick", "--events", "600", "--devices", "10")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    counts = result["counts"]
+    # 10 devices x 60 readings 1 s apart = one 60 s window each, two metrics
+    assert counts["expected_aggregates"] == 20
+    assert counts["kafka_aggregates"] == counts["duckdb_rows"] == 20
+    assert counts["kafka_deadletter"] == 0
+    assert result["params"]["events"] == 600 and result["params"]["devices"] == 10
+
+
+def test_list_names_every_benchmark() -> None:
+    done = bench("--list")
+    assert done.returncode == 0, done.stderr
+    listed = {line.split()[0] for line in done.stdout.splitlines() if line.strip()}
+    assert listed == set(BENCHMARKS)
+
+
+def test_unknown_benchmark_is_a_usage_error_listing_valid_names() -> None:
+    done = bench("no_such_bench")
+    assert done.returncode == 2
+    assert "no_such_bench" in done.stderr
+    for name in BENCHMARKS:
+        assert name in done.stderr
+    assert done.stdout == ""
+
+
+def test_unknown_parameter_is_a_usage_error() -> None:
+    done = bench("flow_throughput", "--quick", "--no-such-param", "3")
+    assert done.returncode == 2
+    assert "--no-such-param" in done.stderr
