@@ -1,0 +1,63 @@
+"""Settings: environment, validation, secrets."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from iotflow.errors import ConfigError
+from iotflow.settings import Settings, redact_url
+
+
+def test_env_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IOTFLOW_MQTT_URL", "mqtt://u:topsecret@h:1884")
+    monkeypatch.setenv("IOTFLOW_TOPIC_PREFIX", "plant7")
+    monkeypatch.setenv("IOTFLOW_WINDOW_S", "10")
+    s = Settings(_env_file=None)
+    assert s.topic_prefix == "plant7" and s.window_s == 10
+    assert s.resolved_mqtt_url() == "mqtt://u:topsecret@h:1884"
+    assert "topsecret" not in repr(s) and "topsecret" not in str(s)
+    assert s.mqtt_url_redacted == "mqtt://u:***@h:1884"
+
+
+@pytest.mark.parametrize("prefix", ["", "a/b", "x+", "y#", "with space"])
+def test_hostile_topic_prefixes_are_refused(prefix: str) -> None:
+    with pytest.raises(ValidationError, match="topic_prefix"):
+        Settings(_env_file=None, topic_prefix=prefix)
+
+
+def test_bad_values_name_the_field() -> None:
+    with pytest.raises(ValidationError, match="window_s"):
+        Settings(_env_file=None, window_s=0)
+    with pytest.raises(ValidationError, match="ingest"):
+        Settings(_env_file=None, ingest="carrier-pigeon")
+
+
+def test_missing_brokers_say_how_to_fix(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setenv("IOTFLOW_STATE_DIR", str(tmp_path))
+    s = Settings(_env_file=None, mqtt_url=None, kafka_bootstrap=None)
+    with pytest.raises(ConfigError, match="iotflow stack up"):
+        s.require_mqtt_url()
+    with pytest.raises(ConfigError, match="IOTFLOW_KAFKA_BOOTSTRAP"):
+        s.require_kafka_bootstrap()
+
+
+def test_env_round_trip_keeps_every_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    s = Settings(
+        _env_file=None,
+        mqtt_url="mqtt://h:1",
+        kafka_bootstrap="k:9",
+        mqtt_topics=["z2m/+"],
+        source_mapping={"device_id": "topic[1]"},
+    )
+    env = s.to_env()
+    assert env["IOTFLOW_SOURCE_MAPPING"] == '{"device_id": "topic[1]"}'
+    assert env["IOTFLOW_MQTT_URL"] == "mqtt://h:1"
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert Settings(_env_file=None) == s
+
+
+def test_redact_url_leaves_password_free_urls_alone() -> None:
+    assert redact_url("mqtt://h:1883") == "mqtt://h:1883"
+    assert redact_url("mqtts://me:pw@h") == "mqtts://me:***@h"
