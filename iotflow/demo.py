@@ -104,6 +104,8 @@ def run_demo(duration_s: float, devices: int, rate_hz: float, duckdb_path: Path,
         fleet = Fleet(config, mqtt_url)
         print(f"fleet: {devices} simulated devices at {rate_hz:g} readings/s each for {duration_s:g}s")
         started = time.monotonic()
+        # One line rewritten in place on a terminal; a line per second in a log.
+        line_start, line_end = ("\r", "") if sys.stdout.isatty() else ("", "\n")
         fleet.start()
         try:
             last_events, last_t = 0, started
@@ -113,12 +115,13 @@ def run_demo(duration_s: float, devices: int, rate_hz: float, duckdb_path: Path,
                 rate = (events - last_events) / max(now - last_t, 1e-9)
                 last_events, last_t = events, now
                 print(
-                    f"\r  {now - started:5.1f}s  {rate:8.0f} events/s  "
+                    f"{line_start}  {now - started:5.1f}s  {rate:8.0f} events/s  "
                     f"{live[topics.aggregates]:7d} window results  {live[topics.deadletter]:5d} dead letters",
-                    end="",
+                    end=line_end,
                     flush=True,
                 )
-            print()
+            if line_end == "":
+                print()
         finally:
             stats = fleet.stop()
         print("fleet stopped; waiting for the flow to drain and flush its windows ...")
