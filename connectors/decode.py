@@ -206,7 +206,9 @@ class TelemetryDecoder:
         try:
             number = float(value)
         except OverflowError:
-            raise _Rejected(f"metric {name!r} is too large for a float (~1e{_magnitude(value)})") from None
+            raise _Rejected(
+                f"metric {name!r} is too large for a float (~1e{_magnitude(value)})"
+            ) from None
         if not math.isfinite(number):
             raise _Rejected(f"metric {name!r} is not finite ({number})")
         return number

@@ -34,7 +34,9 @@ class FlowProcess:
             proc.wait(60)
     """
 
-    def __init__(self, popen: subprocess.Popen, settings: Settings, workers: int, log: Path) -> None:
+    def __init__(
+        self, popen: subprocess.Popen, settings: Settings, workers: int, log: Path
+    ) -> None:
         self.popen = popen
         self.settings = settings
         self.workers = workers
@@ -81,7 +83,9 @@ class FlowProcess:
             deadline = time.monotonic() + timeout_s
             while not ready.wait(0.1):
                 if self.popen.poll() is not None:
-                    raise StackError(f"flow exited with code {self.popen.returncode}; see {self.log}")
+                    raise StackError(
+                        f"flow exited with code {self.popen.returncode}; see {self.log}"
+                    )
                 if time.monotonic() > deadline:
                     raise StackError(f"flow workers not online within {timeout_s}s; see {self.log}")
         finally:

@@ -164,6 +164,14 @@ class LocalStack:
             if _is_same_process(proc):
                 _stop(proc.pid)
                 stopped.append(proc.name)
+        # "Stopped" means gone: wait, and kill what ignores SIGTERM.
+        deadline = time.monotonic() + 5
+        for proc in info.processes:
+            while _is_same_process(proc) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if _is_same_process(proc):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGKILL)
         path = stack_state_path()
         with contextlib.suppress(FileNotFoundError):
             path.unlink()

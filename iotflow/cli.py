@@ -55,12 +55,14 @@ def _tail(args: argparse.Namespace) -> int:
 
     settings = Settings()
     topic = args.topic if "." in args.topic else f"{settings.topic_prefix}.{args.topic}"
-    count = 0
-    for record in tail(
-        settings.require_kafka_bootstrap(),
-        topic,
-        from_beginning=not args.new,
-        idle_timeout_s=args.idle,
+    for count, record in enumerate(
+        tail(
+            settings.require_kafka_bootstrap(),
+            topic,
+            from_beginning=not args.new,
+            idle_timeout_s=args.idle,
+        ),
+        start=1,
     ):
         value: object
         try:
@@ -75,7 +77,6 @@ def _tail(args: argparse.Namespace) -> int:
             "value": value,
         }
         print(json.dumps(line), flush=True)
-        count += 1
         if args.max is not None and count >= args.max:
             break
     return 0
@@ -124,26 +125,57 @@ def build_parser() -> argparse.ArgumentParser:
     stack.set_defaults(func=_stack)
 
     demo = sub.add_parser("demo", help="brokers, a simulated fleet and the telemetry flow")
-    demo.add_argument("--duration", type=_positive(float), default=30.0, help="seconds of simulated traffic (default 30)")
-    demo.add_argument("--devices", type=_positive(int), default=200, help="simulated devices (default 200)")
-    demo.add_argument("--rate", type=_positive(float), default=1.0, help="readings per second per device (default 1)")
-    demo.add_argument("--duckdb", type=Path, default=Path(".iotflow/demo.duckdb"), help="DuckDB file to (re)create")
+    demo.add_argument(
+        "--duration",
+        type=_positive(float),
+        default=30.0,
+        help="seconds of simulated traffic (default 30)",
+    )
+    demo.add_argument(
+        "--devices", type=_positive(int), default=200, help="simulated devices (default 200)"
+    )
+    demo.add_argument(
+        "--rate",
+        type=_positive(float),
+        default=1.0,
+        help="readings per second per device (default 1)",
+    )
+    demo.add_argument(
+        "--duckdb",
+        type=Path,
+        default=Path(".iotflow/demo.duckdb"),
+        help="DuckDB file to (re)create",
+    )
     demo.add_argument("--seed", type=int, default=7)
     demo.set_defaults(func=_demo)
 
-    sim = sub.add_parser("simulate", help="run a simulated fleet against the configured MQTT broker")
+    sim = sub.add_parser(
+        "simulate", help="run a simulated fleet against the configured MQTT broker"
+    )
     sim.add_argument("--devices", type=_positive(int), default=200)
-    sim.add_argument("--rate", type=_positive(float), default=1.0, help="readings per second per device")
-    sim.add_argument("--duration", type=_positive(float), default=None, help="seconds (default: until Ctrl-C)")
+    sim.add_argument(
+        "--rate", type=_positive(float), default=1.0, help="readings per second per device"
+    )
+    sim.add_argument(
+        "--duration", type=_positive(float), default=None, help="seconds (default: until Ctrl-C)"
+    )
     sim.add_argument("--seed", type=int, default=0)
-    sim.add_argument("--malformed-rate", type=float, default=0.0, help="share of malformed payloads, 0..1")
+    sim.add_argument(
+        "--malformed-rate", type=float, default=0.0, help="share of malformed payloads, 0..1"
+    )
     sim.set_defaults(func=_simulate)
 
     tail = sub.add_parser("tail", help="print a Kafka topic's records as JSON lines")
-    tail.add_argument("topic", help="full name, or a short one like 'aggregates' for {prefix}.aggregates")
+    tail.add_argument(
+        "topic", help="full name, or a short one like 'aggregates' for {prefix}.aggregates"
+    )
     tail.add_argument("--new", action="store_true", help="only records that arrive from now on")
-    tail.add_argument("--idle", type=_positive(float), default=None, help="stop after this many idle seconds")
-    tail.add_argument("--max", type=_positive(int), default=None, help="stop after this many records")
+    tail.add_argument(
+        "--idle", type=_positive(float), default=None, help="stop after this many idle seconds"
+    )
+    tail.add_argument(
+        "--max", type=_positive(int), default=None, help="stop after this many records"
+    )
     tail.set_defaults(func=_tail)
     return parser
 

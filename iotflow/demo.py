@@ -59,7 +59,9 @@ def run_demo(duration_s: float, devices: int, rate_hz: float, duckdb_path: Path,
         if mqtt_url is None or bootstrap is None:
             stack = cleanup.enter_context(LocalStack.start(work, base, write_state=False))
             mqtt_url, bootstrap = stack.info.mqtt_url, stack.info.kafka_bootstrap
-            print(f"brokers: mosquitto/mqtt {redact_url(mqtt_url)}, tansu/kafka {bootstrap} (started for this demo)")
+            print(
+                f"brokers: mosquitto/mqtt {redact_url(mqtt_url)}, tansu/kafka {bootstrap} (started for this demo)"
+            )
         else:
             prefix = f"{prefix}-demo-{run_id}"
             print(f"brokers: mqtt {redact_url(mqtt_url)}, kafka {bootstrap}; topics {prefix}.*")
@@ -82,13 +84,20 @@ def run_demo(duration_s: float, devices: int, rate_hz: float, duckdb_path: Path,
             FlowProcess.start("dataflows.telemetry:flow", settings, log=work / "flow.log")
         )
         flow.wait_online()
-        print(f"flow: python -m bytewax.run dataflows.telemetry:flow ({DEMO_WINDOW_S:g}s tumbling windows)")
+        print(
+            f"flow: python -m bytewax.run dataflows.telemetry:flow ({DEMO_WINDOW_S:g}s tumbling windows)"
+        )
 
         live: Counter = Counter()
         stop_live = threading.Event()
         counter = threading.Thread(
             target=_count_live,
-            args=(bootstrap, [topics.telemetry, topics.aggregates, topics.deadletter], live, stop_live),
+            args=(
+                bootstrap,
+                [topics.telemetry, topics.aggregates, topics.deadletter],
+                live,
+                stop_live,
+            ),
             daemon=True,
         )
         counter.start()
@@ -102,7 +111,9 @@ def run_demo(duration_s: float, devices: int, rate_hz: float, duckdb_path: Path,
             faults=FaultConfig(malformed_rate=DEMO_MALFORMED_RATE, clock_skew_ms=500),
         )
         fleet = Fleet(config, mqtt_url)
-        print(f"fleet: {devices} simulated devices at {rate_hz:g} readings/s each for {duration_s:g}s")
+        print(
+            f"fleet: {devices} simulated devices at {rate_hz:g} readings/s each for {duration_s:g}s"
+        )
         started = time.monotonic()
         # One line rewritten in place on a terminal; a line per second in a log.
         line_start, line_end = ("\r", "") if sys.stdout.isatty() else ("", "\n")
@@ -137,7 +148,9 @@ def run_demo(duration_s: float, devices: int, rate_hz: float, duckdb_path: Path,
         rejected = sum(1 for d in dead if d["source"] != "window")
         late = len(dead) - rejected
         con = duckdb.connect(str(duckdb_path), read_only=True)
-        windows, keys = con.execute("SELECT count(*), count(DISTINCT key) FROM aggregates").fetchone()
+        windows, keys = con.execute(
+            "SELECT count(*), count(DISTINCT key) FROM aggregates"
+        ).fetchone()
         con.close()
 
         checks = [
@@ -153,7 +166,9 @@ def run_demo(duration_s: float, devices: int, rate_hz: float, duckdb_path: Path,
         print(f"{'summary':34} {'count':>9}  check")
         failed = False
         for label, value, want in checks:
-            mark = "" if want is None else ("ok" if value == want else f"MISMATCH (expected {want})")
+            mark = (
+                "" if want is None else ("ok" if value == want else f"MISMATCH (expected {want})")
+            )
             failed |= bool(mark) and mark != "ok"
             print(f"{label:34} {value:9d}  {mark}")
         print(f"{'elapsed':34} {sent_s:8.1f}s")

@@ -102,7 +102,9 @@ class FleetConfig(BaseModel):
         if value is None:
             return value
         if isinstance(info.data.get("devices"), dict):
-            msg = "kinds weights apply to a total number of devices; devices already counts per kind"
+            msg = (
+                "kinds weights apply to a total number of devices; devices already counts per kind"
+            )
             raise ValueError(msg)
         if any(weight < 0 for weight in value.values()) or sum(value.values()) <= 0:
             msg = f"kinds weights must be >= 0 with a positive sum, got {value!r}"
@@ -128,8 +130,10 @@ class FleetConfig(BaseModel):
                 kinds = []
             stateful = [spec.kind.value for spec in KINDS.values() if metric in spec.state_metrics]
             if not kinds and stateful:
-                msg = (f"{key!r} is reported state of {'/'.join(stateful)} devices and changes "
-                       f"only through commands; patterns apply to {', '.join(sorted(metrics))}")
+                msg = (
+                    f"{key!r} is reported state of {'/'.join(stateful)} devices and changes "
+                    f"only through commands; patterns apply to {', '.join(sorted(metrics))}"
+                )
                 raise ValueError(msg)
             if not kinds:
                 choices = ", ".join(

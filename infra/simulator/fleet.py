@@ -235,8 +235,10 @@ class Fleet:
         if self._failure is not None:
             raise self._failure
         if not confirmed:
-            msg = (f"{missing} messages to {self._url} were not acknowledged within "
-                   f"{timeout_s}s; raise stop(timeout_s=...) or check the broker's limits")
+            msg = (
+                f"{missing} messages to {self._url} were not acknowledged within "
+                f"{timeout_s}s; raise stop(timeout_s=...) or check the broker's limits"
+            )
             raise AckTimeout(msg)
         return self.stats
 

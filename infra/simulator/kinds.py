@@ -144,52 +144,81 @@ def _spec(
     )
 
 
-KINDS: Mapping[DeviceKind, KindSpec] = MappingProxyType({
-    DeviceKind.TEMP: _spec(
-        DeviceKind.TEMP,
-        (
-            MetricSpec("temperature", 21.0, (SinePattern(period_s=_DAY_S, amplitude=2.0),
-                                             NoisePattern(std=0.15))),
-            MetricSpec("humidity", 45.0, (SinePattern(period_s=_DAY_S, amplitude=5.0,
-                                                      phase_s=_DAY_S / 2),
-                                          NoisePattern(std=0.8)), low=0, high=100),
+KINDS: Mapping[DeviceKind, KindSpec] = MappingProxyType(
+    {
+        DeviceKind.TEMP: _spec(
+            DeviceKind.TEMP,
+            (
+                MetricSpec(
+                    "temperature",
+                    21.0,
+                    (SinePattern(period_s=_DAY_S, amplitude=2.0), NoisePattern(std=0.15)),
+                ),
+                MetricSpec(
+                    "humidity",
+                    45.0,
+                    (
+                        SinePattern(period_s=_DAY_S, amplitude=5.0, phase_s=_DAY_S / 2),
+                        NoisePattern(std=0.8),
+                    ),
+                    low=0,
+                    high=100,
+                ),
+            ),
         ),
-    ),
-    DeviceKind.POWER: _spec(
-        DeviceKind.POWER,
-        (
-            MetricSpec("power_w", 850.0, (SinePattern(period_s=_DAY_S, amplitude=300.0),
-                                          NoisePattern(std=40.0),
-                                          SpikePattern(probability=0.01, magnitude=2500.0)),
-                       low=0),
-            MetricSpec("energy_kwh", 0.0, (DriftPattern(per_hour=0.85),), low=0),
+        DeviceKind.POWER: _spec(
+            DeviceKind.POWER,
+            (
+                MetricSpec(
+                    "power_w",
+                    850.0,
+                    (
+                        SinePattern(period_s=_DAY_S, amplitude=300.0),
+                        NoisePattern(std=40.0),
+                        SpikePattern(probability=0.01, magnitude=2500.0),
+                    ),
+                    low=0,
+                ),
+                MetricSpec("energy_kwh", 0.0, (DriftPattern(per_hour=0.85),), low=0),
+            ),
         ),
-    ),
-    DeviceKind.HVAC: _spec(
-        DeviceKind.HVAC,
-        (MetricSpec("temperature", _hvac_baseline, (SinePattern(period_s=1800.0, amplitude=0.4),
-                                                    NoisePattern(std=0.3))),),
-        state={"mode": "auto", "setpoint": 21.0, "fan_speed": 1},
-        state_metrics=("setpoint", "fan_speed"),
-        commands={"set_mode": _set_mode, "set_temperature": _set_temperature,
-                  "set_fan_speed": _set_fan_speed},
-    ),
-    DeviceKind.LOCK: _spec(
-        DeviceKind.LOCK,
-        (MetricSpec("battery", 100.0, (DriftPattern(per_hour=-0.02),), low=0, high=100),),
-        state={"locked": 1},
-        state_metrics=("locked",),
-        commands={"lock": _fixed(locked=1), "unlock": _fixed(locked=0)},
-    ),
-    DeviceKind.LIGHT: _spec(
-        DeviceKind.LIGHT,
-        (),
-        state={"on": 0, "brightness": 100},
-        state_metrics=("on", "brightness"),
-        commands={"turn_on": _fixed(on=1), "turn_off": _fixed(on=0),
-                  "set_brightness": _set_brightness},
-    ),
-})
+        DeviceKind.HVAC: _spec(
+            DeviceKind.HVAC,
+            (
+                MetricSpec(
+                    "temperature",
+                    _hvac_baseline,
+                    (SinePattern(period_s=1800.0, amplitude=0.4), NoisePattern(std=0.3)),
+                ),
+            ),
+            state={"mode": "auto", "setpoint": 21.0, "fan_speed": 1},
+            state_metrics=("setpoint", "fan_speed"),
+            commands={
+                "set_mode": _set_mode,
+                "set_temperature": _set_temperature,
+                "set_fan_speed": _set_fan_speed,
+            },
+        ),
+        DeviceKind.LOCK: _spec(
+            DeviceKind.LOCK,
+            (MetricSpec("battery", 100.0, (DriftPattern(per_hour=-0.02),), low=0, high=100),),
+            state={"locked": 1},
+            state_metrics=("locked",),
+            commands={"lock": _fixed(locked=1), "unlock": _fixed(locked=0)},
+        ),
+        DeviceKind.LIGHT: _spec(
+            DeviceKind.LIGHT,
+            (),
+            state={"on": 0, "brightness": 100},
+            state_metrics=("on", "brightness"),
+            commands={
+                "turn_on": _fixed(on=1),
+                "turn_off": _fixed(on=0),
+                "set_brightness": _set_brightness,
+            },
+        ),
+    }
+)
 """The spec of every device kind."""
 
 

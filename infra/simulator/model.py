@@ -313,7 +313,8 @@ class FleetModel:
     def round(self, now_ms: int) -> list[Outgoing]:
         """One telemetry message from every online device, all stamped ``now_ms``."""
         return [
-            out for device_id in self.devices
+            out
+            for device_id in self.devices
             if (out := self.telemetry(device_id, now_ms)) is not None
         ]
 
@@ -436,13 +437,16 @@ class FleetModel:
             return Ack(command.command_id, AckStatus.FAILED, device.reported(), reason)
 
         if pending.expires_ms is not None and pending.expires_ms <= pending.received_ms:
-            return failed(f"expired at {pending.expires_ms} ms, before it arrived at "
-                          f"{pending.received_ms} ms")
+            return failed(
+                f"expired at {pending.expires_ms} ms, before it arrived at {pending.received_ms} ms"
+            )
         handler = device.spec.commands.get(command.name)
         if handler is None:
             accepted = ", ".join(device.spec.commands) or "none"
-            return failed(f"unknown command {command.name!r} for {device.spec.kind.value} "
-                          f"devices; they accept: {accepted}")
+            return failed(
+                f"unknown command {command.name!r} for {device.spec.kind.value} "
+                f"devices; they accept: {accepted}"
+            )
         try:
             changes = handler(command.params, device.state)
         except CommandRejected as exc:

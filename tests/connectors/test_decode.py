@@ -216,7 +216,9 @@ def test_declared_metric_missing_is_named() -> None:
 )
 def test_declared_metric_of_wrong_type_is_named(value: Any, kind: str) -> None:
     dead = one_dead(
-        decode({"value": value}, "zigbee2mqtt/x", {"device_id": "topic[1]", "temp": "payload.value"})
+        decode(
+            {"value": value}, "zigbee2mqtt/x", {"device_id": "topic[1]", "temp": "payload.value"}
+        )
     )
     assert dead.reason == f"metric 'temp' must be a number, got {kind}"
 
@@ -252,8 +254,14 @@ def test_invalid_json(payload: bytes, fragment: str) -> None:
 
 @pytest.mark.parametrize(
     ("payload", "kind"),
-    [(b'"oops"', "a string"), (b"42", "a number"), (b"null", "null"), (b"[]", "a list"),
-     (b"true", "a boolean"), (b"1.5", "a number")],
+    [
+        (b'"oops"', "a string"),
+        (b"42", "a number"),
+        (b"null", "null"),
+        (b"[]", "a list"),
+        (b"true", "a boolean"),
+        (b"1.5", "a number"),
+    ],
 )
 def test_non_object_payload(payload: bytes, kind: str) -> None:
     dead = one_dead(decode(payload))
@@ -457,7 +465,9 @@ def test_payload_size_limit_is_inclusive_and_configurable() -> None:
     payload = b'{"t": 1}'
     assert one_reading(decode(payload, max_payload_bytes=len(payload)))
     dead = one_dead(decode(payload, max_payload_bytes=len(payload) - 1))
-    assert dead.reason.startswith(f"payload is {len(payload)} bytes; the limit is {len(payload) - 1}")
+    assert dead.reason.startswith(
+        f"payload is {len(payload)} bytes; the limit is {len(payload) - 1}"
+    )
     assert dead.truncated is False
 
 
@@ -519,7 +529,9 @@ def test_bad_items_do_not_take_valid_neighbours_down() -> None:
         Reading("t1", RECEIVED_MS, {"t": 4.0}),
     ]
     reasons = [d.reason for d in out.dead]
-    assert reasons[0] == "item 1: ts must be epoch milliseconds or an ISO 8601 string, got a boolean"
+    assert (
+        reasons[0] == "item 1: ts must be epoch milliseconds or an ISO 8601 string, got a boolean"
+    )
     assert reasons[1] == "item 3: a reading must be a JSON object, got a string"
     assert reasons[2] == "item 4: no numeric metric in the reading"
     assert reasons[3].startswith("item 6: ts ") and "in the future" in reasons[3]
@@ -563,9 +575,11 @@ _valid_ts = st.one_of(
     st.none(),
     st.integers(MIN_TS_MS, RECEIVED_MS + SKEW_MS),
     st.datetimes(
-        min_value=datetime(2000, 1, 2), max_value=datetime(2026, 1, 1),
-        timezones=st.sampled_from([UTC, timezone(timedelta(hours=5, minutes=30)),
-                                   timezone(timedelta(hours=-8))]),
+        min_value=datetime(2000, 1, 2),
+        max_value=datetime(2026, 1, 1),
+        timezones=st.sampled_from(
+            [UTC, timezone(timedelta(hours=5, minutes=30)), timezone(timedelta(hours=-8))]
+        ),
     ),
 )
 
@@ -609,8 +623,14 @@ def messages(draw: st.DrawFn) -> tuple[bytes, list[Reading], int]:
         payload = draw(st.sampled_from([b"", b"{", b"[]", b"null", b'"s"', b"7", b"[{]", b"\xff"]))
         return payload, [], 1
     if kind == "object":
-        item, reading = draw(st.one_of(valid_items(), _invalid_items.filter(
-            lambda bad: isinstance(bad, dict)).map(lambda bad: (bad, None))))
+        item, reading = draw(
+            st.one_of(
+                valid_items(),
+                _invalid_items.filter(lambda bad: isinstance(bad, dict)).map(
+                    lambda bad: (bad, None)
+                ),
+            )
+        )
         return json.dumps(item).encode(), [reading] if reading else [], 1
     pairs = draw(st.lists(_item, min_size=1, max_size=6))
     payload = json.dumps([item for item, _ in pairs]).encode()
@@ -619,7 +639,9 @@ def messages(draw: st.DrawFn) -> tuple[bytes, list[Reading], int]:
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(messages(), max_size=6))
-def test_every_reading_unit_comes_out_exactly_once(batch: list[tuple[bytes, list[Reading], int]]) -> None:
+def test_every_reading_unit_comes_out_exactly_once(
+    batch: list[tuple[bytes, list[Reading], int]],
+) -> None:
     decoder = TelemetryDecoder()
     for payload, expected, units in batch:
         out = decoder.decode([DeviceMessage(TOPIC, payload, RECEIVED_MS)])
@@ -641,15 +663,24 @@ def _units(payload: bytes) -> int:
 
 
 _json = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.integers(10**300, 10**400)
-    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=5),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(10**300, 10**400)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4)
+    ),
     max_leaves=20,
 )
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.text(max_size=40), st.one_of(st.binary(max_size=200), _json.map(lambda v: json.dumps(v).encode())))
+@given(
+    st.text(max_size=40),
+    st.one_of(st.binary(max_size=200), _json.map(lambda v: json.dumps(v).encode())),
+)
 def test_decode_never_raises(topic: str, payload: bytes) -> None:
     out = TelemetryDecoder().decode([DeviceMessage(topic, payload, RECEIVED_MS)])
     assert len(out.ok) + len(out.dead) == _units(payload)

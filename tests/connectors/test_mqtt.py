@@ -37,12 +37,18 @@ def client_id() -> str:
     return f"test-{uuid.uuid4().hex[:8]}"
 
 
-def test_wildcard_subscription_delivers_batches_in_order(stack: StackInfo, names, client_id: str) -> None:
+def test_wildcard_subscription_delivers_batches_in_order(
+    stack: StackInfo, names, client_id: str
+) -> None:
     base = names.mqtt_base
-    source = MqttSource(stack.mqtt_url, [f"{base}/devices/+/telemetry"], client_id=client_id, status_base=base)
+    source = MqttSource(
+        stack.mqtt_url, [f"{base}/devices/+/telemetry"], client_id=client_id, status_base=base
+    )
     part = source.build("in", 0, 1)
     try:
-        publish(stack.mqtt_url, [(f"{base}/devices/d{i % 3}/telemetry", b"%d" % i) for i in range(300)])
+        publish(
+            stack.mqtt_url, [(f"{base}/devices/d{i % 3}/telemetry", b"%d" % i) for i in range(300)]
+        )
         publish(stack.mqtt_url, [(f"{base}/devices/d1/state", b"not subscribed")])
         got = poll(part, 300)
         assert [int(m.payload) for m in got] == list(range(300))
@@ -53,7 +59,9 @@ def test_wildcard_subscription_delivers_batches_in_order(stack: StackInfo, names
         part.close()
 
 
-def test_persistent_session_keeps_what_was_published_while_down(stack: StackInfo, names, client_id: str) -> None:
+def test_persistent_session_keeps_what_was_published_while_down(
+    stack: StackInfo, names, client_id: str
+) -> None:
     topic = f"{names.mqtt_base}/devices/x/telemetry"
     source = MqttSource(stack.mqtt_url, [topic], client_id=client_id, status_base=names.mqtt_base)
     part = source.build("in", 0, 1)
@@ -89,7 +97,10 @@ def test_messages_not_handed_over_are_redelivered(stack: StackInfo, names, clien
 def test_idle_stop_ends_input_after_quiet_period(stack: StackInfo, names, client_id: str) -> None:
     topic = f"{names.mqtt_base}/devices/x/telemetry"
     source = MqttSource(
-        stack.mqtt_url, [topic], client_id=client_id, status_base=names.mqtt_base,
+        stack.mqtt_url,
+        [topic],
+        client_id=client_id,
+        status_base=names.mqtt_base,
         idle_stop=timedelta(seconds=0.3),
     )
     part = source.build("in", 0, 1)
@@ -109,7 +120,12 @@ def test_idle_stop_ends_input_after_quiet_period(stack: StackInfo, names, client
 def test_sink_publishes_and_refuses_retained_commands(stack: StackInfo, names) -> None:
     base = names.mqtt_base
     sink = MqttSink(stack.mqtt_url, client_id=f"sink-{uuid.uuid4().hex[:6]}").build("out", 0, 1)
-    source = MqttSource(stack.mqtt_url, [f"{base}/#"], client_id=f"s-{uuid.uuid4().hex[:6]}", status_base="elsewhere")
+    source = MqttSource(
+        stack.mqtt_url,
+        [f"{base}/#"],
+        client_id=f"s-{uuid.uuid4().hex[:6]}",
+        status_base="elsewhere",
+    )
     part = source.build("in", 0, 1)
     try:
         sink.write_batch([MqttMessage(f"{base}/devices/d/cmd", b"go", expiry_s=30)])
@@ -123,7 +139,13 @@ def test_sink_publishes_and_refuses_retained_commands(stack: StackInfo, names) -
 
 def test_url_parsing_hides_password_and_rejects_bad_urls() -> None:
     url = MqttUrl.parse("mqtts://user:s3cret@broker.example:8884")
-    assert (url.host, url.port, url.tls, url.username, url.password) == ("broker.example", 8884, True, "user", "s3cret")
+    assert (url.host, url.port, url.tls, url.username, url.password) == (
+        "broker.example",
+        8884,
+        True,
+        "user",
+        "s3cret",
+    )
     assert "s3cret" not in repr(url) and "s3cret" not in str(url)
     assert MqttUrl.parse("mqtt://h").port == 1883
     for bad in ["http://h:1", "mqtt://", "h:1883", "mqtt://h:notaport"]:

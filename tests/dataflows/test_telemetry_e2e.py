@@ -7,7 +7,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
-import paho.mqtt.client as mqtt
 import pytest
 
 from connectors.kafka import read_topic
@@ -29,9 +28,16 @@ def publish_all(url: str, messages: list[tuple[str, bytes]]) -> None:
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_known_readings_give_exact_aggregates(settings: Settings, tmp_path: Path, workers: int) -> None:
+def test_known_readings_give_exact_aggregates(
+    settings: Settings, tmp_path: Path, workers: int
+) -> None:
     settings = settings.model_copy(
-        update={"window_s": 10.0, "lateness_s": 30.0, "mqtt_idle_stop_s": 1.5, "max_future_skew_s": 1e9}
+        update={
+            "window_s": 10.0,
+            "lateness_s": 30.0,
+            "mqtt_idle_stop_s": 1.5,
+            "max_future_skew_s": 1e9,
+        }
     )
     mqtt_topics = MqttTopics(settings.mqtt_base)
     readings = {
@@ -39,13 +45,18 @@ def test_known_readings_give_exact_aggregates(settings: Settings, tmp_path: Path
         "dev-b": [(T0 + 2_000, 1.5), (T0 + 12_000, 2.5), (T0 + 13_000, 3.5)],
     }
     messages = [
-        (mqtt_topics.telemetry(dev), json.dumps({"ts": ts, "temperature": v, "status": "ok"}).encode())
+        (
+            mqtt_topics.telemetry(dev),
+            json.dumps({"ts": ts, "temperature": v, "status": "ok"}).encode(),
+        )
         for dev, rows in readings.items()
         for ts, v in rows
     ]
     messages.append((mqtt_topics.telemetry("dev-a"), b"{not json"))
 
-    with FlowProcess.start("dataflows.telemetry:flow", settings, log=tmp_path / "flow.log", workers=workers) as proc:
+    with FlowProcess.start(
+        "dataflows.telemetry:flow", settings, log=tmp_path / "flow.log", workers=workers
+    ) as proc:
         proc.wait_online()
         publish_all(settings.require_mqtt_url(), messages)
         assert proc.wait(60) == 0, proc.log.read_text()
@@ -62,7 +73,10 @@ def test_known_readings_give_exact_aggregates(settings: Settings, tmp_path: Path
     topics = KafkaTopics(settings.topic_prefix)
     bootstrap = settings.require_kafka_bootstrap()
     aggregates = [json.loads(r.value) for r in read_topic(bootstrap, topics.aggregates)]
-    got = {(a["key"], a["window_start"]): (a["count"], a["min"], a["max"], a["avg"]) for a in aggregates}
+    got = {
+        (a["key"], a["window_start"]): (a["count"], a["min"], a["max"], a["avg"])
+        for a in aggregates
+    }
     assert got == expected
     assert all(a["metric"] == "temperature" for a in aggregates)
     assert len(aggregates) == len(expected)

@@ -100,12 +100,15 @@ def record(stack: StackInfo) -> Iterator[Callable[[list[str]], Recorder]]:
         recorder.close()
 
 
-def command(command_id: str, device_id: str, name: str, expires_in_s: float = 30.0,
-            **params: Any) -> bytes:
+def command(
+    command_id: str, device_id: str, name: str, expires_in_s: float = 30.0, **params: Any
+) -> bytes:
     issued = datetime.now(UTC)
-    return msgspec.json.encode(Command(
-        command_id, device_id, name, params, issued, issued + timedelta(seconds=expires_in_s)
-    ))
+    return msgspec.json.encode(
+        Command(
+            command_id, device_id, name, params, issued, issued + timedelta(seconds=expires_in_s)
+        )
+    )
 
 
 def test_docstring_examples_run() -> None:
@@ -121,7 +124,13 @@ def test_docstring_examples_run() -> None:
 def test_devices_split_over_kinds_with_readable_ids() -> None:
     model = FleetConfig(devices=7).build()
     assert list(model.devices) == [
-        "temp-0001", "temp-0002", "power-0001", "power-0002", "hvac-0001", "lock-0001", "light-0001"
+        "temp-0001",
+        "temp-0002",
+        "power-0001",
+        "power-0002",
+        "hvac-0001",
+        "lock-0001",
+        "light-0001",
     ]
     weighted = FleetConfig(devices=10, kinds={"hvac": 3, "light": 1}).device_counts()
     assert weighted == {"hvac": 8, "light": 2}
@@ -135,14 +144,23 @@ def test_devices_split_over_kinds_with_readable_ids() -> None:
         ({"faults": {"malformed_rate": 1.5}}, ("faults", "malformed_rate"), "less than or equal"),
         ({"faults": {"offline_s": 0}}, ("faults", "offline_s"), "greater than 0"),
         ({"commands": {"ack_latency_ms": -1}}, ("commands", "ack_latency_ms"), "greater than"),
-        ({"patterns": {"temprature": [{"kind": "noise", "std": 1}]}}, ("patterns",),
-         "choose from battery (lock), energy_kwh (power), humidity (temp), power_w (power), "
-         "temperature (temp/hvac)"),
+        (
+            {"patterns": {"temprature": [{"kind": "noise", "std": 1}]}},
+            ("patterns",),
+            "choose from battery (lock), energy_kwh (power), humidity (temp), power_w (power), "
+            "temperature (temp/hvac)",
+        ),
         ({"patterns": {"light.temperature": []}}, ("patterns",), "no device kind"),
-        ({"patterns": {"temperature": [{"kind": "sinus"}]}}, ("patterns", "temperature", 0),
-         "'constant', 'noise', 'sine', 'spikes', 'drift'"),
-        ({"patterns": {"locked": [{"kind": "constant", "value": 0}]}}, ("patterns",),
-         "'locked' is reported state of lock devices and changes only through commands"),
+        (
+            {"patterns": {"temperature": [{"kind": "sinus"}]}},
+            ("patterns", "temperature", 0),
+            "'constant', 'noise', 'sine', 'spikes', 'drift'",
+        ),
+        (
+            {"patterns": {"locked": [{"kind": "constant", "value": 0}]}},
+            ("patterns",),
+            "'locked' is reported state of lock devices and changes only through commands",
+        ),
         ({"devices": {"toaster": 1}}, ("devices",), "toaster"),
         ({"devices": 0}, ("devices",), "at least 1"),
         ({"devices": {"lock": 1}, "kinds": {"lock": 1}}, ("kinds",), "counts per kind"),
@@ -151,7 +169,9 @@ def test_devices_split_over_kinds_with_readable_ids() -> None:
         ({"rate": 2}, ("rate",), "Extra inputs are not permitted"),
     ],
 )
-def test_bad_config_names_the_field(config: dict[str, Any], loc: tuple[Any, ...], says: str) -> None:
+def test_bad_config_names_the_field(
+    config: dict[str, Any], loc: tuple[Any, ...], says: str
+) -> None:
     with pytest.raises(ValidationError) as info:
         FleetConfig.model_validate(config)
     errors = info.value.errors()
@@ -198,8 +218,10 @@ def series(patterns: list[dict[str, Any]], stamps: list[int], seed: int = 0) -> 
 
 def test_sine_swings_by_its_amplitude_around_the_constant() -> None:
     stamps = [T0 + i * 250 for i in range(240)]  # one 60 s period; T0 is a multiple of 60 s
-    values = series([{"kind": "constant", "value": 20}, {"kind": "sine", "period_s": 60,
-                                                         "amplitude": 5}], stamps)
+    values = series(
+        [{"kind": "constant", "value": 20}, {"kind": "sine", "period_s": 60, "amplitude": 5}],
+        stamps,
+    )
     assert max(values) == 25.0
     assert min(values) == 15.0
     assert values[0] == 20.0
@@ -217,8 +239,10 @@ def test_drift_grows_per_hour_from_the_first_reading() -> None:
 
 def test_spikes_appear_at_their_rate_exactly_again_with_the_same_seed() -> None:
     stamps = [T0 + i * 1000 for i in range(4000)]
-    spec = [{"kind": "constant", "value": 0}, {"kind": "spikes", "probability": 0.05,
-                                               "magnitude": 100}]
+    spec = [
+        {"kind": "constant", "value": 0},
+        {"kind": "spikes", "probability": 0.05, "magnitude": 100},
+    ]
     values = series(spec, stamps)
     spikes = [i for i, value in enumerate(values) if value == 100.0]
     assert set(values) == {0.0, 100.0}
@@ -235,10 +259,13 @@ def test_noise_has_its_standard_deviation() -> None:
 
 
 def test_kind_specific_pattern_wins_and_others_keep_defaults() -> None:
-    config = FleetConfig(devices={"temp": 1, "hvac": 1}, patterns={
-        "temperature": [{"kind": "constant", "value": 5}],
-        "hvac.temperature": [{"kind": "constant", "value": 7}],
-    })
+    config = FleetConfig(
+        devices={"temp": 1, "hvac": 1},
+        patterns={
+            "temperature": [{"kind": "constant", "value": 5}],
+            "hvac.temperature": [{"kind": "constant", "value": 7}],
+        },
+    )
     model = config.build()
     temp = msgspec.json.decode(model.telemetry("temp-0001", T0).payload)
     hvac = msgspec.json.decode(model.telemetry("hvac-0001", T0).payload)
@@ -288,8 +315,12 @@ def test_malformed_messages_are_counted_exactly_and_each_is_rejected_whole(
 ) -> None:
     topics = MqttTopics(names.mqtt_base)
     recorder = record([topics.telemetry()])
-    config = FleetConfig(devices=20, base=names.mqtt_base, seed=3,
-                         faults={"malformed_rate": 0.3, "clock_skew_ms": 1000})
+    config = FleetConfig(
+        devices=20,
+        base=names.mqtt_base,
+        seed=3,
+        faults={"malformed_rate": 0.3, "clock_skew_ms": 1000},
+    )
     with Fleet(config, stack.mqtt_url, schedule_telemetry=False) as fleet:
         for _ in range(10):
             fleet.publish_once()
@@ -366,16 +397,23 @@ def test_command_acked_after_latency_and_new_state_retained(
     stack: StackInfo, names: Any, record: Callable[[list[str]], Recorder]
 ) -> None:
     topics = MqttTopics(names.mqtt_base)
-    config = FleetConfig(devices={"hvac": 2}, base=names.mqtt_base,
-                         commands={"ack_latency_ms": 150, "send_accepted": True})
+    config = FleetConfig(
+        devices={"hvac": 2},
+        base=names.mqtt_base,
+        commands={"ack_latency_ms": 150, "send_accepted": True},
+    )
     recorder = record([topics.ack()])
     with Fleet(config, stack.mqtt_url, schedule_telemetry=False) as fleet:
-        sent_ms = recorder.send(topics.cmd("hvac-0002"),
-                                command("c1", "hvac-0002", "set_temperature", setpoint=23.5))
+        sent_ms = recorder.send(
+            topics.cmd("hvac-0002"), command("c1", "hvac-0002", "set_temperature", setpoint=23.5)
+        )
         accepted, done = recorder.wait_for(2)
-        assert accepted.json() == {"command_id": "c1", "status": "accepted", "reason": None,
-                                   "reported": {"kind": "hvac", "mode": "auto", "setpoint": 21.0,
-                                                "fan_speed": 1}}
+        assert accepted.json() == {
+            "command_id": "c1",
+            "status": "accepted",
+            "reason": None,
+            "reported": {"kind": "hvac", "mode": "auto", "setpoint": 21.0, "fan_speed": 1},
+        }
         assert done.topic == topics.ack("hvac-0002")
         assert done.json()["status"] == "done"
         assert done.json()["reported"]["setpoint"] == 23.5
@@ -398,14 +436,18 @@ def test_failure_rate_fails_commands_without_changing_state(
     stack: StackInfo, names: Any, record: Callable[[list[str]], Recorder]
 ) -> None:
     topics = MqttTopics(names.mqtt_base)
-    config = FleetConfig(devices={"light": 4}, base=names.mqtt_base,
-                         commands={"ack_latency_ms": 0, "ack_failure_rate": 0.5})
+    config = FleetConfig(
+        devices={"light": 4},
+        base=names.mqtt_base,
+        commands={"ack_latency_ms": 0, "ack_failure_rate": 0.5},
+    )
     recorder = record([topics.ack()])
     with Fleet(config, stack.mqtt_url, schedule_telemetry=False) as fleet:
         for i in range(40):
             device_id = f"light-000{i % 4 + 1}"
-            recorder.send(topics.cmd(device_id), command(f"c{i}", device_id, "set_brightness",
-                                                         brightness=i))
+            recorder.send(
+                topics.cmd(device_id), command(f"c{i}", device_id, "set_brightness", brightness=i)
+            )
         acks = [g.json() for g in recorder.wait_for(40)]
     stats = fleet.stats
     failed = [a for a in acks if a["status"] == "failed"]
@@ -415,8 +457,7 @@ def test_failure_rate_fails_commands_without_changing_state(
     assert all("ack_failure_rate" in a["reason"] for a in failed)
     for i in range(4):
         device_id = f"light-000{i + 1}"
-        done = [a for a in acks if a["status"] == "done"
-                and int(a["command_id"][1:]) % 4 == i]
+        done = [a for a in acks if a["status"] == "done" and int(a["command_id"][1:]) % 4 == i]
         expected = done[-1]["reported"]["brightness"] if done else 100
         assert stats.devices[device_id].reported["brightness"] == expected
 
@@ -425,8 +466,9 @@ def test_repeated_command_id_runs_once_and_is_reacked(
     stack: StackInfo, names: Any, record: Callable[[list[str]], Recorder]
 ) -> None:
     topics = MqttTopics(names.mqtt_base)
-    config = FleetConfig(devices={"lock": 1}, base=names.mqtt_base,
-                         commands={"ack_latency_ms": 100})
+    config = FleetConfig(
+        devices={"lock": 1}, base=names.mqtt_base, commands={"ack_latency_ms": 100}
+    )
     recorder = record([topics.ack()])
     cmd_topic = topics.cmd("lock-0001")
     with Fleet(config, stack.mqtt_url, schedule_telemetry=False) as fleet:
@@ -452,8 +494,9 @@ def test_bad_commands_are_answered_or_counted_and_never_stop_the_fleet(
     stack: StackInfo, names: Any, record: Callable[[list[str]], Recorder]
 ) -> None:
     topics = MqttTopics(names.mqtt_base)
-    config = FleetConfig(devices={"hvac": 1, "temp": 1}, base=names.mqtt_base,
-                         commands={"ack_latency_ms": 0})
+    config = FleetConfig(
+        devices={"hvac": 1, "temp": 1}, base=names.mqtt_base, commands={"ack_latency_ms": 0}
+    )
     recorder = record([topics.ack()])
     hvac = topics.cmd("hvac-0001")
     with Fleet(config, stack.mqtt_url, schedule_telemetry=False) as fleet:
@@ -469,12 +512,19 @@ def test_bad_commands_are_answered_or_counted_and_never_stop_the_fleet(
         acks = {a["command_id"]: a for a in (g.json() for g in recorder.wait_for(7))}
     stats = fleet.stats
     assert {k: a["status"] for k, a in acks.items()} == {
-        "b1": "failed", "b2": "failed", "b3": "failed", "b4": "failed", "b5": "failed",
-        "b6": "failed", "ok": "done",
+        "b1": "failed",
+        "b2": "failed",
+        "b3": "failed",
+        "b4": "failed",
+        "b5": "failed",
+        "b6": "failed",
+        "ok": "done",
     }
     assert "invalid command" in acks["b1"]["reason"] and "name" in acks["b1"]["reason"]
-    assert acks["b2"]["reason"] == ("unknown command 'self_destruct' for hvac devices; they "
-                                    "accept: set_mode, set_temperature, set_fan_speed")
+    assert acks["b2"]["reason"] == (
+        "unknown command 'self_destruct' for hvac devices; they "
+        "accept: set_mode, set_temperature, set_fan_speed"
+    )
     assert "one of off, heat, cool, auto, fan; got 'turbo'" in acks["b3"]["reason"]
     assert "an integer in 0..3; got 1.5" in acks["b4"]["reason"]
     assert acks["b5"]["reason"].startswith("expired at")
@@ -489,7 +539,9 @@ def test_bad_commands_are_answered_or_counted_and_never_stop_the_fleet(
 
 
 def test_offline_device_ignores_commands() -> None:
-    model = FleetConfig(devices={"light": 10}, faults={"offline_rate": 0.5, "offline_s": 60}).build()
+    model = FleetConfig(
+        devices={"light": 10}, faults={"offline_rate": 0.5, "offline_s": 60}
+    ).build()
     offline = [d for d in model.devices if model.is_offline(d, T0)]
     online = [d for d in model.devices if not model.is_offline(d, T0)]
     assert offline and online

@@ -19,7 +19,11 @@ from iotflow.settings import Settings
 
 def iotflow(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "iotflow.cli", *args], env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "iotflow.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -35,7 +39,9 @@ def test_session_stack_answers_mqtt_and_kafka(stack: StackInfo, names) -> None:
 
 def test_cli_stack_up_status_down(tmp_path: Path) -> None:
     env = {
-        k: v for k, v in os.environ.items() if k not in ("IOTFLOW_MQTT_URL", "IOTFLOW_KAFKA_BOOTSTRAP")
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("IOTFLOW_MQTT_URL", "IOTFLOW_KAFKA_BOOTSTRAP")
     }
     env["IOTFLOW_STATE_DIR"] = str(tmp_path / "state")
     up = iotflow("stack", "up", env=env)
@@ -57,7 +63,9 @@ def test_cli_stack_up_status_down(tmp_path: Path) -> None:
 
 
 def test_configured_brokers_are_used_not_started(stack: StackInfo, tmp_path: Path) -> None:
-    settings = Settings(_env_file=None, mqtt_url=stack.mqtt_url, kafka_bootstrap=stack.kafka_bootstrap)
+    settings = Settings(
+        _env_file=None, mqtt_url=stack.mqtt_url, kafka_bootstrap=stack.kafka_bootstrap
+    )
     with LocalStack.start(tmp_path, settings, write_state=False) as local:
         assert local.info.processes == []
         assert local.info.mqtt_url == stack.mqtt_url
@@ -73,7 +81,14 @@ def test_stop_recorded_leaves_foreign_processes_alone(tmp_path: Path, monkeypatc
                 {
                     "mqtt_url": "mqtt://127.0.0.1:1",
                     "kafka_bootstrap": "127.0.0.1:2",
-                    "processes": [{"name": "mosquitto", "pid": sleeper.pid, "argv0": "/usr/sbin/mosquitto", "port": 1}],
+                    "processes": [
+                        {
+                            "name": "mosquitto",
+                            "pid": sleeper.pid,
+                            "argv0": "/usr/sbin/mosquitto",
+                            "port": 1,
+                        }
+                    ],
                 }
             )
         )

@@ -15,7 +15,20 @@ def test_demo_checks_itself_and_leaves_duckdb(tmp_path: Path) -> None:
     env["IOTFLOW_STATE_DIR"] = str(tmp_path / "state")
     db = tmp_path / "demo.duckdb"
     proc = subprocess.run(
-        [sys.executable, "-m", "iotflow.cli", "demo", "--duration", "6", "--devices", "40", "--rate", "2", "--duckdb", str(db)],
+        [
+            sys.executable,
+            "-m",
+            "iotflow.cli",
+            "demo",
+            "--duration",
+            "6",
+            "--devices",
+            "40",
+            "--rate",
+            "2",
+            "--duckdb",
+            str(db),
+        ],
         env=env,
         cwd=tmp_path,
         capture_output=True,
@@ -24,7 +37,9 @@ def test_demo_checks_itself_and_leaves_duckdb(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "MISMATCH" not in proc.stdout
-    lines = {line[:34].strip(): line[34:].split() for line in proc.stdout.splitlines() if len(line) > 34}
+    lines = {
+        line[:34].strip(): line[34:].split() for line in proc.stdout.splitlines() if len(line) > 34
+    }
     assert lines["dead letters for them"][0] == lines["malformed payloads published"][0]
     assert lines["readings on Kafka telemetry"][0] == lines["valid readings published"][0]
     con = duckdb.connect(str(db), read_only=True)

@@ -132,7 +132,10 @@ def test_snapshot_restores_and_refuses_other_definition(clock: ManualClock) -> N
     ("kwargs", "message"),
     [
         ({"length": timedelta(0)}, "must be positive"),
-        ({"length": timedelta(seconds=1), "allowed_lateness": timedelta(seconds=-1)}, "zero or positive"),
+        (
+            {"length": timedelta(seconds=1), "allowed_lateness": timedelta(seconds=-1)},
+            "zero or positive",
+        ),
         ({"length": timedelta(seconds=1), "align_to": datetime(2026, 1, 1)}, "aware UTC"),
     ],
 )

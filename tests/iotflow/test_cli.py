@@ -1,0 +1,57 @@
+"""The ``iotflow`` command's argument handling and ``iotflow tail`` on the real broker."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from confluent_kafka import Producer
+
+from connectors.kafka import ensure_topics, producer_config
+from infra.stack import StackInfo
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "iotflow.cli", *args],
+        env=env or dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_tail_prints_records_as_json_lines(stack: StackInfo, names) -> None:
+    topic = f"{names.kafka_prefix}.aggregates"
+    ensure_topics(stack.kafka_bootstrap, [topic], partitions=1)
+    producer = Producer(producer_config(stack.kafka_bootstrap))
+    producer.produce(topic, key=b"k1", value=b'{"count": 3}')
+    producer.produce(topic, key=b"k2", value=b"not json")
+    producer.flush(10)
+    env = {
+        **os.environ,
+        "IOTFLOW_KAFKA_BOOTSTRAP": stack.kafka_bootstrap,
+        "IOTFLOW_TOPIC_PREFIX": names.kafka_prefix,
+    }
+    out = run_cli("tail", "aggregates", "--idle", "2", "--max", "2", env=env)
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [(x["key"], x["value"]) for x in lines] == [("k1", {"count": 3}), ("k2", "not json")]
+    assert all(x["topic"] == topic for x in lines)
+
+
+def test_bad_arguments_are_refused_with_the_reason() -> None:
+    out = run_cli("demo", "--duration", "-5")
+    assert out.returncode == 2 and "must be greater than 0" in out.stderr
+    out = run_cli("stack", "sideways")
+    assert out.returncode == 2 and "invalid choice" in out.stderr
+
+
+def test_missing_broker_is_a_clear_error(tmp_path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IOTFLOW_")}
+    env["IOTFLOW_STATE_DIR"] = str(tmp_path)
+    out = run_cli("tail", "aggregates", "--idle", "1", env=env)
+    assert out.returncode == 2
+    assert "no Kafka broker" in out.stderr and "iotflow stack up" in out.stderr
