@@ -16,13 +16,14 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from bytewax.connectors.kafka import KafkaSink, KafkaSinkMessage
+from bytewax.connectors.kafka import KafkaSink, KafkaSinkMessage, KafkaSource
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from iotflow.errors import BrokerUnavailable
 
 __all__ = [
+    "KafkaInput",
     "KafkaOutput",
     "KafkaRecord",
     "ensure_topics",
@@ -85,6 +86,29 @@ class KafkaOutput(KafkaSink):
         if worker_index == 0:
             ensure_topics(self._bootstrap, self._topics)
         return super().build(step_id, worker_index, worker_count)
+
+
+class KafkaInput(KafkaSource):
+    """Bytewax's ``KafkaSource`` that creates missing topics and fetches with low latency.
+
+    Each Kafka partition is a Bytewax input partition; offsets live in the
+    Bytewax recovery store when recovery is on (at least once). With
+    ``tail=False`` the input ends at the end offsets seen when it starts.
+    """
+
+    def __init__(
+        self, bootstrap: str, topics: Iterable[str], *, tail: bool = True, batch_size: int = 1000
+    ) -> None:
+        # librdkafka waits up to 500 ms for a fetch to fill by default: too slow for alerts.
+        config = {"fetch.wait.max.ms": "10", "fetch.min.bytes": "1"}
+        super().__init__(
+            [bootstrap], list(topics), tail=tail, add_config=config, batch_size=batch_size
+        )
+        self._bootstrap = bootstrap
+
+    def list_parts(self) -> list[str]:
+        ensure_topics(self._bootstrap, self._topics)
+        return super().list_parts()
 
 
 def message(topic: str, key: str, value: bytes) -> KafkaSinkMessage[bytes, bytes]:

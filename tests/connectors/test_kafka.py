@@ -1,0 +1,48 @@
+"""Kafka input and output (Bytewax's connectors) against the real Kafka-compatible broker."""
+
+from __future__ import annotations
+
+import bytewax.operators as op
+from bytewax.dataflow import Dataflow
+from bytewax.testing import TestingSink, TestingSource, run_main
+
+from connectors.kafka import KafkaInput, KafkaOutput, ensure_topics, message, read_topic
+from infra.stack import StackInfo
+
+
+def test_output_creates_topics_and_input_reads_them_back(stack: StackInfo, names) -> None:
+    a, b = f"{names.kafka_prefix}.a", f"{names.kafka_prefix}.b"
+    out_flow = Dataflow("out")
+    items = op.input(
+        "in", out_flow, TestingSource([(a if i % 2 else b, f"k{i}", b"%d" % i) for i in range(100)])
+    )
+    op.output(
+        "kafka",
+        op.map("msg", items, lambda x: message(*x)),
+        KafkaOutput(stack.kafka_bootstrap, [a, b]),
+    )
+    run_main(out_flow)
+
+    assert sorted(int(r.value) for r in read_topic(stack.kafka_bootstrap, a)) == list(
+        range(1, 100, 2)
+    )
+    got: list = []
+    in_flow = Dataflow("in")
+    msgs = op.input("kafka", in_flow, KafkaInput(stack.kafka_bootstrap, [a, b], tail=False))
+    op.output("out", op.map("kv", msgs, lambda m: (m.key, int(m.value))), TestingSink(got))
+    run_main(in_flow)
+    assert sorted(got, key=lambda kv: kv[1]) == [(b"k%d" % i, i) for i in range(100)]
+
+
+def test_input_on_a_missing_topic_creates_it_and_ends_empty(stack: StackInfo, names) -> None:
+    topic = f"{names.kafka_prefix}.never-written"
+    got: list = []
+    flow = Dataflow("empty")
+    op.output(
+        "out",
+        op.input("kafka", flow, KafkaInput(stack.kafka_bootstrap, [topic], tail=False)),
+        TestingSink(got),
+    )
+    run_main(flow)
+    assert got == []
+    ensure_topics(stack.kafka_bootstrap, [topic])  # already there: no error
