@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 from confluent_kafka import Producer
 
@@ -55,3 +56,41 @@ def test_missing_broker_is_a_clear_error(tmp_path) -> None:
     out = run_cli("tail", "aggregates", "--idle", "1", env=env)
     assert out.returncode == 2
     assert "no Kafka broker" in out.stderr and "iotflow stack up" in out.stderr
+
+
+def test_simulate_publishes_to_the_configured_broker(stack: StackInfo, names) -> None:
+    from connectors.mqtt import MqttSource
+
+    source = MqttSource(
+        stack.mqtt_url,
+        [f"{names.mqtt_base}/devices/+/telemetry"],
+        client_id=f"sim-{names.mqtt_base}",
+        status_base=names.mqtt_base,
+    )
+    part = source.build("in", 0, 1)
+    try:
+        env = {
+            **os.environ,
+            "IOTFLOW_MQTT_URL": stack.mqtt_url,
+            "IOTFLOW_MQTT_BASE": names.mqtt_base,
+        }
+        out = run_cli("simulate", "--devices", "5", "--rate", "4", "--duration", "1.5", env=env)
+        assert out.returncode == 0, out.stderr
+        sent = int(out.stdout.split("sent ")[1].split()[0])
+        got = []
+        for _ in range(200):
+            for batch in part.next_batch():
+                got.extend(batch)
+            if len(got) >= sent:
+                break
+            time.sleep(0.01)
+        assert sent > 0 and len(got) == sent
+        assert {m.topic.split("/")[2] for m in got} == {
+            "temp-0001",
+            "power-0001",
+            "hvac-0001",
+            "lock-0001",
+            "light-0001",
+        }
+    finally:
+        part.close()
