@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -112,9 +113,12 @@ class LocalStack:
         try:
             mqtt_url = settings.mqtt_url.get_secret_value() if settings.mqtt_url else None
             if mqtt_url is None:
-                proc, port = _start_mosquitto(state_dir)
+                if _want_embedded_mqtt() or find_mosquitto() is None:
+                    name, (proc, port) = _EMBEDDED_NAME, _start_embedded(state_dir)
+                else:
+                    name, (proc, port) = "mosquitto", _start_mosquitto(state_dir)
                 started.append(proc)
-                procs.append(BrokerProcess("mosquitto", proc.pid, str(proc.args[0]), port))
+                procs.append(BrokerProcess(name, proc.pid, str(proc.args[0]), port))
                 mqtt_url = f"mqtt://127.0.0.1:{port}"
             bootstrap = settings.kafka_bootstrap
             if bootstrap is None:
@@ -198,10 +202,12 @@ class LocalStack:
 
 def _is_same_process(proc: BrokerProcess) -> bool:
     try:
-        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+        argv = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return cmdline == proc.argv0
+    if proc.name == _EMBEDDED_NAME and _EMBEDDED_MODULE.encode() not in argv:
+        return False  # argv0 is the Python interpreter: any Python program would match it
+    return argv[0].decode() == proc.argv0
 
 
 def _stop(pid: int) -> None:
@@ -236,6 +242,38 @@ def _start_mosquitto(state_dir: Path, attempts: int = 3) -> tuple[subprocess.Pop
             last = exc
             _stop(proc.pid)
     raise StackError(f"mosquitto did not start: {last}")
+
+
+_EMBEDDED_NAME = "embedded-mqtt"
+_EMBEDDED_MODULE = "infra.embedded_broker"
+_EMBEDDED_ENV = "IOTFLOW_EMBEDDED_MQTT"
+
+
+def _want_embedded_mqtt() -> bool:
+    """Whether ``IOTFLOW_EMBEDDED_MQTT`` asks for the embedded broker even with Mosquitto."""
+    value = os.environ.get(_EMBEDDED_ENV, "").strip().lower()
+    if value in ("1", "true", "yes"):
+        return True
+    if value in ("", "0", "false", "no"):
+        return False
+    msg = f"{_EMBEDDED_ENV}={value!r} is not understood; use 1 (embedded broker) or 0 (Mosquitto)"
+    raise StackError(msg)
+
+
+def _start_embedded(state_dir: Path, attempts: int = 3) -> tuple[subprocess.Popen, int]:
+    """The pure-Python MQTT 5 broker (``infra.embedded_broker``) as a subprocess."""
+    last: StackError | None = None
+    for _ in range(attempts):
+        port = free_port()
+        argv = [sys.executable, "-m", _EMBEDDED_MODULE, "--port", str(port)]
+        proc = _spawn(argv, state_dir / f"{_EMBEDDED_NAME}.out")
+        try:
+            wait_for_port(port, 10, proc)
+            return proc, port
+        except StackError as exc:  # the port was taken between free_port() and bind
+            last = exc
+            _stop(proc.pid)
+    raise StackError(f"the embedded MQTT broker did not start: {last} (see {_EMBEDDED_NAME}.out)")
 
 
 def _start_tansu(state_dir: Path, attempts: int = 3) -> tuple[subprocess.Popen, int]:
