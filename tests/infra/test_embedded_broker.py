@@ -650,6 +650,20 @@ def test_stack_starts_the_embedded_broker_on_request(tmp_path: Path, monkeypatch
             wait_for_port(proc.port, 0.5)
 
 
+def test_stack_falls_back_to_the_embedded_broker_without_mosquitto(
+    tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setenv("IOTFLOW_STATE_DIR", str(tmp_path))
+    monkeypatch.delenv("IOTFLOW_EMBEDDED_MQTT", raising=False)
+    monkeypatch.setattr("infra.stack.find_mosquitto", lambda: None)
+    settings = Settings(_env_file=None, mqtt_url=None, kafka_bootstrap="127.0.0.1:1")
+    with LocalStack.start(tmp_path, settings, write_state=False) as local:
+        assert [p.name for p in local.info.processes] == ["embedded-mqtt"]
+        client = connect_client(local.info.mqtt_url)
+        client.disconnect()
+        client.loop_stop()
+
+
 def test_stop_recorded_leaves_other_python_programs_alone(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("IOTFLOW_STATE_DIR", str(tmp_path))
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
