@@ -7,14 +7,17 @@ its own topic names (``names`` fixture) so tests never see each other's data.
 from __future__ import annotations
 
 import os
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from connectors.mqtt import connect_client
 from infra.stack import LocalStack, StackInfo
+from iotflow.events import DeviceMessage
 from iotflow.settings import Settings
 
 
@@ -54,3 +57,33 @@ def settings(stack: StackInfo, names: Names, tmp_path: Path) -> Settings:
         mqtt_base=names.mqtt_base,
         duckdb=tmp_path / "test.duckdb",
     )
+
+
+def _publish(url: str, messages: list[tuple[str, bytes]]) -> None:
+    client = connect_client(url)
+    for info in [client.publish(topic, payload, qos=1) for topic, payload in messages]:
+        info.wait_for_publish(10)
+    client.disconnect()
+    client.loop_stop()
+
+
+def _poll(partition: object, want: int, timeout_s: float = 10.0) -> list[DeviceMessage]:
+    got: list[DeviceMessage] = []
+    deadline = time.monotonic() + timeout_s
+    while len(got) < want and time.monotonic() < deadline:
+        for batch in partition.next_batch():  # type: ignore[attr-defined]
+            got.extend(batch)
+        time.sleep(0.01)
+    return got
+
+
+@pytest.fixture
+def mqtt_publish() -> Callable[[str, list[tuple[str, bytes]]], None]:
+    """Publish (topic, payload) pairs at QoS 1 and wait for every PUBACK."""
+    return _publish
+
+
+@pytest.fixture
+def mqtt_poll() -> Callable[..., list[DeviceMessage]]:
+    """Poll an MQTT source partition until ``want`` messages arrived or the timeout passed."""
+    return _poll

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+from abc import ABC, abstractmethod
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -26,12 +27,12 @@ __all__ = [
 _MS_PER_HOUR = 3_600_000
 
 
-class _Component(BaseModel):
+class _Component(BaseModel, ABC):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    @abstractmethod
     def offset(self, rng: random.Random, now_ms: int, origin_ms: int) -> float:
         """What this component adds to the baseline at ``now_ms``."""
-        raise NotImplementedError
 
 
 class ConstantPattern(_Component):

@@ -11,25 +11,6 @@ import pytest
 from connectors.mqtt import MqttMessage, MqttSink, MqttSource, MqttUrl, connect_client
 from infra.stack import StackInfo, free_port
 from iotflow.errors import BrokerUnavailable, ConfigError, PublishRejected
-from iotflow.events import DeviceMessage
-
-
-def poll(partition, want: int, timeout_s: float = 10.0) -> list[DeviceMessage]:
-    got: list[DeviceMessage] = []
-    deadline = time.monotonic() + timeout_s
-    while len(got) < want and time.monotonic() < deadline:
-        for batch in partition.next_batch():
-            got.extend(batch)
-        time.sleep(0.01)
-    return got
-
-
-def publish(url: str, messages: list[tuple[str, bytes]]) -> None:
-    client = connect_client(url)
-    for info in [client.publish(t, p, qos=1) for t, p in messages]:
-        info.wait_for_publish(10)
-    client.disconnect()
-    client.loop_stop()
 
 
 @pytest.fixture
@@ -38,7 +19,7 @@ def client_id() -> str:
 
 
 def test_wildcard_subscription_delivers_batches_in_order(
-    stack: StackInfo, names, client_id: str
+    stack: StackInfo, names, client_id: str, mqtt_poll, mqtt_publish
 ) -> None:
     base = names.mqtt_base
     source = MqttSource(
@@ -46,55 +27,59 @@ def test_wildcard_subscription_delivers_batches_in_order(
     )
     part = source.build("in", 0, 1)
     try:
-        publish(
+        mqtt_publish(
             stack.mqtt_url, [(f"{base}/devices/d{i % 3}/telemetry", b"%d" % i) for i in range(300)]
         )
-        publish(stack.mqtt_url, [(f"{base}/devices/d1/state", b"not subscribed")])
-        got = poll(part, 300)
+        mqtt_publish(stack.mqtt_url, [(f"{base}/devices/d1/state", b"not subscribed")])
+        got = mqtt_poll(part, 300)
         assert [int(m.payload) for m in got] == list(range(300))
         assert {m.topic for m in got} == {f"{base}/devices/d{i}/telemetry" for i in range(3)}
         time.sleep(0.2)
-        assert poll(part, 1, 0.3) == []
+        assert mqtt_poll(part, 1, 0.3) == []
     finally:
         part.close()
 
 
 def test_persistent_session_keeps_what_was_published_while_down(
-    stack: StackInfo, names, client_id: str
+    stack: StackInfo, names, client_id: str, mqtt_poll, mqtt_publish
 ) -> None:
     topic = f"{names.mqtt_base}/devices/x/telemetry"
     source = MqttSource(stack.mqtt_url, [topic], client_id=client_id, status_base=names.mqtt_base)
     part = source.build("in", 0, 1)
     part.close()
-    publish(stack.mqtt_url, [(topic, b"%d" % i) for i in range(50)])
+    mqtt_publish(stack.mqtt_url, [(topic, b"%d" % i) for i in range(50)])
     part = source.build("in", 0, 1)
     try:
-        assert [int(m.payload) for m in poll(part, 50)] == list(range(50))
+        assert [int(m.payload) for m in mqtt_poll(part, 50)] == list(range(50))
     finally:
         part.close()
 
 
-def test_messages_not_handed_over_are_redelivered(stack: StackInfo, names, client_id: str) -> None:
+def test_messages_not_handed_over_are_redelivered(
+    stack: StackInfo, names, client_id: str, mqtt_poll, mqtt_publish
+) -> None:
     """The source acknowledges only what next_batch returned; the rest comes again."""
     topic = f"{names.mqtt_base}/devices/x/telemetry"
     source = MqttSource(
         stack.mqtt_url, [topic], client_id=client_id, status_base=names.mqtt_base, batch_size=10
     )
     part = source.build("in", 0, 1)
-    publish(stack.mqtt_url, [(topic, b"%d" % i) for i in range(40)])
+    mqtt_publish(stack.mqtt_url, [(topic, b"%d" % i) for i in range(40)])
     time.sleep(0.5)  # all 40 reached the client; only one batch of 10 is handed over
     first = part.next_batch()[0]
     part.close()
     part = source.build("in", 0, 1)
     try:
-        rest = poll(part, 30)
+        rest = mqtt_poll(part, 30)
         assert [int(m.payload) for m in first] == list(range(10))
         assert sorted(int(m.payload) for m in rest) == list(range(10, 40))
     finally:
         part.close()
 
 
-def test_idle_stop_ends_input_after_quiet_period(stack: StackInfo, names, client_id: str) -> None:
+def test_idle_stop_ends_input_after_quiet_period(
+    stack: StackInfo, names, client_id: str, mqtt_poll, mqtt_publish
+) -> None:
     topic = f"{names.mqtt_base}/devices/x/telemetry"
     source = MqttSource(
         stack.mqtt_url,
@@ -108,8 +93,8 @@ def test_idle_stop_ends_input_after_quiet_period(stack: StackInfo, names, client
         assert part.next_batch() == []  # never stops before the first message
         time.sleep(0.4)
         assert part.next_batch() == []
-        publish(stack.mqtt_url, [(topic, b"1")])
-        assert len(poll(part, 1)) == 1
+        mqtt_publish(stack.mqtt_url, [(topic, b"1")])
+        assert len(mqtt_poll(part, 1)) == 1
         time.sleep(0.4)
         with pytest.raises(StopIteration):
             part.next_batch()
@@ -117,7 +102,7 @@ def test_idle_stop_ends_input_after_quiet_period(stack: StackInfo, names, client
         part.close()
 
 
-def test_sink_publishes_and_refuses_retained_commands(stack: StackInfo, names) -> None:
+def test_sink_publishes_and_refuses_retained_commands(stack: StackInfo, names, mqtt_poll) -> None:
     base = names.mqtt_base
     sink = MqttSink(stack.mqtt_url, client_id=f"sink-{uuid.uuid4().hex[:6]}").build("out", 0, 1)
     source = MqttSource(
@@ -129,7 +114,7 @@ def test_sink_publishes_and_refuses_retained_commands(stack: StackInfo, names) -
     part = source.build("in", 0, 1)
     try:
         sink.write_batch([MqttMessage(f"{base}/devices/d/cmd", b"go", expiry_s=30)])
-        assert [m.payload for m in poll(part, 1)] == [b"go"]
+        assert [m.payload for m in mqtt_poll(part, 1)] == [b"go"]
         with pytest.raises(PublishRejected, match="never retained"):
             sink.write_batch([MqttMessage(f"{base}/devices/d/cmd", b"x", retain=True)])
     finally:

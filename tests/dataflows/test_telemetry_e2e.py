@@ -10,7 +10,6 @@ import duckdb
 import pytest
 
 from connectors.kafka import read_topic
-from connectors.mqtt import connect_client
 from infra.flowproc import FlowProcess
 from iotflow.settings import Settings
 from iotflow.topics import KafkaTopics, MqttTopics
@@ -18,18 +17,9 @@ from iotflow.topics import KafkaTopics, MqttTopics
 T0 = 1_767_268_800_000  # 2026-01-01T12:00:00Z, a window boundary for 10 s windows
 
 
-def publish_all(url: str, messages: list[tuple[str, bytes]]) -> None:
-    client = connect_client(url)
-    infos = [client.publish(topic, payload, qos=1) for topic, payload in messages]
-    for info in infos:
-        info.wait_for_publish(10)
-    client.disconnect()
-    client.loop_stop()
-
-
 @pytest.mark.parametrize("workers", [1, 2])
 def test_known_readings_give_exact_aggregates(
-    settings: Settings, tmp_path: Path, workers: int
+    settings: Settings, tmp_path: Path, workers: int, mqtt_publish
 ) -> None:
     settings = settings.model_copy(
         update={
@@ -58,7 +48,7 @@ def test_known_readings_give_exact_aggregates(
         "dataflows.telemetry:flow", settings, log=tmp_path / "flow.log", workers=workers
     ) as proc:
         proc.wait_online()
-        publish_all(settings.require_mqtt_url(), messages)
+        mqtt_publish(settings.require_mqtt_url(), messages)
         assert proc.wait(60) == 0, proc.log.read_text()
 
     def iso(ms: int) -> str:
@@ -94,7 +84,7 @@ def test_known_readings_give_exact_aggregates(
 
 
 def test_bad_input_is_dead_lettered_and_valid_readings_survive(
-    settings: Settings, tmp_path: Path
+    settings: Settings, tmp_path: Path, mqtt_publish
 ) -> None:
     settings = settings.model_copy(
         update={"window_s": 10.0, "lateness_s": 3600.0, "mqtt_idle_stop_s": 1.5}
@@ -141,7 +131,7 @@ def test_bad_input_is_dead_lettered_and_valid_readings_survive(
 
     with FlowProcess.start("dataflows.telemetry:flow", settings, log=tmp_path / "flow.log") as proc:
         proc.wait_online()
-        publish_all(settings.require_mqtt_url(), messages)
+        mqtt_publish(settings.require_mqtt_url(), messages)
         assert proc.wait(60) == 0, proc.log.read_text()
 
     bootstrap = settings.require_kafka_bootstrap()

@@ -32,7 +32,6 @@ from infra.embedded_broker import EmbeddedBroker
 from infra.embedded_broker.topics import SubOptions, SubscriptionTree, filter_matches
 from infra.stack import BrokerProcess, LocalStack, StackInfo, wait_for_port
 from iotflow.errors import StackError
-from iotflow.events import DeviceMessage
 from iotflow.settings import Settings
 
 
@@ -544,52 +543,38 @@ def test_mqtt_311_clients_publish_and_subscribe(broker: EmbeddedBroker, base: st
 # --- the project's connector ---------------------------------------------------
 
 
-def poll(partition: Any, want: int, timeout_s: float = 10.0) -> list[DeviceMessage]:
-    got: list[DeviceMessage] = []
-    deadline = time.monotonic() + timeout_s
-    while len(got) < want and time.monotonic() < deadline:
-        for batch in partition.next_batch():
-            got.extend(batch)
-        time.sleep(0.01)
-    return got
-
-
-def publish(url: str, messages: list[tuple[str, bytes]]) -> None:
-    client = connect_client(url)
-    for info in [client.publish(t, p, qos=1) for t, p in messages]:
-        info.wait_for_publish(10)
-    client.disconnect()
-    client.loop_stop()
-
-
-def test_mqtt_source_receives_a_thousand_in_order(broker: EmbeddedBroker, base: str) -> None:
+def test_mqtt_source_receives_a_thousand_in_order(
+    broker: EmbeddedBroker, base: str, mqtt_poll, mqtt_publish
+) -> None:
     source = MqttSource(
         broker.url, [f"{base}/devices/+/telemetry"], client_id=f"{base}-src", status_base=base
     )
     part = source.build("in", 0, 1)
     try:
-        publish(
+        mqtt_publish(
             broker.url, [(f"{base}/devices/d{i % 5}/telemetry", b"%d" % i) for i in range(1000)]
         )
-        got = poll(part, 1000)
+        got = mqtt_poll(part, 1000)
         assert [int(m.payload) for m in got] == list(range(1000))
     finally:
         part.close()
 
 
-def test_mqtt_source_redelivers_what_was_not_handed_over(broker: EmbeddedBroker, base: str) -> None:
+def test_mqtt_source_redelivers_what_was_not_handed_over(
+    broker: EmbeddedBroker, base: str, mqtt_poll, mqtt_publish
+) -> None:
     topic = f"{base}/devices/x/telemetry"
     source = MqttSource(
         broker.url, [topic], client_id=f"{base}-src", status_base=base, batch_size=10
     )
     part = source.build("in", 0, 1)
-    publish(broker.url, [(topic, b"%d" % i) for i in range(40)])
+    mqtt_publish(broker.url, [(topic, b"%d" % i) for i in range(40)])
     time.sleep(0.5)  # all 40 reached the client; only one batch of 10 is handed over
     first = part.next_batch()[0]
     part.close()
     part = source.build("in", 0, 1)
     try:
-        rest = poll(part, 30)
+        rest = mqtt_poll(part, 30)
         assert [int(m.payload) for m in first] == list(range(10))
         assert sorted(int(m.payload) for m in rest) == list(range(10, 40))
     finally:
