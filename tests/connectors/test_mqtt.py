@@ -1,16 +1,33 @@
-"""MQTT source and sink against the real broker: sessions, acks, wildcards, guards."""
+"""MQTT source and sink against the real brokers (Mosquitto and the embedded one):
+sessions, acks, wildcards, guards."""
 
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
 
 from connectors.mqtt import MqttMessage, MqttSink, MqttSource, MqttUrl, connect_client
+from infra.embedded_broker import EmbeddedBroker
 from infra.stack import StackInfo, free_port
 from iotflow.errors import BrokerUnavailable, ConfigError, PublishRejected
+
+
+@pytest.fixture(scope="module")
+def embedded() -> Iterator[EmbeddedBroker]:
+    with EmbeddedBroker("127.0.0.1", 0).start() as running:
+        yield running
+
+
+@pytest.fixture(params=["stack", "embedded"])
+def mqtt_url(request: pytest.FixtureRequest, stack: StackInfo) -> str:
+    """Each connector test runs against the stack's broker and the embedded fallback."""
+    if request.param == "stack":
+        return stack.mqtt_url
+    return request.getfixturevalue("embedded").url
 
 
 @pytest.fixture
@@ -19,18 +36,18 @@ def client_id() -> str:
 
 
 def test_wildcard_subscription_delivers_batches_in_order(
-    stack: StackInfo, names, client_id: str, mqtt_poll, mqtt_publish
+    mqtt_url: str, names, client_id: str, mqtt_poll, mqtt_publish
 ) -> None:
     base = names.mqtt_base
     source = MqttSource(
-        stack.mqtt_url, [f"{base}/devices/+/telemetry"], client_id=client_id, status_base=base
+        mqtt_url, [f"{base}/devices/+/telemetry"], client_id=client_id, status_base=base
     )
     part = source.build("in", 0, 1)
     try:
         mqtt_publish(
-            stack.mqtt_url, [(f"{base}/devices/d{i % 3}/telemetry", b"%d" % i) for i in range(300)]
+            mqtt_url, [(f"{base}/devices/d{i % 3}/telemetry", b"%d" % i) for i in range(300)]
         )
-        mqtt_publish(stack.mqtt_url, [(f"{base}/devices/d1/state", b"not subscribed")])
+        mqtt_publish(mqtt_url, [(f"{base}/devices/d1/state", b"not subscribed")])
         got = mqtt_poll(part, 300)
         assert [int(m.payload) for m in got] == list(range(300))
         assert {m.topic for m in got} == {f"{base}/devices/d{i}/telemetry" for i in range(3)}
@@ -41,13 +58,13 @@ def test_wildcard_subscription_delivers_batches_in_order(
 
 
 def test_persistent_session_keeps_what_was_published_while_down(
-    stack: StackInfo, names, client_id: str, mqtt_poll, mqtt_publish
+    mqtt_url: str, names, client_id: str, mqtt_poll, mqtt_publish
 ) -> None:
     topic = f"{names.mqtt_base}/devices/x/telemetry"
-    source = MqttSource(stack.mqtt_url, [topic], client_id=client_id, status_base=names.mqtt_base)
+    source = MqttSource(mqtt_url, [topic], client_id=client_id, status_base=names.mqtt_base)
     part = source.build("in", 0, 1)
     part.close()
-    mqtt_publish(stack.mqtt_url, [(topic, b"%d" % i) for i in range(50)])
+    mqtt_publish(mqtt_url, [(topic, b"%d" % i) for i in range(50)])
     part = source.build("in", 0, 1)
     try:
         assert [int(m.payload) for m in mqtt_poll(part, 50)] == list(range(50))
@@ -56,15 +73,15 @@ def test_persistent_session_keeps_what_was_published_while_down(
 
 
 def test_messages_not_handed_over_are_redelivered(
-    stack: StackInfo, names, client_id: str, mqtt_poll, mqtt_publish
+    mqtt_url: str, names, client_id: str, mqtt_poll, mqtt_publish
 ) -> None:
     """The source acknowledges only what next_batch returned; the rest comes again."""
     topic = f"{names.mqtt_base}/devices/x/telemetry"
     source = MqttSource(
-        stack.mqtt_url, [topic], client_id=client_id, status_base=names.mqtt_base, batch_size=10
+        mqtt_url, [topic], client_id=client_id, status_base=names.mqtt_base, batch_size=10
     )
     part = source.build("in", 0, 1)
-    mqtt_publish(stack.mqtt_url, [(topic, b"%d" % i) for i in range(40)])
+    mqtt_publish(mqtt_url, [(topic, b"%d" % i) for i in range(40)])
     time.sleep(0.5)  # all 40 reached the client; only one batch of 10 is handed over
     first = part.next_batch()[0]
     part.close()
@@ -78,11 +95,11 @@ def test_messages_not_handed_over_are_redelivered(
 
 
 def test_idle_stop_ends_input_after_quiet_period(
-    stack: StackInfo, names, client_id: str, mqtt_poll, mqtt_publish
+    mqtt_url: str, names, client_id: str, mqtt_poll, mqtt_publish
 ) -> None:
     topic = f"{names.mqtt_base}/devices/x/telemetry"
     source = MqttSource(
-        stack.mqtt_url,
+        mqtt_url,
         [topic],
         client_id=client_id,
         status_base=names.mqtt_base,
@@ -93,7 +110,7 @@ def test_idle_stop_ends_input_after_quiet_period(
         assert part.next_batch() == []  # never stops before the first message
         time.sleep(0.4)
         assert part.next_batch() == []
-        mqtt_publish(stack.mqtt_url, [(topic, b"1")])
+        mqtt_publish(mqtt_url, [(topic, b"1")])
         assert len(mqtt_poll(part, 1)) == 1
         time.sleep(0.4)
         with pytest.raises(StopIteration):
@@ -102,11 +119,11 @@ def test_idle_stop_ends_input_after_quiet_period(
         part.close()
 
 
-def test_sink_publishes_and_refuses_retained_commands(stack: StackInfo, names, mqtt_poll) -> None:
+def test_sink_publishes_and_refuses_retained_commands(mqtt_url: str, names, mqtt_poll) -> None:
     base = names.mqtt_base
-    sink = MqttSink(stack.mqtt_url, client_id=f"sink-{uuid.uuid4().hex[:6]}").build("out", 0, 1)
+    sink = MqttSink(mqtt_url, client_id=f"sink-{uuid.uuid4().hex[:6]}").build("out", 0, 1)
     source = MqttSource(
-        stack.mqtt_url,
+        mqtt_url,
         [f"{base}/#"],
         client_id=f"s-{uuid.uuid4().hex[:6]}",
         status_base="elsewhere",

@@ -540,45 +540,7 @@ def test_mqtt_311_clients_publish_and_subscribe(broker: EmbeddedBroker, base: st
         pub.close()
 
 
-# --- the project's connector ---------------------------------------------------
-
-
-def test_mqtt_source_receives_a_thousand_in_order(
-    broker: EmbeddedBroker, base: str, mqtt_poll, mqtt_publish
-) -> None:
-    source = MqttSource(
-        broker.url, [f"{base}/devices/+/telemetry"], client_id=f"{base}-src", status_base=base
-    )
-    part = source.build("in", 0, 1)
-    try:
-        mqtt_publish(
-            broker.url, [(f"{base}/devices/d{i % 5}/telemetry", b"%d" % i) for i in range(1000)]
-        )
-        got = mqtt_poll(part, 1000)
-        assert [int(m.payload) for m in got] == list(range(1000))
-    finally:
-        part.close()
-
-
-def test_mqtt_source_redelivers_what_was_not_handed_over(
-    broker: EmbeddedBroker, base: str, mqtt_poll, mqtt_publish
-) -> None:
-    topic = f"{base}/devices/x/telemetry"
-    source = MqttSource(
-        broker.url, [topic], client_id=f"{base}-src", status_base=base, batch_size=10
-    )
-    part = source.build("in", 0, 1)
-    mqtt_publish(broker.url, [(topic, b"%d" % i) for i in range(40)])
-    time.sleep(0.5)  # all 40 reached the client; only one batch of 10 is handed over
-    first = part.next_batch()[0]
-    part.close()
-    part = source.build("in", 0, 1)
-    try:
-        rest = mqtt_poll(part, 30)
-        assert [int(m.payload) for m in first] == list(range(10))
-        assert sorted(int(m.payload) for m in rest) == list(range(10, 40))
-    finally:
-        part.close()
+# --- the project's connector (its other tests run here too: tests/connectors/test_mqtt.py)
 
 
 def test_mqtt_source_status_is_retained_and_will_says_offline(
