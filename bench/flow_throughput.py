@@ -49,6 +49,9 @@ DEFAULTS: dict[str, Any] = {
     "lateness_s": 5.0,
 }
 QUICK: dict[str, Any] = {"devices": 20, "events": 2000, "batch_size": 200}
+# figures every run reports; counts that must equal counts["sent"]
+FIGURES = {"events_per_s", "decode_only_events_per_s"}
+COMPLETE_COUNTS = ["kafka_telemetry", "duckdb_temperature_readings", "duckdb_humidity_readings"]
 
 METRICS = ("temperature", "humidity")
 RECEIVE_DELAY_MS = 20  # the receive time lags the device's timestamp a little

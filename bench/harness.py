@@ -14,8 +14,10 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import os
+import pkgutil
 import platform
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -30,10 +32,15 @@ __all__ = [
     "run_benchmark",
 ]
 
-# name -> module; modules are imported only when that benchmark runs.
+# Support modules of the package; every other module is a benchmark named after
+# its file, defining DESCRIPTION, DEFAULTS, QUICK, FIGURES, COMPLETE_COUNTS and run().
+_SUPPORT = frozenset({"harness", "workload", "ingest_flow"})
+
+# name -> module path; a module is imported only when its benchmark runs or is listed.
 BENCHMARKS: dict[str, str] = {
-    "flow_throughput": "bench.flow_throughput",
-    "ingest_mqtt": "bench.ingest_mqtt",
+    info.name: f"bench.{info.name}"
+    for info in pkgutil.iter_modules([str(Path(__file__).parent)])
+    if not info.name.startswith("_") and info.name not in _SUPPORT
 }
 
 

@@ -57,6 +57,9 @@ DEFAULTS: dict[str, Any] = {
     "timeout_s": 300.0,
 }
 QUICK: dict[str, Any] = {"messages": 2000, "publishers": 2, "idle_stop_s": 1.0, "timeout_s": 60.0}
+# figures every run reports; counts that must equal counts["sent"]
+FIGURES = {"msgs_per_s", "publish_msgs_per_s"}
+COMPLETE_COUNTS = ["decoded"]
 
 PUBLISHERS = ("auto", "mosquitto_pub", "paho")
 
