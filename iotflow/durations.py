@@ -1,0 +1,63 @@
+"""Durations in declarations: ``"30s"``, ``"5m"``, ``"1h30m"``, ``"2d"``, ``"250ms"`` or seconds.
+
+Example::
+
+    >>> parse_duration("1h30m")
+    datetime.timedelta(seconds=5400)
+    >>> parse_duration(90)
+    datetime.timedelta(seconds=90)
+    >>> label(timedelta(minutes=1))
+    '1m'
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from datetime import timedelta
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, PlainSerializer
+
+from iotflow.errors import ConfigError
+
+__all__ = ["Duration", "label", "parse_duration"]
+
+_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNIT_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: Any) -> timedelta:
+    """A timedelta from a timedelta, a number of seconds or a string like ``"5m"``."""
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ConfigError(f"duration {value!r} is not finite")
+        return timedelta(seconds=value)
+    if isinstance(value, str):
+        text = value.strip().replace(" ", "")
+        if _PART.sub("", text) == "" and text:
+            return timedelta(seconds=sum(float(n) * _UNIT_S[u] for n, u in _PART.findall(text)))
+    msg = f"duration {value!r} is not understood; write it like '250ms', '30s', '5m', '1h30m', '2d' or seconds"
+    raise ConfigError(msg)
+
+
+def label(duration: timedelta) -> str:
+    """The shortest ``parse_duration`` text for ``duration``."""
+    ms = round(duration.total_seconds() * 1000)
+    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)):
+        if ms and ms % size == 0:
+            return f"{ms // size}{unit}"
+    return f"{ms}ms"
+
+
+def _validate(value: Any) -> timedelta:
+    try:
+        return parse_duration(value)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+
+
+# A pydantic field type: accepts the forms above, serializes back to the short text.
+Duration = Annotated[timedelta, BeforeValidator(_validate), PlainSerializer(label, return_type=str)]
