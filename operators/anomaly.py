@@ -76,6 +76,7 @@ import polars as pl
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
+from iotflow.durations import Duration
 from iotflow.errors import ConfigError
 from iotflow.events import Detection, from_ms, to_ms
 
@@ -198,13 +199,13 @@ class _RuleBase(BaseModel):
 class _WindowRuleBase(_RuleBase):
     metric: str
     window: int | None = None
-    window_time: timedelta | None = None
+    window_time: Duration | None = None
     min_samples: int | None = None
 
     @model_validator(mode="before")
     @classmethod
     def _window_kind(cls, data: Any) -> Any:
-        if isinstance(data, dict) and isinstance(data.get("window"), timedelta):
+        if isinstance(data, dict) and isinstance(data.get("window"), timedelta | str):
             w = data["window"]
             msg = f"window={w!r} counts readings; for a time window use window_time={w!r}"
             raise ValueError(msg)
@@ -381,7 +382,7 @@ class PeerRule(_RuleBase):
     dimension: str
     threshold: float = 3.5
     min_peers: int = 3
-    max_wait: timedelta = timedelta(seconds=2)
+    max_wait: Duration = timedelta(seconds=2)
 
     @classmethod
     def _name_for(cls, data: dict[str, Any], target: str) -> str:

@@ -78,7 +78,7 @@ def test_rules_load_from_yaml() -> None:
     rules = load_rules(
         """
         - {kind: zscore, metric: temperature, window: 30, k: 4}
-        - {kind: zscore, metric: temperature, window_time: PT5M, name: slow}
+        - {kind: zscore, metric: temperature, window_time: 5m, name: slow}
         - {kind: ewma, metric: humidity, alpha: 0.2, L: 2.5, warmup: 5}
         - {kind: mad, metric: temperature, window_time: 300, threshold: 4}
         - {kind: peer, column: temperature_avg, dimension: zone}
@@ -105,6 +105,8 @@ def test_rules_load_from_yaml() -> None:
         (lambda: ZScoreRule(metric="t", window=1), "window=1 must be at least 2"),
         (lambda: ZScoreRule(metric="t"), "give window"),
         (lambda: ZScoreRule(metric="t", window=timedelta(minutes=5)), "use window_time="),
+        (lambda: ZScoreRule(metric="t", window="5m"), "use window_time='5m'"),
+        (lambda: ZScoreRule(metric="t", window_time="5 minutes"), "write it like '250ms'"),
         (lambda: ZScoreRule(metric="t", window_time=timedelta(0)), "must be positive"),
         (lambda: ZScoreRule(metric="t", window=5, min_samples=6), "exceeds window=5"),
         (lambda: ZScoreRule(metric="t", window=5, min_samples=1), "min_samples=1"),
