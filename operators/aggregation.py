@@ -245,6 +245,21 @@ def _long(frame: pl.DataFrame) -> pl.DataFrame:
     ).drop_nulls("value")
 
 
+def _pack(frame: pl.DataFrame) -> bytes:
+    """A frame as Arrow IPC bytes: plain, picklable state that keeps every dtype."""
+    return frame.write_ipc(None).getvalue()
+
+
+def _unpack(data: bytes) -> pl.DataFrame:
+    return pl.read_ipc(data)
+
+
+def _resolve(merged: dict[int, int], label: int) -> int:
+    while label in merged:
+        label = merged[label]
+    return label
+
+
 class _Partials:
     """Open mergeable partials of one window length: device partials and sketch rows."""
 
@@ -254,8 +269,8 @@ class _Partials:
         self.sketches: list[pl.DataFrame] = []
         self.open: set[int] = set()
         if state:
-            self.parts = [pl.DataFrame(p) for p in state["parts"] if p]
-            self.sketches = [pl.DataFrame(s) for s in state["sketches"] if s]
+            self.parts = [_unpack(p) for p in state["parts"]]
+            self.sketches = [_unpack(s) for s in state["sketches"]]
             self.open = set(state["open"])
 
     def add(self, part: pl.DataFrame, buckets: pl.DataFrame) -> None:
@@ -285,8 +300,8 @@ class _Partials:
     def snapshot(self) -> dict[str, Any]:
         self._compact()
         return {
-            "parts": [p.to_dict(as_series=False) for p in self.parts],
-            "sketches": [s.to_dict(as_series=False) for s in self.sketches],
+            "parts": [_pack(p) for p in self.parts],
+            "sketches": [_pack(s) for s in self.sketches],
             "open": sorted(self.open),
         }
 
@@ -332,7 +347,7 @@ class WindowAggregator:
             )
             raise ConfigError(msg)
         state = resume_state or {}
-        self._raw: list[pl.DataFrame] = [pl.DataFrame(r) for r in state.get("raw", []) if r]
+        self._raw: list[pl.DataFrame] = [_unpack(r) for r in state.get("raw", [])]
         self._open: set[int] = set(state.get("open", []))
         self._panes = _Partials(self._pane_ms, state.get("panes"))
         lengths = [_ms(r) for r in spec.rollups]
@@ -399,7 +414,7 @@ class WindowAggregator:
             self._raw = [pl.concat(self._raw, how="diagonal_relaxed")]
         return {
             "fingerprint": self.spec.fingerprint,
-            "raw": [r.to_dict(as_series=False) for r in self._raw],
+            "raw": [_pack(r) for r in self._raw],
             "open": sorted(self._open),
             "panes": self._panes.snapshot(),
             "rollups": [level.snapshot() for level in self._rollups],
@@ -461,6 +476,7 @@ class WindowAggregator:
         frame = frame.sort([DEVICE, TS], maintain_order=True)
         labels: list[int] = []
         late_rows: list[bool] = []
+        merged: dict[int, int] = {}
         pairs = zip(frame.get_column(DEVICE).to_list(), frame.get_column(TS).to_list(), strict=True)
         for device, ts in pairs:
             sessions = self._sessions.setdefault(device, [])
@@ -481,7 +497,11 @@ class WindowAggregator:
                 keep[0], keep[1] = min(keep[0], other[0]), max(keep[1], other[1])
                 sessions.remove(other)
                 self._relabel(other[2], keep[2])
+                merged[other[2]] = keep[2]
             labels.append(keep[2])
+        if merged:
+            # rows of this batch labelled before their session merged into another
+            labels = [_resolve(merged, label) for label in labels]
         for device in {d for d, ss in self._sessions.items() if not ss}:
             del self._sessions[device]
         frame = frame.with_columns(pl.Series(_PANE, labels, dtype=pl.Int64))

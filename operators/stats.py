@@ -10,7 +10,8 @@ panes roll up into sliding windows, minutes into hours, and devices into
 zones without re-reading raw readings.
 
 Statistics (``STATISTICS``): count, sum, avg, min, max, first, last (by the
-device timestamp; ties keep the earlier arrival), variance and stddev (sample,
+device timestamp; among readings sharing that timestamp, the smallest value
+is first and the largest last, so arrival order never matters), variance and stddev (sample,
 ``n - 1``; null below two readings), median and percentiles ``pNN`` (from the
 sketch: within 0.5 % of the exact lower sample quantile, i.e. the value at rank
 ``floor(q * (n - 1))``), rate (change per second between the first and the last
@@ -118,9 +119,9 @@ def partial(long: pl.DataFrame, keys: Sequence[str], spec: StatSpec) -> pl.DataF
         value.min().alias("min"),
         value.max().alias("max"),
         ts.min().alias("first_ts"),
-        value.get(ts.arg_min()).alias("first"),
+        value.filter(ts == ts.min()).min().alias("first"),
         ts.max().alias("last_ts"),
-        value.get(ts.arg_max()).alias("last"),
+        value.filter(ts == ts.max()).max().alias("last"),
     ]
     if spec.needs_distinct:
         aggs.append(value.unique().alias("distinct"))
@@ -142,7 +143,7 @@ def exact(
     the same definitions as ``finalize``. ``total`` needs ``devices``."""
     keys = list(keys)
     value, ts = pl.col("value"), pl.col("ts_ms")
-    first, last = value.get(ts.arg_min()), value.get(ts.arg_max())
+    first, last = value.filter(ts == ts.min()).min(), value.filter(ts == ts.max()).max()
     span_s = (ts.max() - ts.min()) / 1000
     exprs: dict[str, pl.Expr] = {
         "count": pl.len().cast(pl.Int64),
@@ -188,9 +189,9 @@ def merge(partials: pl.DataFrame, keys: Sequence[str], *, devices: bool = False)
         pl.col("min").min().alias("min"),
         pl.col("max").max().alias("max"),
         pl.col("first_ts").min().alias("first_ts"),
-        pl.col("first").get(pl.col("first_ts").arg_min()).alias("first"),
+        pl.col("first").filter(pl.col("first_ts") == pl.col("first_ts").min()).min().alias("first"),
         pl.col("last_ts").max().alias("last_ts"),
-        pl.col("last").get(pl.col("last_ts").arg_max()).alias("last"),
+        pl.col("last").filter(pl.col("last_ts") == pl.col("last_ts").max()).max().alias("last"),
     ]
     if "distinct" in partials.columns:
         aggs.append(pl.col("distinct").explode().unique().alias("distinct"))
