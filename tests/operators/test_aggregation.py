@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -385,7 +386,7 @@ def test_results_do_not_depend_on_batching_or_order_within_lateness(
     rnd.shuffle(shuffled)
     cuts = sorted(rnd.sample(range(1, len(rows)), min(parts, len(rows) - 1)))
     bounds = [0, *cuts, len(rows)]
-    batches = [frame(shuffled[i:j]) for i, j in zip(bounds, bounds[1:], strict=False)]
+    batches = [frame(shuffled[i:j]) for i, j in itertools.pairwise(bounds)]
     same(run(build(decl, dims), batches), whole)
     # every reading counted exactly once in per-device tumbling windows
     if window["kind"] == "tumbling":
