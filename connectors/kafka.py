@@ -20,7 +20,8 @@ from bytewax.connectors.kafka import KafkaSink, KafkaSinkMessage, KafkaSource
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from iotflow.errors import BrokerUnavailable
+from iotflow.errors import BrokerUnavailable, ConfigError
+from iotflow.settings import Settings
 
 __all__ = [
     "KafkaInput",
@@ -29,21 +30,90 @@ __all__ = [
     "ensure_topics",
     "producer_config",
     "read_topic",
+    "redact_config",
+    "security_config",
     "tail",
 ]
 
 DEFAULT_PARTITIONS = 3
+_SECRET_KEYS = ("sasl.password", "ssl.key.password", "sasl.oauthbearer.client.secret")
+
+
+def security_config(settings: Settings | None = None) -> dict[str, str]:
+    """The librdkafka SASL/TLS options from ``IOTFLOW_KAFKA_SECURITY_PROTOCOL``,
+    ``IOTFLOW_KAFKA_SASL_MECHANISM``, ``IOTFLOW_KAFKA_SASL_USERNAME``,
+    ``IOTFLOW_KAFKA_SASL_PASSWORD`` and ``IOTFLOW_KAFKA_CA_FILE`` (by default read
+    from the environment); empty when none is set. Every producer, consumer and
+    admin client here merges it in. The result holds the password: log only
+    ``redact_config(...)`` of it. An inconsistent combination (SASL settings
+    without a SASL protocol, a CA file without TLS, a missing file) is a
+    ``ConfigError`` naming the setting.
+
+    Example::
+
+        >>> s = Settings(_env_file=None, kafka_security_protocol="sasl_ssl",
+        ...              kafka_sasl_mechanism="SCRAM-SHA-512", kafka_sasl_username="flow",
+        ...              kafka_sasl_password="pw")
+        >>> redact_config(security_config(s))
+        {'security.protocol': 'SASL_SSL', 'sasl.mechanisms': 'SCRAM-SHA-512', 'sasl.username': 'flow', 'sasl.password': '***'}
+    """
+    s = Settings() if settings is None else settings
+    protocol = s.kafka_security_protocol
+    sasl = {
+        "IOTFLOW_KAFKA_SASL_MECHANISM": s.kafka_sasl_mechanism,
+        "IOTFLOW_KAFKA_SASL_USERNAME": s.kafka_sasl_username,
+        "IOTFLOW_KAFKA_SASL_PASSWORD": s.kafka_sasl_password,
+    }
+    config: dict[str, str] = {}
+    if protocol is not None:
+        config["security.protocol"] = protocol
+    if protocol is not None and protocol.startswith("SASL_"):
+        missing = [name for name, value in sasl.items() if value is None]
+        if missing:
+            msg = (
+                f"IOTFLOW_KAFKA_SECURITY_PROTOCOL={protocol} needs {', '.join(missing)} "
+                "(mechanism: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512)"
+            )
+            raise ConfigError(msg)
+        config["sasl.mechanisms"] = str(s.kafka_sasl_mechanism)
+        config["sasl.username"] = str(s.kafka_sasl_username)
+        config["sasl.password"] = s.kafka_sasl_password.get_secret_value()  # type: ignore[union-attr]
+    elif given := [name for name, value in sasl.items() if value is not None]:
+        msg = (
+            f"{', '.join(given)} set but IOTFLOW_KAFKA_SECURITY_PROTOCOL is {protocol}; "
+            "set it to SASL_SSL (or SASL_PLAINTEXT) to log in with SASL"
+        )
+        raise ConfigError(msg)
+    if s.kafka_ca_file is not None:
+        if protocol not in ("SSL", "SASL_SSL"):
+            msg = (
+                f"IOTFLOW_KAFKA_CA_FILE is set but IOTFLOW_KAFKA_SECURITY_PROTOCOL is {protocol}; "
+                "set it to SSL or SASL_SSL"
+            )
+            raise ConfigError(msg)
+        if not s.kafka_ca_file.is_file():
+            msg = f"IOTFLOW_KAFKA_CA_FILE={s.kafka_ca_file}: no such file; point it at the CA certificate (PEM) that signed the brokers'"
+            raise ConfigError(msg)
+        config["ssl.ca.location"] = str(s.kafka_ca_file)
+    return config
+
+
+def redact_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A librdkafka config safe to log: secrets replaced by ``***``."""
+    return {k: ("***" if k in _SECRET_KEYS else v) for k, v in config.items()}
 
 
 def producer_config(bootstrap: str) -> dict[str, Any]:
     """An idempotent ``acks=all`` producer that lingers 5 ms at most (the 5 ms default
-    of librdkafka >= 1.5 is kept explicit: latency targets depend on it)."""
+    of librdkafka >= 1.5 is kept explicit: latency targets depend on it), with the
+    SASL/TLS settings of ``security_config``."""
     return {
         "bootstrap.servers": bootstrap,
         "acks": "all",
         "enable.idempotence": True,
         "linger.ms": 5,
         "message.max.bytes": 2_000_000,
+        **security_config(),
     }
 
 
@@ -51,7 +121,7 @@ def ensure_topics(
     bootstrap: str, topics: Iterable[str], partitions: int = DEFAULT_PARTITIONS
 ) -> None:
     """Create the topics that do not exist yet; existing ones are left as they are."""
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient({"bootstrap.servers": bootstrap, **security_config()})
     try:
         existing = set(admin.list_topics(timeout=10).topics)
     except KafkaException as exc:
@@ -100,7 +170,7 @@ class KafkaInput(KafkaSource):
         self, bootstrap: str, topics: Iterable[str], *, tail: bool = True, batch_size: int = 1000
     ) -> None:
         # librdkafka waits up to 500 ms for a fetch to fill by default: too slow for alerts.
-        config = {"fetch.wait.max.ms": "10", "fetch.min.bytes": "1"}
+        config = {"fetch.wait.max.ms": "10", "fetch.min.bytes": "1", **security_config()}
         super().__init__(
             [bootstrap], list(topics), tail=tail, add_config=config, batch_size=batch_size
         )
@@ -132,6 +202,7 @@ def _consumer(bootstrap: str) -> Consumer:
             "group.id": f"iotflow-reader-{uuid.uuid4().hex[:8]}",
             "enable.auto.commit": False,
             "fetch.wait.max.ms": 20,
+            **security_config(),
         }
     )
 

