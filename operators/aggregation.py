@@ -338,7 +338,7 @@ class WindowAggregator:
             self._length_ms = self._pane_ms = _ms(window.gap)
         self._session = isinstance(window, Session)
         self._sliding = isinstance(window, Sliding)
-        self._dims = self._dimension_frame(dimensions)
+        self._dims = self.dimension_frame(dimensions)
         if resume_state is not None and resume_state.get("fingerprint") != spec.fingerprint:
             msg = (
                 f"recovered window state was made by another aggregation definition "
@@ -441,7 +441,8 @@ class WindowAggregator:
     # -- inside ---------------------------------------------------------------
 
     @staticmethod
-    def _dimension_frame(dimensions: dict[str, dict[str, str]]) -> pl.DataFrame:
+    def dimension_frame(dimensions: dict[str, dict[str, str]]) -> pl.DataFrame:
+        """The device dimensions as a frame: ``device_id`` and one Utf8 column each."""
         names = sorted({name for dims in dimensions.values() for name in dims})
         rows: dict[str, list[Any]] = {DEVICE: list(dimensions)}
         for name in names:
