@@ -73,6 +73,12 @@ class MqttUrl:
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
             msg = f"MQTT URL {redact_url(url)!r} must look like mqtt://[user:pass@]host[:port] or mqtts://..."
             raise ConfigError(msg)
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            msg = (
+                f"MQTT URL {redact_url(url)!r} has a path or query, which MQTT does not use; "
+                "TLS files come from IOTFLOW_MQTT_CA_FILE, IOTFLOW_MQTT_CERT_FILE, IOTFLOW_MQTT_KEY_FILE"
+            )
+            raise ConfigError(msg)
         tls = parts.scheme == "mqtts"
         try:
             port = parts.port or (8883 if tls else 1883)

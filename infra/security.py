@@ -460,8 +460,19 @@ class SecurityDir:
         ]
 
     def write_broker_files(self) -> None:
-        """Write ``passwd`` and ``acl`` from the users and grants recorded here."""
-        lines = [f"{u}:{hash_password(p)}" for u, p in sorted(self._credentials().items())]
+        """Write ``passwd`` and ``acl`` from the users and grants recorded here.
+
+        Lines of ``passwd`` for users this directory does not know (added with
+        ``mosquitto_passwd``) are kept as they are.
+        """
+        creds = self._credentials()
+        kept = []
+        if self.password_file.exists():
+            for line in self.password_file.read_text().splitlines():
+                name = line.split(":", 1)[0]
+                if line.strip() and name not in creds:
+                    kept.append(line)
+        lines = [*kept, *(f"{u}:{hash_password(p)}" for u, p in sorted(creds.items()))]
         _write_private(self.password_file, "\n".join(lines) + "\n")
         _write_private(self.acl_file, render_acl(self.base, self.acl_users()))
 

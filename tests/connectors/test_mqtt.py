@@ -150,7 +150,7 @@ def test_url_parsing_hides_password_and_rejects_bad_urls() -> None:
     )
     assert "s3cret" not in repr(url) and "s3cret" not in str(url)
     assert MqttUrl.parse("mqtt://h").port == 1883
-    for bad in ["http://h:1", "mqtt://", "h:1883", "mqtt://h:notaport"]:
+    for bad in ["http://h:1", "mqtt://", "h:1883", "mqtt://h:notaport", "mqtts://h:1/x?ca=f"]:
         with pytest.raises(ConfigError):
             MqttUrl.parse(bad)
 

@@ -30,6 +30,7 @@ from infra.security import (
     SecureMosquitto,
     SecurityDir,
     hash_password,
+    main,
     render_acl,
 )
 from infra.stack import find_mosquitto
@@ -559,3 +560,40 @@ def test_stable_client_id_is_required_for_a_will() -> None:
         connect_client("mqtt://127.0.0.1:1", "", will=("x/status", b"offline"))
     with pytest.raises(ConfigError, match="stable client_id"):
         MqttSource("mqtt://127.0.0.1:1", ["a/#"], client_id="")
+
+
+def test_cli_creates_users_and_keeps_mosquitto_passwd_ones(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's commands, then a user added with mosquitto_passwd: all of them log in."""
+    import subprocess
+
+    d = tmp_path / "sec"
+    assert main([str(d), "init", "--base", BASE]) == 0
+    assert main([str(d), "device", "pump-7"]) == 0
+    assert main([str(d), "device", "valve-3", "--cert", "--no-password"]) == 0
+    assert main([str(d), "gateway", "gw-9", "--device", "pump-7"]) == 0
+    assert main([str(d), "device", "bad/id"]) == 2
+    sec = SecurityDir(d)
+    printed = capsys.readouterr()
+    assert "contains '/'" in printed.err
+    for user in sec.users():
+        assert sec.password(user) not in printed.out + printed.err
+    subprocess.run(
+        ["mosquitto_passwd", "-b", str(sec.password_file), "legacy", "legacy-pw"], check=True
+    )
+    sec.add_device("pump-8")
+    sec.write_broker_files()  # keeps the line mosquitto_passwd wrote
+    tls = tls_for(sec)
+    with SecureMosquitto(sec).start() as broker:
+        for url, case_tls in [
+            (broker.url("legacy", password="legacy-pw"), tls),
+            (broker.url("pump-7"), tls),
+            (broker.url("gw-9"), tls),
+            (broker.url("flow"), tls),
+            (broker.url("valve-3", listener="mtls"), tls_for(sec, "valve-3")),
+        ]:
+            allowed, detail = check_login(url, case_tls)
+            assert allowed, detail
+        allowed, _ = check_login(broker.url("valve-3", password="x"), tls)
+        assert not allowed  # certificate only
