@@ -233,8 +233,8 @@ def connect_client(
     bad URL or TLS file. ``tls`` defaults to ``MqttTls.from_settings()`` for
     ``mqtts://`` URLs. A ``will`` (retained, QoS 1) needs a stable
     ``client_id``: reconnecting with the same id takes the old session over,
-    so the old connection's will is published before the new ``online``, never
-    after it.
+    which ends the old connection at once, so its will (if the broker sends
+    it at all) comes before the new connection's ``online``, never after it.
     """
     parsed = MqttUrl.parse(url)
     if will is not None and not client_id:
@@ -311,8 +311,10 @@ def connect_client(
     settled.wait(timeout_s)
     if failure or not connected.is_set():
         client.loop_stop()
-        with contextlib.suppress(Exception):
-            client.socket() and client.socket().close()  # type: ignore[union-attr]
+        sock = client.socket()
+        if sock is not None:  # paho keeps a refused socket open until garbage collection
+            with contextlib.suppress(OSError):
+                sock.close()
         if failure:
             raise failure[0]
         raise BrokerUnavailable(f"MQTT broker {parsed} sent no CONNACK within {timeout_s}s")
@@ -432,7 +434,9 @@ class MqttSource(DynamicSource[list[DeviceMessage]]):
     subscription (``$share/{client_id}/...``), so each message reaches one
     worker. Each worker publishes ``online`` (retained) on
     ``{status_base}/flows/{client_id}-{worker}/status`` once subscribed, and
-    its last will sets ``offline``.
+    its last will sets ``offline``. Because the client id is stable, a worker
+    restarted while its old connection hangs takes that session over: the old
+    will can never land after the new ``online``.
 
     ``idle_stop`` ends the input once no message arrived for that long after
     the first one: windows then flush and the flow exits, which suits demos,
