@@ -23,7 +23,11 @@ Guarantees shared by the per-reading rules:
 - **Order.** A batch is processed per device in ``ts_ms`` order (a stable
   sort: equal timestamps keep arrival order), so results do not depend on how
   a device-ordered stream is cut into batches, and restoring a snapshot
-  continues exactly where an uninterrupted run would be.
+  continues exactly where an uninterrupted run would be. A batch's
+  detections come ordered by device id, then time.
+- **Cost.** Per batch the work is array operations over all its readings
+  (histories live in one arena array, devices map to dense rows); Python
+  work is per distinct device id and per detection, never per reading.
 - **Before, then included.** A reading is scored against the baseline of the
   readings *before* it and only then joins the baseline, so an anomalous
   reading never masks itself. Anomalous readings do join the baseline
@@ -73,6 +77,8 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
@@ -547,6 +553,16 @@ def _minus(ts: np.ndarray, span_ms: int) -> np.ndarray:
 # --------------------------------------------------------------------------- per-reading logic
 
 
+@dataclass
+class _Batch:
+    """One metric of a frame, valid rows only, sorted by (device, ts)."""
+
+    devices: list[str]
+    lens: np.ndarray  # readings per device, same order as devices
+    ts: np.ndarray  # int64
+    values: np.ndarray  # float64, finite
+
+
 _COUNTERS = (
     "rows",
     "scored",
@@ -560,49 +576,114 @@ _COUNTERS = (
     "missing_column",
 )
 
+_EMPTY_F = np.empty(0, dtype=np.float64)
+_EMPTY_I = np.empty(0, dtype=np.int64)
+
+
+def _excl_cumsum(a: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(a), dtype=np.int64)
+    np.cumsum(a[:-1], out=out[1:])
+    return out
+
+
+def _ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """Concatenated ``arange(s, s + n)`` for each (s, n), without a Python loop."""
+    total = int(lens.sum())
+    if total == 0:
+        return _EMPTY_I
+    return np.repeat(starts - _excl_cumsum(lens), lens) + np.arange(total, dtype=np.int64)
+
+
+class _Devices:
+    """Device id -> a dense row index into per-device arrays (append-only), so
+    per-batch state access is array indexing, not per-device Python."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self._index: dict[str, int] = {}
+
+    def rows(self, devices: list[str]) -> np.ndarray:
+        get = self._index.get
+        out = [get(d, -1) for d in devices]
+        if -1 in out:
+            for k, row in enumerate(out):
+                if row == -1:
+                    out[k] = self._index[devices[k]] = len(self.names)
+                    self.names.append(devices[k])
+        return np.array(out, dtype=np.int64)
+
+
+def _grown(a: np.ndarray, size: int, fill: Any) -> np.ndarray:
+    if len(a) >= size:
+        return a
+    out = np.full(max(size, 2 * len(a), 64), fill, dtype=a.dtype)
+    out[: len(a)] = a
+    return out
+
 
 @dataclass
-class _Batch:
-    """One metric of a frame, valid rows only, sorted by (device, ts)."""
+class _Keys:
+    """The rows of a frame with a usable device and time, in (device, ts) order
+    (stable: equal timestamps keep arrival order), split into runs per device."""
 
-    devices: list[str]
-    lens: np.ndarray  # readings per device, same order as devices
-    ts: np.ndarray  # int64
-    values: np.ndarray  # float64, finite
+    order: np.ndarray  # row numbers in the frame
+    ts: np.ndarray  # int64, in that order
+    rows: np.ndarray  # per run: the device's row in the registry
+    lens: np.ndarray  # per run: its number of readings
+
+    def take(self, keep: np.ndarray) -> _Keys:
+        """Only the rows where ``keep`` (runs that lose every row disappear)."""
+        run = np.repeat(np.arange(len(self.rows)), self.lens)
+        lens = np.bincount(run[keep], minlength=len(self.rows))
+        present = lens > 0
+        return _Keys(self.order[keep], self.ts[keep], self.rows[present], lens[present])
 
 
-def _clean(
-    frame: pl.DataFrame, metric: str, counts: dict[str, int], presorted: bool
-) -> pl.DataFrame | None:
-    if metric not in frame.columns or DEVICE not in frame.columns or TS not in frame.columns:
+def _keys(frame: pl.DataFrame, devices: _Devices, counts: dict[str, int]) -> _Keys | None:
+    """Resolve and sort the keys of a frame with array operations: device ids are
+    dictionary-encoded once (Python work per distinct device, not per row)."""
+    if DEVICE not in frame.columns or TS not in frame.columns:
         counts["missing_column"] += 1
         return None
-    df = frame.select(
-        pl.col(DEVICE).cast(pl.Utf8, strict=False),
-        pl.col(TS).cast(pl.Int64, strict=False),
-        pl.col(metric).cast(pl.Float64, strict=False),
-    )
-    counts["rows"] += df.height
-    value = pl.col(metric)
-    key_ok = pl.col(DEVICE).is_not_null() & pl.col(TS).is_between(_MIN_TS_MS, _MAX_TS_MS)
-    bad_key, null, nonfinite = df.select(
-        (~key_ok).fill_null(True).sum().alias("bad_key"),
-        (key_ok & value.is_null()).fill_null(False).sum().alias("null"),
-        (key_ok & ~value.is_finite()).fill_null(False).sum().alias("nonfinite"),
-    ).row(0)
-    counts["bad_key"] += bad_key
-    counts["null"] += null
-    counts["nonfinite"] += nonfinite
-    if bad_key or null or nonfinite:
-        df = df.filter(key_ok & value.is_finite())
-    if not presorted:
-        df = df.sort(DEVICE, TS, maintain_order=True)
-    return df
+    n = frame.height
+    counts["rows"] += n
+    if n == 0:
+        return None
+    dev = frame[DEVICE]
+    if dev.dtype != pl.Utf8:
+        dev = dev.cast(pl.Utf8, strict=False)
+    enc = pc.dictionary_encode(dev.to_arrow())
+    if isinstance(enc, pa.ChunkedArray):
+        enc = enc.combine_chunks()
+    lut = np.append(devices.rows(enc.dictionary.to_pylist()), -1)
+    idx = enc.indices
+    if idx.null_count:
+        idx = pc.fill_null(idx, -1)
+    codes = lut[np.asarray(idx, dtype=np.int64)]
+    ts_s = frame[TS]
+    if ts_s.dtype != pl.Int64:
+        ts_s = ts_s.cast(pl.Int64, strict=False)
+    if ts_s.null_count():
+        ts_s = ts_s.fill_null(_MIN_TS_MS - 1)
+    ts = ts_s.to_numpy()
+    ok = (codes >= 0) & (ts >= _MIN_TS_MS) & (ts <= _MAX_TS_MS)
+    if not ok.all():
+        counts["bad_key"] += int(n - ok.sum())
+        sel = np.flatnonzero(ok)
+        order = sel[np.lexsort((ts[sel], codes[sel]))]
+    else:
+        order = np.lexsort((ts, codes))
+    if len(order) == 0:
+        return None
+    c = codes[order]
+    starts = np.flatnonzero(np.r_[True, c[1:] != c[:-1]])
+    lens = np.diff(np.r_[starts, len(c)])
+    return _Keys(order, ts[order], c[starts], lens)
 
 
 class _ReadingLogic:
-    """Shared batch plumbing of the per-reading rules: clean, sort, split by
-    device, route late and future rows; subclasses score."""
+    """Shared batch plumbing of the per-reading rules: resolve keys, take the
+    metric, route late and future rows; subclasses score."""
 
     rule: Any
 
@@ -612,11 +693,14 @@ class _ReadingLogic:
         resume_state: dict[str, Any] | None,
         now: Callable[[], datetime],
         max_future: timedelta,
+        devices: _Devices | None = None,
     ) -> None:
         self.rule = rule
         self._now = now
         self._max_future_ms = int(max_future.total_seconds() * 1000)
         self.counts: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
+        # AnomalyDetector shares one registry among its rules: keys resolve once.
+        self._devices = devices if devices is not None else _Devices()
         if resume_state is not None:
             _check_fingerprint(resume_state, rule)
             self.counts.update(resume_state.get("counts", {}))
@@ -631,50 +715,66 @@ class _ReadingLogic:
     def _dump(self) -> dict[str, Any]:
         raise NotImplementedError
 
-    def _lookup(self, devices: list[str]) -> tuple[list[Any], np.ndarray]:
+    def _last_ts(self, rows: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def _score(self, batch: _Batch, states: list[Any]) -> list[Detection]:
+    def _score(self, batch: _Batch, rows: np.ndarray) -> list[Detection]:
         raise NotImplementedError
 
-    def on_batch(self, frame: pl.DataFrame, *, presorted: bool = False) -> list[AnomalyEmit]:
-        """Score a reading frame; ``presorted=True`` when it is already sorted
-        by (device_id, ts_ms) and free of nulls in those columns."""
-        emits: list[AnomalyEmit] = []
+    def on_batch(self, frame: pl.DataFrame) -> list[AnomalyEmit]:
+        """Score a reading frame; returns detections and ``Skipped`` rows."""
+        keys = _keys(frame, self._devices, self.counts)
+        if keys is None:
+            if frame.height and DEVICE in frame.columns and TS in frame.columns:
+                self._values(frame, None)  # every row had a bad key: still count the metric
+            return []
+        return self._on_keys(frame, keys)
+
+    def _values(self, frame: pl.DataFrame, keys: _Keys | None) -> np.ndarray | None:
         metric = self.rule.metric
-        df = _clean(frame, metric, self.counts, presorted)
-        if df is None or df.height == 0:
-            return emits
+        if metric not in frame.columns:
+            self.counts["missing_column"] += 1
+            return None
+        if keys is None:
+            return None
+        col = frame[metric]
+        if col.dtype != pl.Float64:
+            col = col.cast(pl.Float64, strict=False)
+        values = col.to_numpy()[keys.order]  # nulls arrive as NaN
+        nulls = 0
+        if col.null_count():
+            nulls = int(np.asarray(pc.is_null(col.to_arrow()))[keys.order].sum())
+        finite = np.isfinite(values)
+        self.counts["null"] += nulls
+        self.counts["nonfinite"] += int(len(values) - finite.sum()) - nulls
+        return values
+
+    def _on_keys(self, frame: pl.DataFrame, keys: _Keys) -> list[AnomalyEmit]:
+        values = self._values(frame, keys)
+        if values is None:
+            return []
+        emits: list[AnomalyEmit] = []
+        keep = np.isfinite(values)
         limit = to_ms(self._now()) + self._max_future_ms
-        if df[TS].max() > limit:  # type: ignore[operator]
-            ahead = pl.col(TS) > limit
-            future = df.filter(ahead)
-            self.counts["future"] += future.height
-            emits.append(Skipped("future", future))
-            df = df.filter(~ahead)
-            if df.height == 0:
-                return emits
-        runs = df[DEVICE].rle().struct.unnest()
-        devices: list[str] = runs["value"].to_list()
-        lens = runs["len"].to_numpy().astype(np.int64)
-        ts = df[TS].to_numpy()
-        values = df[metric].to_numpy()
-        states, last = self._lookup(devices)
-        late = ts < np.repeat(last, lens)
+        ahead = keep & (keys.ts > limit)
+        if ahead.any():
+            self.counts["future"] += int(ahead.sum())
+            emits.append(Skipped("future", frame[keys.order[ahead]]))
+            keep &= ~ahead
+        late = keep & (keys.ts < np.repeat(self._last_ts(keys.rows), keys.lens))
         if late.any():
             self.counts["late"] += int(late.sum())
-            emits.append(Skipped("late", df.filter(pl.Series(late))))
-            keep = ~late
-            seg = np.repeat(np.arange(len(devices)), lens)
-            lens = np.bincount(seg[keep], minlength=len(devices))
-            ts, values = ts[keep], values[keep]
-            present = lens > 0
-            devices = [d for d, p in zip(devices, present, strict=True) if p]
-            states = [s for s, p in zip(states, present, strict=True) if p]
-            lens = lens[present]
-            if not devices:
+            emits.append(Skipped("late", frame[keys.order[late]]))
+            keep &= ~late
+        if not keep.all():
+            keys, values = keys.take(keep), values[keep]
+            if len(keys.rows) == 0:
                 return emits
-        found = self._score(_Batch(devices, lens, ts, values), states)
+        names = self._devices.names
+        batch = _Batch([names[r] for r in keys.rows.tolist()], keys.lens, keys.ts, values)
+        found = self._score(batch, keys.rows)
+        # Registry order is arrival order; report by device, then time.
+        found.sort(key=lambda d: d.key)
         self.counts["detections"] += len(found)
         emits.extend(found)
         return emits
@@ -688,57 +788,88 @@ class _ReadingLogic:
         }
 
 
-_EMPTY_F = np.empty(0, dtype=np.float64)
-_EMPTY_I = np.empty(0, dtype=np.int64)
-
-
 class WindowRuleLogic(_ReadingLogic):
     """Rolling-window baselines (``ZScoreRule``, ``MadRule``). State per device:
-    the values and timestamps a future reading's baseline can still contain."""
+    the values and timestamps a future reading's baseline can still contain,
+    kept as ranges of one arena array (compacted when it fills), so a batch
+    gathers and stores every device's history with array operations."""
 
     def _restore(self, devices: dict[str, Any]) -> None:
-        self._hist: dict[str, tuple[np.ndarray, np.ndarray]] = {
-            dev: (np.asarray(v, dtype=np.float64), np.asarray(t, dtype=np.int64))
-            for dev, (v, t) in devices.items()
-        }
+        rows = self._devices.rows(list(devices))
+        lens = np.array([len(v) for v, _ in devices.values()], dtype=np.int64)
+        size = len(self._devices.names)
+        self._start = _grown(_EMPTY_I, size, 0)
+        self._len = _grown(_EMPTY_I, size, 0)
+        self._start[rows] = _excl_cumsum(lens)
+        self._len[rows] = lens
+        self._sv = np.array([x for v, _ in devices.values() for x in v], dtype=np.float64)
+        self._st = np.array([x for _, t in devices.values() for x in t], dtype=np.int64)
+        self._used = len(self._sv)
 
     def _dump(self) -> dict[str, Any]:
-        return {dev: [v.tolist(), t.tolist()] for dev, (v, t) in self._hist.items()}
+        out = {}
+        for name, s, n in zip(
+            self._devices.names, self._start.tolist(), self._len.tolist(), strict=False
+        ):
+            if n:
+                out[name] = [self._sv[s : s + n].tolist(), self._st[s : s + n].tolist()]
+        return out
 
-    def _lookup(self, devices: list[str]) -> tuple[list[Any], np.ndarray]:
-        get = self._hist.get
-        states = [get(dev) for dev in devices]
-        last = np.array([_INT64_MIN if s is None else s[1][-1] for s in states], dtype=np.int64)
-        return states, last
+    def _last_ts(self, rows: np.ndarray) -> np.ndarray:
+        size = len(self._devices.names)
+        self._start = _grown(self._start, size, 0)
+        self._len = _grown(self._len, size, 0)
+        n = self._len[rows]
+        if self._st.size == 0:
+            return np.full(len(rows), _INT64_MIN, dtype=np.int64)
+        at = np.maximum(self._start[rows] + n - 1, 0)
+        return np.where(n > 0, self._st[np.minimum(at, self._st.size - 1)], _INT64_MIN)
 
-    def _score(self, batch: _Batch, states: list[Any]) -> list[Detection]:
+    def _store(
+        self, rows: np.ndarray, values: np.ndarray, ts: np.ndarray, lens: np.ndarray
+    ) -> None:
+        """Replace the histories of ``rows`` (values given device after device)."""
+        need = len(values)
+        if self._used + need > len(self._sv):
+            # Compact: keep the other devices' live ranges, drop garbage and the
+            # ranges being replaced; leave room so compaction stays rare.
+            self._len[rows] = 0
+            live = np.flatnonzero(self._len)
+            live_lens = self._len[live]
+            src = _ranges(self._start[live], live_lens)
+            cap = 2 * (len(src) + need) + 1024
+            sv = np.empty(cap, dtype=np.float64)
+            st = np.empty(cap, dtype=np.int64)
+            sv[: len(src)] = self._sv[src]
+            st[: len(src)] = self._st[src]
+            self._start[live] = _excl_cumsum(live_lens)
+            self._sv, self._st, self._used = sv, st, len(src)
+        at = self._used
+        self._sv[at : at + need] = values
+        self._st[at : at + need] = ts
+        self._start[rows] = at + _excl_cumsum(lens)
+        self._len[rows] = lens
+        self._used = at + need
+
+    def _score(self, batch: _Batch, rows: np.ndarray) -> list[Detection]:
         rule = self.rule
         lens = batch.lens
-        u = len(batch.devices)
+        u = len(rows)
         n = len(batch.values)
-        offs = np.zeros(u + 1, dtype=np.int64)
-        np.cumsum(lens, out=offs[1:])
-        offs_l = offs.tolist()
         # One array per batch: each device's history followed by its new readings.
-        parts_v: list[np.ndarray] = []
-        parts_t: list[np.ndarray] = []
-        hc = np.zeros(u, dtype=np.int64)
-        for k, state in enumerate(states):
-            a, b = offs_l[k], offs_l[k + 1]
-            if state is not None:
-                hc[k] = len(state[0])
-                parts_v.append(state[0])
-                parts_t.append(state[1])
-            parts_v.append(batch.values[a:b])
-            parts_t.append(batch.ts[a:b])
-        cv = np.concatenate(parts_v)
-        ct = np.concatenate(parts_t)
+        hc = self._len[rows]
         size = hc + lens
-        block = np.zeros(u, dtype=np.int64)
-        np.cumsum(size[:-1], out=block[1:])
+        block = _excl_cumsum(size)
         end = block + size
-        rank = np.arange(n, dtype=np.int64) - np.repeat(offs[:-1], lens)
-        pos = np.repeat(block + hc, lens) + rank
+        cv = np.empty(int(end[-1]), dtype=np.float64)
+        ct = np.empty(int(end[-1]), dtype=np.int64)
+        old_dst = _ranges(block, hc)
+        old_src = _ranges(self._start[rows], hc)
+        cv[old_dst] = self._sv[old_src]
+        ct[old_dst] = self._st[old_src]
+        pos = _ranges(block + hc, lens)  # where each new reading lands, in batch order
+        cv[pos] = batch.values
+        ct[pos] = batch.ts
         lo = np.repeat(block, lens)
         if rule.window is not None:
             lo = np.maximum(lo, pos - rule.window)
@@ -752,15 +883,15 @@ class WindowRuleLogic(_ReadingLogic):
         self.counts["warming"] += int(n - ready.sum())
         self.counts["scored"] += int(ready.sum())
         found: list[Detection] = []
-        rows = np.flatnonzero(ready)
-        if len(rows):
+        idx_ready = np.flatnonzero(ready)
+        if len(idx_ready):
             seg = np.repeat(np.arange(u), lens)
-            width = int(cnt[rows].max())
+            width = int(cnt[idx_ready].max())
             step = max(1, _CHUNK_CELLS // width)
-            for c0 in range(0, len(rows), step):
-                r = rows[c0 : c0 + step]
+            cols = np.arange(width)
+            for c0 in range(0, len(idx_ready), step):
+                r = idx_ready[c0 : c0 + step]
                 rl, rc = lo[r], cnt[r]
-                cols = np.arange(width)
                 idx = np.minimum(rl[:, None] + cols, len(cv) - 1)
                 valid = cols < rc[:, None]
                 # Padding cells hold 0, so no kernel sees another device's values.
@@ -772,9 +903,8 @@ class WindowRuleLogic(_ReadingLogic):
         keep = np.maximum(keep, block)
         if span_ms is not None:
             keep = _first_after(ct, keep, end, _minus(ct[end - 1], span_ms))
-        hist = self._hist
-        for dev, a, b in zip(batch.devices, keep.tolist(), end.tolist(), strict=True):
-            hist[dev] = (cv[a:b].copy(), ct[a:b].copy())
+        src = _ranges(keep, end - keep)
+        self._store(rows, cv[src], ct[src], end - keep)
         return found
 
     def _rows(
@@ -897,27 +1027,39 @@ class EwmaLogic(_ReadingLogic):
     rule: EwmaRule
 
     def _restore(self, devices: dict[str, Any]) -> None:
-        self._state: dict[str, list[Any]] = {dev: list(s) for dev, s in devices.items()}
+        rows = self._devices.rows(list(devices))
+        size = len(self._devices.names)
+        self._n = _grown(_EMPTY_I, size, 0)
+        self._mean = _grown(_EMPTY_F, size, 0.0)
+        self._var = _grown(_EMPTY_F, size, 0.0)
+        self._last = _grown(_EMPTY_I, size, _INT64_MIN)
+        for row, (n, mean, var, last) in zip(rows.tolist(), devices.values(), strict=True):
+            self._n[row], self._mean[row], self._var[row], self._last[row] = n, mean, var, last
 
     def _dump(self) -> dict[str, Any]:
-        return {dev: list(s) for dev, s in self._state.items()}
+        arrays = (self._n.tolist(), self._mean.tolist(), self._var.tolist(), self._last.tolist())
+        return {
+            name: [n, mean, var, last]
+            for name, n, mean, var, last in zip(self._devices.names, *arrays, strict=False)
+            if n
+        }
 
-    def _lookup(self, devices: list[str]) -> tuple[list[Any], np.ndarray]:
-        get = self._state.get
-        states = [get(dev) for dev in devices]
-        last = np.array([_INT64_MIN if s is None else s[3] for s in states], dtype=np.int64)
-        return states, last
+    def _last_ts(self, rows: np.ndarray) -> np.ndarray:
+        size = len(self._devices.names)
+        self._n = _grown(self._n, size, 0)
+        self._mean = _grown(self._mean, size, 0.0)
+        self._var = _grown(self._var, size, 0.0)
+        self._last = _grown(self._last, size, _INT64_MIN)
+        return self._last[rows]
 
-    def _score(self, batch: _Batch, states: list[Any]) -> list[Detection]:
+    def _score(self, batch: _Batch, rows: np.ndarray) -> list[Detection]:
         rule = self.rule
         alpha, keep = rule.alpha, 1.0 - rule.alpha
-        u = len(batch.devices)
         lens = batch.lens
-        offs = np.zeros(u, dtype=np.int64)
-        np.cumsum(lens[:-1], out=offs[1:])
-        cnt = np.array([0 if s is None else s[0] for s in states], dtype=np.int64)
-        mean = np.array([0.0 if s is None else s[1] for s in states], dtype=np.float64)
-        var = np.array([0.0 if s is None else s[2] for s in states], dtype=np.float64)
+        offs = _excl_cumsum(lens)
+        cnt = self._n[rows]
+        mean = self._mean[rows]
+        var = self._var[rows]
         found: list[Detection] = []
         hits: list[tuple[int, int, float, float, float, float | None, int]] = []
         # A device's readings are a recursion; step q handles every device's q-th
@@ -973,22 +1115,25 @@ class EwmaLogic(_ReadingLogic):
                     **({"flat": True} if z is None else {}),
                 )
             )
-        last_idx = (offs + lens - 1).tolist()
-        cnt_l, mean_l, var_l = cnt.tolist(), mean.tolist(), var.tolist()
-        ts = batch.ts
-        state = self._state
-        for k, dev in enumerate(batch.devices):
-            state[dev] = [cnt_l[k], mean_l[k], var_l[k], int(ts[last_idx[k]])]
+        self._n[rows] = cnt
+        self._mean[rows] = mean
+        self._var[rows] = var
+        self._last[rows] = batch.ts[offs + lens - 1]
         return found
 
 
 # --------------------------------------------------------------------------- several rules
 
 
+_LOGICS: dict[type, Any] = {ZScoreRule: ZScoreLogic, MadRule: MadLogic, EwmaRule: EwmaLogic}
+
+
 class AnomalyDetector:
     """Several per-reading rules over one reading stream: the logic the dataflow
-    step wraps. Late and future rows are routed once (as ``Skipped`` with the
-    full rows) before any rule sees the batch; each rule's state is kept under
+    step wraps. Device ids and timestamps are resolved once for all rules (rows
+    without them count as ``bad_key`` in ``AnomalyDetector.counts``); late and
+    future rows are routed once (as ``Skipped`` with the full rows) before any
+    rule sees the batch; each rule's state is kept under
     its name, so adding a rule starts it fresh and a changed definition under
     the same name is refused with ``ConfigError``.
 
@@ -1015,50 +1160,56 @@ class AnomalyDetector:
         saved = state.get("rules", {})
         self._now = now
         self._max_future_ms = int(max_future.total_seconds() * 1000)
-        self._last: dict[str, int] = dict(state.get("last_ts_ms", {}))
-        self.counts: dict[str, int] = {"late": 0, "future": 0, **state.get("counts", {})}
-        self.logics = {r.name: r.build(saved.get(r.name), now, max_future) for r in rules}
+        # One registry for every rule, so a batch resolves its device ids once.
+        self._devices = _Devices()
+        saved_last = state.get("last_ts_ms", {})
+        rows = self._devices.rows(list(saved_last))
+        self._last = _grown(_EMPTY_I, len(rows), _INT64_MIN)
+        self._last[rows] = np.array(list(saved_last.values()), dtype=np.int64)
+        self.counts: dict[str, int] = {
+            "rows": 0,
+            "bad_key": 0,
+            "missing_column": 0,
+            "late": 0,
+            "future": 0,
+            **state.get("counts", {}),
+        }
+        self.logics: dict[str, _ReadingLogic] = {
+            r.name: _LOGICS[type(r)](r, saved.get(r.name), now, max_future, self._devices)
+            for r in rules
+        }
 
     def on_batch(self, frame: pl.DataFrame) -> list[AnomalyEmit]:
+        keys = _keys(frame, self._devices, self.counts)
+        if keys is None:
+            return []
         emits: list[AnomalyEmit] = []
-        if frame.height == 0 or DEVICE not in frame.columns or TS not in frame.columns:
-            # Let each rule count the frame (rows, missing columns) the same way.
-            for logic in self.logics.values():
-                emits.extend(logic.on_batch(frame))
-            return emits
-        key_ok = pl.col(DEVICE).is_not_null() & pl.col(TS).is_not_null()
-        frame = frame.sort(DEVICE, TS, maintain_order=True, nulls_last=True)
         limit = to_ms(self._now()) + self._max_future_ms
-        ahead = key_ok & (pl.col(TS) > limit)
-        if frame[TS].max() > limit:  # type: ignore[operator]
-            future = frame.filter(ahead)
-            self.counts["future"] += future.height
-            emits.append(Skipped("future", future))
-            frame = frame.filter(~ahead.fill_null(False))
-        good = frame.filter(key_ok)
-        runs = good[DEVICE].rle().struct.unnest()
-        devices: list[str] = runs["value"].to_list()
-        lens = runs["len"].to_numpy()
-        get = self._last.get
-        last = np.array([get(d, _INT64_MIN) for d in devices], dtype=np.int64)
-        late = good[TS].to_numpy() < np.repeat(last, lens)
+        ahead = keys.ts > limit
+        if ahead.any():
+            self.counts["future"] += int(ahead.sum())
+            emits.append(Skipped("future", frame[keys.order[ahead]]))
+            keys = keys.take(~ahead)
+        if len(keys.order) == 0:
+            return emits
+        self._last = _grown(self._last, len(self._devices.names), _INT64_MIN)
+        last = self._last[keys.rows]
+        late = keys.ts < np.repeat(last, keys.lens)
+        # Sorted by (device, ts): a run's last row is the device's newest.
+        self._last[keys.rows] = np.maximum(last, keys.ts[_excl_cumsum(keys.lens) + keys.lens - 1])
         if late.any():
-            mask = pl.Series(late)
             self.counts["late"] += int(late.sum())
-            emits.append(Skipped("late", good.filter(mask)))
-            good = good.filter(~mask)
-            # Rows without a key go on to the rules, which count them as bad_key.
-            frame = pl.concat([good, frame.filter(~key_ok)])
-        if good.height:
-            ends = good.group_by(DEVICE).agg(pl.col(TS).max())
-            self._last.update(zip(ends[DEVICE].to_list(), ends[TS].to_list(), strict=True))
+            emits.append(Skipped("late", frame[keys.order[late]]))
+            keys = keys.take(~late)
+            if len(keys.order) == 0:
+                return emits
         for logic in self.logics.values():
-            emits.extend(logic.on_batch(frame, presorted=True))
+            emits.extend(logic._on_keys(frame, keys))
         return emits
 
     def snapshot(self) -> dict[str, Any]:
         return {
-            "last_ts_ms": dict(self._last),
+            "last_ts_ms": dict(zip(self._devices.names, self._last.tolist(), strict=False)),
             "counts": dict(self.counts),
             "rules": {name: logic.snapshot() for name, logic in self.logics.items()},
         }
