@@ -1,8 +1,21 @@
-"""The telemetry flow: MQTT telemetry -> decode -> Kafka, and per-device windows
+"""The telemetry flow: device telemetry -> decode -> Kafka, and per-device windows
 -> Kafka and DuckDB.
 
 Run it with ``python -m bytewax.run dataflows.telemetry:flow``; settings come
-from ``IOTFLOW_*`` (see ``iotflow.settings``). Outputs:
+from ``IOTFLOW_*`` (see ``iotflow.settings``). Input (``IOTFLOW_INGEST``):
+
+- ``mqtt`` (default; edge and simple setups): subscribes to the telemetry
+  topics itself (``connectors.mqtt.MqttSource``). At most once across a crash
+  of the flow process.
+- ``kafka`` (cloud): reads ``{prefix}.ingest``, written by the ingest bridge
+  (``iotflow bridge``), and keeps only records whose MQTT topic matches the
+  same telemetry filters, so both modes decode the same bytes the same way.
+  With a recovery store (``IOTFLOW_RECOVERY_DIR`` and ``bytewax.run -r``, or
+  ``iotflow run telemetry``) at least once, and effectively once downstream:
+  DuckDB upserts and readers de-duplicate by natural key (``connectors.dedupe``).
+  Records that are not valid ingest records become dead letters.
+
+Outputs:
 
 - ``{prefix}.telemetry``: normalized readings, keyed by device id,
 - ``{prefix}.aggregates``: window results, keyed ``device|metric|window_start``,
@@ -12,6 +25,9 @@ from ``IOTFLOW_*`` (see ``iotflow.settings``). Outputs:
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
 from datetime import timedelta
 from typing import Any
 
@@ -20,11 +36,13 @@ import msgspec
 from bytewax.dataflow import Dataflow
 from bytewax.inputs import Source
 
+from connectors.bridge import IngestBatch, ingest_topic, topic_matcher, unwrap_records
 from connectors.decode import TelemetryDecoder, dead_letter
 from connectors.duckdb_store import AGGREGATES, DuckDBSink, aggregate_rows
-from connectors.kafka import KafkaOutput, message
+from connectors.kafka import KafkaInput, KafkaOutput, message
 from connectors.mapping import SourceMapping
 from connectors.mqtt import MqttSource
+from connectors.recovery import bind_definition, ensure_store
 from iotflow.errors import ConfigError
 from iotflow.events import DeviceMessage
 from iotflow.settings import Settings
@@ -32,9 +50,10 @@ from iotflow.topics import KafkaTopics, MqttTopics
 from operators.steps import tumbling_window
 from operators.windows import LateReading, TumblingWindow
 
-__all__ = ["build_flow"]
+__all__ = ["build_flow", "kafka_source", "mqtt_source", "state_definition", "telemetry_filters"]
 
 _encode = msgspec.json.encode
+log = logging.getLogger("iotflow.telemetry")
 
 
 def _late_letter(late: LateReading) -> Any:
@@ -46,26 +65,76 @@ def _late_letter(late: LateReading) -> Any:
     return dead_letter("window", reason, _encode(reading), reading.ts_ms)
 
 
+def _messages(batch: IngestBatch) -> list[DeviceMessage]:
+    return batch.messages
+
+
 def mqtt_source(settings: Settings) -> MqttSource:
     """The telemetry subscription of the settings' MQTT broker."""
     idle = settings.mqtt_idle_stop_s
     return MqttSource(
         settings.require_mqtt_url(),
-        settings.mqtt_topics or [MqttTopics(settings.mqtt_base).telemetry()],
+        telemetry_filters(settings),
         client_id=settings.mqtt_client_id,
         status_base=settings.mqtt_base,
         idle_stop=None if idle is None else timedelta(seconds=idle),
     )
 
 
+def telemetry_filters(settings: Settings) -> list[str]:
+    """The MQTT topic filters of device telemetry (``IOTFLOW_MQTT_TOPICS`` or the default)."""
+    return settings.mqtt_topics or [MqttTopics(settings.mqtt_base).telemetry()]
+
+
+def kafka_source(settings: Settings) -> KafkaInput:
+    """The bridge's ingest topic; follows it, or ends at its end with ``IOTFLOW_INGEST_UNTIL_END``."""
+    return KafkaInput(
+        settings.require_kafka_bootstrap(),
+        [ingest_topic(settings.topic_prefix)],
+        tail=not settings.ingest_until_end,
+    )
+
+
+def state_definition(settings: Settings) -> dict[str, Any]:
+    """The settings that shape this flow's recovered state (its windows)."""
+    return {"IOTFLOW_WINDOW_S": settings.window_s, "IOTFLOW_LATENESS_S": settings.lateness_s}
+
+
+def _check_recovery(settings: Settings) -> None:
+    if settings.recovery_dir is None:
+        return
+    # bytewax.run opens the store after building the flow: create it on the first run.
+    ensure_store(settings.recovery_dir)
+    # Refuse here, before any worker starts, with the settings named: a resumed window
+    # state of another definition would otherwise fail deep inside a worker.
+    bind_definition(settings.recovery_dir, "telemetry", state_definition(settings))
+    argv = sys.argv
+    launched = bool(argv) and argv[0].endswith(("bytewax/run.py", "bytewax.run"))
+    recovering = "BYTEWAX_RECOVERY_DIRECTORY" in os.environ or any(
+        a in ("-r", "--recovery-directory") or a.startswith("--recovery-directory=") for a in argv
+    )
+    if launched and not recovering:
+        log.warning(
+            "IOTFLOW_RECOVERY_DIR=%s is set but bytewax.run has no -r: recovery is OFF. "
+            "Run `iotflow run telemetry`, or add -r %s -s 5 -b 0",
+            settings.recovery_dir,
+            settings.recovery_dir,
+        )
+
+
 def build_flow(
     settings: Settings | None = None, source: Source[list[DeviceMessage]] | None = None
 ) -> Dataflow:
-    """Wire the telemetry flow; ``source`` replaces MQTT (tests use ``TestingSource``)."""
+    """Wire the telemetry flow; ``source`` replaces the input (tests use ``TestingSource``).
+
+    Raises ``ConfigError`` for a missing broker or a recovery store made with
+    another window definition.
+    """
     settings = settings or Settings()
-    if settings.ingest != "mqtt":
-        msg = f"IOTFLOW_INGEST={settings.ingest!r} is not supported by this flow yet; use 'mqtt'"
+    if settings.ingest not in ("mqtt", "kafka"):
+        msg = f"IOTFLOW_INGEST={settings.ingest!r} is not understood; use 'mqtt' or 'kafka'"
         raise ConfigError(msg)
+    _check_recovery(settings)
     topics = KafkaTopics(settings.topic_prefix)
     bootstrap = settings.require_kafka_bootstrap()
     mapping = settings.source_mapping
@@ -80,10 +149,22 @@ def build_flow(
     )
 
     flow = Dataflow("telemetry")
-    raw = op.input("in", flow, source if source is not None else mqtt_source(settings))
+    if source is not None or settings.ingest == "mqtt":
+        raw = op.input("in", flow, source if source is not None else mqtt_source(settings))
+        ingest_dead = None
+    else:
+        accept = topic_matcher(telemetry_filters(settings))
+        records = op.input("ingest", flow, kafka_source(settings))
+        unwrapped = op.flat_map_batch(
+            "unwrap", records, lambda batch: [unwrap_records(batch, accept)]
+        )
+        raw = op.map("messages", unwrapped, _messages)
+        ingest_dead = op.flat_map("ingest_dead", unwrapped, lambda b: b.dead)
     decoded = op.map("decode", raw, decoder.decode)
     readings = op.map("readings", decoded, lambda out: out.ok)
     rejected = op.flat_map("rejected", decoded, lambda out: out.dead)
+    if ingest_dead is not None:
+        rejected = op.merge("rejected_all", rejected, ingest_dead)
     windows = tumbling_window("window", readings, window)
 
     to_kafka = op.merge(

@@ -1,4 +1,4 @@
-"""The ``iotflow`` command: ``stack up|down|status``, ``demo``, ``simulate``, ``tail``.
+"""The ``iotflow`` command: ``stack up|down|status``, ``demo``, ``simulate``, ``tail``, ``bridge``, ``run``.
 
 The CLI is the application layer: it imports the connectors, the local stack
 and the simulator inside each command, so ``import iotflow`` stays light.
@@ -12,10 +12,24 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from iotflow.errors import IotflowError
+from iotflow.errors import ConfigError, IotflowError
 from iotflow.settings import Settings, stack_state_path
 
 __all__ = ["main"]
+
+
+def _settings() -> Settings:
+    """Settings from the environment; a bad ``IOTFLOW_*`` value is a ConfigError naming it."""
+    from pydantic import ValidationError
+
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"IOTFLOW_{'_'.join(str(p) for p in err['loc']).upper()}={err.get('input')!r}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"invalid settings: {problems}") from None
 
 
 def _stack(args: argparse.Namespace) -> int:
@@ -53,17 +67,21 @@ def _stack(args: argparse.Namespace) -> int:
 def _tail(args: argparse.Namespace) -> int:
     from connectors.kafka import tail
 
-    settings = Settings()
+    settings = _settings()
     topic = args.topic if "." in args.topic else f"{settings.topic_prefix}.{args.topic}"
-    for count, record in enumerate(
-        tail(
-            settings.require_kafka_bootstrap(),
-            topic,
-            from_beginning=not args.new,
-            idle_timeout_s=args.idle,
-        ),
-        start=1,
-    ):
+    records = tail(
+        settings.require_kafka_bootstrap(),
+        topic,
+        from_beginning=not args.new,
+        idle_timeout_s=args.idle,
+    )
+    if args.dedupe:
+        from connectors.dedupe import Deduper, key_for_topic
+
+        key = key_for_topic(topic, settings.topic_prefix)
+        deduper: Deduper = Deduper(key)
+        records = (r for r in records if deduper.is_new(_json_value(r.value)))
+    for count, record in enumerate(records, start=1):
         value: object
         try:
             value = json.loads(record.value) if record.value is not None else None
@@ -80,6 +98,85 @@ def _tail(args: argparse.Namespace) -> int:
         if args.max is not None and count >= args.max:
             break
     return 0
+
+
+def _json_value(raw: bytes | None) -> object:
+    try:
+        return json.loads(raw) if raw is not None else {}
+    except ValueError:
+        return {}
+
+
+def _bridge(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+    import threading
+    from datetime import timedelta
+
+    from connectors.bridge import IngestBridge, default_subscriptions
+
+    settings = _settings()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    bridge = IngestBridge(
+        settings.require_mqtt_url(),
+        settings.require_kafka_bootstrap(),
+        prefix=settings.topic_prefix,
+        base=settings.mqtt_base,
+        subscriptions=args.topic or default_subscriptions(settings.mqtt_base, settings.mqtt_topics),
+        client_id=args.client_id,
+        session_expiry=timedelta(seconds=args.session_expiry),
+        max_in_flight=args.max_in_flight,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    bridge.start()
+    print(f"bridge online: {', '.join(bridge.subscriptions)} -> {bridge.topic}", flush=True)
+    bridge.run_until(stop, stats_every_s=args.stats_every)
+    print(f"bridge stopped: {bridge.stats.line()}", flush=True)
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    import os
+    import signal
+    import subprocess
+    import threading
+
+    from infra.flowproc import flow_argv, flow_target, iotflow_error
+
+    settings = _settings()
+    target = flow_target(args.flow)
+    if args.no_recovery:
+        settings = settings.model_copy(update={"recovery_dir": None})
+    argv = flow_argv(
+        target, settings, workers=args.workers, snapshot_s=args.snapshot, backup_s=args.backup
+    )
+    env = {**os.environ, **settings.to_env()}
+    if args.no_recovery:
+        env.pop("IOTFLOW_RECOVERY_DIR", None)
+    print(f"running: python {' '.join(argv[1:])}", file=sys.stderr, flush=True)
+    child = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True, errors="replace")
+    lines: list[str] = []
+
+    def pump() -> None:
+        for line in child.stderr or ():
+            sys.stderr.write(line)
+            lines.append(line)
+            del lines[:-200]
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _f: child.send_signal(signal.SIGINT))
+    code = child.wait()
+    reader.join(5)
+    why = iotflow_error("".join(lines)) if code != 0 else None
+    if why is not None:
+        # The flow's own traceback is above; repeat its message where the eye lands.
+        print(f"iotflow: the flow stopped: {why}", file=sys.stderr)
+        return 2
+    return code
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -114,6 +211,13 @@ def _positive(kind: type) -> object:
         return value
 
     return parse
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be 0 or more")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,7 +280,66 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument(
         "--max", type=_positive(int), default=None, help="stop after this many records"
     )
+    tail.add_argument(
+        "--dedupe",
+        action="store_true",
+        help="show each natural key once (aggregates, twins, commands.events, commands.requests)",
+    )
     tail.set_defaults(func=_tail)
+
+    bridge = sub.add_parser(
+        "bridge",
+        help="forward device MQTT topics to Kafka {prefix}.ingest, acking only what Kafka holds",
+    )
+    bridge.add_argument(
+        "--client-id",
+        default="iotflow-bridge",
+        help="stable MQTT client id: the broker keeps this session while the bridge is down",
+    )
+    bridge.add_argument(
+        "--topic",
+        action="append",
+        default=None,
+        help="MQTT topic filter to forward (repeatable; default: telemetry, state and ack)",
+    )
+    bridge.add_argument(
+        "--max-in-flight",
+        type=_positive(int),
+        default=1000,
+        help="unacknowledged messages at most (MQTT receive maximum, 1..65535; default 1000)",
+    )
+    bridge.add_argument(
+        "--session-expiry",
+        type=_positive(int),
+        default=86_400,
+        help="seconds the broker keeps the session while the bridge is down (default 86400)",
+    )
+    bridge.add_argument(
+        "--stats-every", type=_positive(float), default=10.0, help="seconds between stats lines"
+    )
+    bridge.set_defaults(func=_bridge)
+
+    run = sub.add_parser(
+        "run",
+        help="run a flow with python -m bytewax.run, on a recovery store when "
+        "IOTFLOW_RECOVERY_DIR is set",
+    )
+    run.add_argument("flow", help="a flow name such as 'telemetry', or module:attribute")
+    run.add_argument("-w", "--workers", type=_positive(int), default=1, help="workers (default 1)")
+    run.add_argument(
+        "-s", "--snapshot", type=_positive(int), default=5, help="snapshot interval, whole seconds"
+    )
+    run.add_argument(
+        "-b",
+        "--backup",
+        type=_non_negative_int,
+        default=0,
+        help="seconds to keep superseded snapshots (default 0)",
+    )
+    run.add_argument(
+        "--no-recovery", action="store_true", help="ignore IOTFLOW_RECOVERY_DIR for this run"
+    )
+    run.set_defaults(func=_run)
     return parser
 
 

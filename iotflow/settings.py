@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     topic_prefix: str = "iot"
     mqtt_base: str = "iotflow"
     ingest: Literal["mqtt", "kafka"] = "mqtt"
+    # With IOTFLOW_INGEST=kafka: end the input at the ingest topic's end offsets seen at
+    # start (backfills, tests) instead of following it.
+    ingest_until_end: bool = False
     recovery_dir: Path | None = None
     window_s: float = Field(60.0, gt=0)
     lateness_s: float = Field(5.0, ge=0)

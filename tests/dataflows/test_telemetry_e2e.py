@@ -1,15 +1,26 @@
-"""The telemetry flow end to end: real MQTT in, real Kafka and DuckDB out."""
+"""The telemetry flow end to end: real MQTT in, real Kafka and DuckDB out.
+
+Each scenario runs both ways in: the flow subscribing to MQTT itself
+(``IOTFLOW_INGEST=mqtt``), and the cloud path, MQTT -> ingest bridge ->
+``{prefix}.ingest`` -> the flow reading Kafka (``IOTFLOW_INGEST=kafka``); both
+must give the same outputs.
+"""
 
 from __future__ import annotations
 
 import json
+import threading
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
 import pytest
+from confluent_kafka import Producer
 
-from connectors.kafka import read_topic
+from connectors.bridge import IngestBridge, ingest_record, ingest_topic
+from connectors.kafka import ensure_topics, producer_config, read_topic
 from infra.flowproc import FlowProcess
 from iotflow.settings import Settings
 from iotflow.topics import KafkaTopics, MqttTopics
@@ -17,9 +28,53 @@ from iotflow.topics import KafkaTopics, MqttTopics
 T0 = 1_767_268_800_000  # 2026-01-01T12:00:00Z, a window boundary for 10 s windows
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+def run_flow(
+    settings: Settings,
+    ingest: str,
+    messages: list[tuple[str, bytes]],
+    publish: Callable[[str, list[tuple[str, bytes]]], None],
+    log: Path,
+    workers: int = 1,
+) -> None:
+    """Publish ``messages`` over MQTT and run the flow over them until its input ends."""
+    if ingest == "mqtt":
+        with FlowProcess.start(
+            "dataflows.telemetry:flow", settings, log=log, workers=workers
+        ) as proc:
+            proc.wait_online()
+            publish(settings.require_mqtt_url(), messages)
+            assert proc.wait(60) == 0, proc.log.read_text()
+        return
+    # The cloud path: the bridge forwards everything, then the flow reads the ingest
+    # topic to its end.
+    bridge = IngestBridge(
+        settings.require_mqtt_url(),
+        settings.require_kafka_bootstrap(),
+        prefix=settings.topic_prefix,
+        base=settings.mqtt_base,
+        client_id=f"bridge-{settings.topic_prefix}",
+    )
+    bridge.start()
+    stop = threading.Event()
+    runner = threading.Thread(target=bridge.run_until, args=(stop,), daemon=True)
+    runner.start()
+    try:
+        publish(settings.require_mqtt_url(), messages)
+        deadline = time.monotonic() + 30
+        while bridge.stats.acked < len(messages) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert bridge.stats.acked == len(messages), bridge.stats.line()
+    finally:
+        stop.set()
+        runner.join(30)
+    kafka = settings.model_copy(update={"ingest": "kafka", "ingest_until_end": True})
+    with FlowProcess.start("dataflows.telemetry:flow", kafka, log=log, workers=workers) as proc:
+        assert proc.wait(60) == 0, proc.log.read_text()
+
+
+@pytest.mark.parametrize(("ingest", "workers"), [("mqtt", 1), ("mqtt", 2), ("kafka", 1)])
 def test_known_readings_give_exact_aggregates(
-    settings: Settings, tmp_path: Path, workers: int, mqtt_publish
+    settings: Settings, tmp_path: Path, ingest: str, workers: int, mqtt_publish
 ) -> None:
     settings = settings.model_copy(
         update={
@@ -43,13 +98,11 @@ def test_known_readings_give_exact_aggregates(
         for ts, v in rows
     ]
     messages.append((mqtt_topics.telemetry("dev-a"), b"{not json"))
+    # Not telemetry: the bridge forwards them, the telemetry flow leaves them to others.
+    messages.append((mqtt_topics.state("dev-a"), b'{"temperature": 99.0}'))
+    messages.append((mqtt_topics.ack("dev-b"), b'{"command_id": "c1", "status": "done"}'))
 
-    with FlowProcess.start(
-        "dataflows.telemetry:flow", settings, log=tmp_path / "flow.log", workers=workers
-    ) as proc:
-        proc.wait_online()
-        mqtt_publish(settings.require_mqtt_url(), messages)
-        assert proc.wait(60) == 0, proc.log.read_text()
+    run_flow(settings, ingest, messages, mqtt_publish, tmp_path / "flow.log", workers)
 
     def iso(ms: int) -> str:
         return datetime.fromtimestamp(ms / 1000, UTC).isoformat().replace("+00:00", "Z")
@@ -83,8 +136,9 @@ def test_known_readings_give_exact_aggregates(
     assert {(k, ws): (c, lo, hi, avg) for k, ws, c, lo, hi, avg in rows} == expected
 
 
+@pytest.mark.parametrize("ingest", ["mqtt", "kafka"])
 def test_bad_input_is_dead_lettered_and_valid_readings_survive(
-    settings: Settings, tmp_path: Path, mqtt_publish
+    settings: Settings, tmp_path: Path, ingest: str, mqtt_publish
 ) -> None:
     settings = settings.model_copy(
         update={"window_s": 10.0, "lateness_s": 3600.0, "mqtt_idle_stop_s": 1.5}
@@ -129,10 +183,7 @@ def test_bad_input_is_dead_lettered_and_valid_readings_survive(
     messages = [valid[0], *[m for k, m in bad.items() if k != "unicode device"], valid[1], valid[2]]
     messages.append(bad["unicode device"])  # printable non-ASCII ids are valid: counted below
 
-    with FlowProcess.start("dataflows.telemetry:flow", settings, log=tmp_path / "flow.log") as proc:
-        proc.wait_online()
-        mqtt_publish(settings.require_mqtt_url(), messages)
-        assert proc.wait(60) == 0, proc.log.read_text()
+    run_flow(settings, ingest, messages, mqtt_publish, tmp_path / "flow.log")
 
     bootstrap = settings.require_kafka_bootstrap()
     topics = KafkaTopics(settings.topic_prefix)
@@ -155,3 +206,58 @@ def test_bad_input_is_dead_lettered_and_valid_readings_survive(
     }
     assert aggregates[("ok-1", "temperature")]["count"] == 2
     assert aggregates[("ok-2", "power_w")]["sum"] == 12.0
+
+
+def test_malformed_ingest_records_are_dead_letters_not_a_crash(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Records on the ingest topic that the bridge did not write: each a dead letter with
+    the reason; the valid records around them are aggregated."""
+    bootstrap = settings.require_kafka_bootstrap()
+    topic = ingest_topic(settings.topic_prefix)
+    ensure_topics(bootstrap, [topic], partitions=1)
+    telemetry = MqttTopics(settings.mqtt_base).telemetry
+    producer = Producer(producer_config(bootstrap))
+
+    def good(device: str, ts: int, value: float) -> None:
+        key, val, headers = ingest_record(
+            telemetry(device), json.dumps({"ts": ts, "t": value}).encode(), ts + 5
+        )
+        producer.produce(topic, val, key, headers=headers)
+
+    good("ok-1", T0 + 1_000, 1.0)
+    producer.produce(topic, b'{"ts": 1, "t": 1}', b"x")  # no headers at all
+    producer.produce(topic, b'{"t": 1}', b"x", headers=[("mqtt_topic", b"\xff\xfe")])
+    producer.produce(
+        topic,
+        b'{"t": 1}',
+        b"x",
+        headers=[("mqtt_topic", telemetry("ok-1").encode()), ("received_ms", b"soon")],
+    )
+    producer.produce(topic, None, b"x", headers=[("mqtt_topic", telemetry("ok-1").encode())])
+    good("ok-1", T0 + 2_000, 3.0)
+    producer.flush(10)
+
+    kafka = settings.model_copy(
+        update={
+            "ingest": "kafka",
+            "ingest_until_end": True,
+            "window_s": 10.0,
+            "lateness_s": 60.0,
+            "max_future_skew_s": 1e9,
+        }
+    )
+    with FlowProcess.start("dataflows.telemetry:flow", kafka, log=tmp_path / "flow.log") as proc:
+        assert proc.wait(60) == 0, proc.log.read_text()
+
+    topics = KafkaTopics(settings.topic_prefix)
+    dead = [json.loads(r.value) for r in read_topic(bootstrap, topics.deadletter)]
+    reasons = sorted(d["reason"] for d in dead)
+    assert len(dead) == 4, reasons
+    assert all(d["source"] == "ingest" and f"{topic}[0]@" in d["reason"] for d in dead)
+    assert sum("no 'mqtt_topic' header" in r for r in reasons) == 1
+    assert sum("is not UTF-8" in r for r in reasons) == 1
+    assert sum("'soon'" in r and "not epoch milliseconds" in r for r in reasons) == 1
+    assert sum("no value" in r for r in reasons) == 1
+    (aggregate,) = [json.loads(r.value) for r in read_topic(bootstrap, topics.aggregates)]
+    assert (aggregate["key"], aggregate["count"], aggregate["sum"]) == ("ok-1", 2, 4.0)

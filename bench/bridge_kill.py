@@ -1,0 +1,338 @@
+"""bridge_kill: the ingest bridge killed with SIGKILL while QoS 1 readings flow; nothing acked is lost.
+
+The bridge is a real subprocess, ``python -m iotflow.cli bridge`` (what
+``iotflow bridge`` runs), on a private Mosquitto and Tansu. A paho publisher
+sends ``messages`` readings at QoS 1, each with a unique ``seq``, and keeps
+the ones the broker acknowledged (PUBACK). First a crash-free pass measures
+the bridge's throughput: ``bridge_msgs_per_s`` is messages over the time from
+the first publish (unpaced) to the last record on Kafka; ``publish_msgs_per_s``, to
+the last PUBACK, shows when the publisher rather than the bridge is the bound. Then a second pass with a new
+client id and topics: the publisher is paced at ``rate`` messages/s and the
+bridge gets SIGKILL ``kills`` times spread over the publishing time, restarted each time on the same client id (the broker keeps
+its persistent session and queues meanwhile).
+
+Counted: ``acked_by_broker`` (the publisher's PUBACKs), ``missing_from_kafka``
+(acknowledged to the publisher, absent from ``{prefix}.ingest``: must be 0),
+``kafka_records`` and ``duplicates`` (records beyond one per seq: the price
+of at least once). ``run_kill_scenario`` is what
+``tests/connectors/test_bridge.py`` runs, smaller.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.harness import BenchError, Figure, Measured
+from bench.recovery import TopicProgress
+from bench.workload import private_stack
+from connectors.bridge import ingest_topic
+from connectors.kafka import read_topic
+from connectors.mqtt import connect_client
+from iotflow.settings import Settings
+from iotflow.topics import MqttTopics
+
+__all__ = [
+    "COMPLETE_COUNTS",
+    "DEFAULTS",
+    "DESCRIPTION",
+    "FIGURES",
+    "QUICK",
+    "BridgeProcess",
+    "KillResult",
+    "run",
+    "run_kill_scenario",
+]
+
+DESCRIPTION = (
+    "ingest bridge (MQTT QoS 1 -> Kafka, ack after delivery) killed with SIGKILL while "
+    "readings flow: acked readings missing from Kafka, duplicates, throughput"
+)
+DEFAULTS: dict[str, Any] = {
+    "messages": 100_000,
+    "devices": 1000,
+    "kills": 5,
+    "max_in_flight": 1000,
+    "rate": 4000.0,  # of the killed pass's publisher; the clean pass publishes unpaced
+    "timeout_s": 300.0,
+}
+QUICK: dict[str, Any] = {
+    "messages": 5000,
+    "devices": 100,
+    "kills": 2,
+    "rate": 1000.0,
+    "timeout_s": 90.0,
+}
+FIGURES = {"bridge_msgs_per_s", "killed_pass_s"}
+COMPLETE_COUNTS = ["in_kafka_clean", "in_kafka_killed"]
+
+
+class BridgeProcess:
+    """``python -m iotflow.cli bridge`` as a subprocess; ``started`` waits for its online line."""
+
+    def __init__(self, settings: Settings, client_id: str, log: Path, max_in_flight: int) -> None:
+        env = {**os.environ, **settings.to_env()}
+        argv = [
+            sys.executable,
+            "-m",
+            "iotflow.cli",
+            "bridge",
+            "--client-id",
+            client_id,
+            "--max-in-flight",
+            str(max_in_flight),
+            "--stats-every",
+            "1",
+        ]
+        self.log = log
+        self._online = threading.Event()
+        self._out = log.open("ab")
+        self.popen = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=self._out)
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.popen.stdout or ():
+            self._out.write(line)
+            self._out.flush()
+            if line.startswith(b"bridge online"):
+                self._online.set()
+
+    def wait_online(self, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not self._online.wait(0.1):
+            if self.popen.poll() is not None or time.monotonic() > deadline:
+                raise BenchError(f"the bridge did not come online; see {self.log}")
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+        self.popen.wait()
+
+    def terminate(self, timeout_s: float = 30.0) -> int:
+        """SIGTERM and wait: a clean shutdown (flush, ack, disconnect)."""
+        if self.popen.poll() is None:
+            self.popen.terminate()
+        try:
+            return self.popen.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise BenchError(
+                f"the bridge ignored SIGTERM for {timeout_s}s; see {self.log}"
+            ) from None
+
+
+class _Publisher(threading.Thread):
+    """Publishes readings at QoS 1 as fast as paho goes; keeps what the broker PUBACKed."""
+
+    def __init__(self, url: str, base: str, messages: int, devices: int, rate: float) -> None:
+        super().__init__(daemon=True)
+        topics = MqttTopics(base)
+        self._topics = [topics.telemetry(f"dev-{d:05d}") for d in range(devices)]
+        self._url, self._messages, self._rate = url, messages, rate
+        self.infos: list[Any] = []
+        self.started_at = 0.0
+        self.finished_at = 0.0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            client = connect_client(self._url, f"pub-{uuid.uuid4().hex[:8]}")
+            self.started_at = time.monotonic()
+            devices = len(self._topics)
+            for seq in range(self._messages):
+                body = b'{"seq": %d, "value": %d}' % (seq, seq % 97)
+                self.infos.append(client.publish(self._topics[seq % devices], body, qos=1))
+                if self._rate and seq % 100 == 99:
+                    ahead_s = (seq + 1) / self._rate - (time.monotonic() - self.started_at)
+                    if ahead_s > 0:
+                        time.sleep(ahead_s)
+            for info in self.infos:
+                info.wait_for_publish(120)
+            self.finished_at = time.monotonic()
+            client.disconnect()
+            client.loop_stop()
+        except BaseException as exc:  # reported by the scenario
+            self.error = exc
+
+    def acked(self) -> set[int]:
+        return {seq for seq, info in enumerate(self.infos) if info.is_published()}
+
+    def acked_count(self) -> int:
+        return sum(1 for info in self.infos if info.is_published())
+
+
+@dataclass
+class KillResult:
+    """What one pass found."""
+
+    published: int
+    acked_by_broker: int
+    kafka_records: int
+    missing_from_kafka: list[int]
+    duplicates: int
+    seconds: float
+    publish_seconds: float
+    kills: int
+    clean_exit_code: int
+    notes: list[str] = field(default_factory=list)
+
+
+def _seqs_in_kafka(bootstrap: str, topic: str) -> tuple[Counter[int], int]:
+    records = read_topic(bootstrap, topic, timeout_s=60)
+    seqs: Counter[int] = Counter()
+    for record in records:
+        seqs[json.loads(record.value)["seq"]] += 1
+    return seqs, len(records)
+
+
+def run_kill_scenario(
+    settings: Settings,
+    workdir: Path,
+    *,
+    messages: int,
+    devices: int = 100,
+    kills: int = 5,
+    max_in_flight: int = 1000,
+    rate: float = 0.0,
+    timeout_s: float = 300.0,
+    log: Any = lambda _m: None,
+) -> KillResult:
+    """One pass: start the bridge, publish ``messages``, SIGKILL the bridge ``kills`` times
+    (restarting it), then stop it with SIGTERM and compare Kafka with the PUBACKs.
+
+    ``settings`` names the brokers and this pass's MQTT base and Kafka prefix.
+    ``rate`` paces the publisher (messages/s; 0: as fast as it goes), and then
+    the kills are spread over the publishing time, so every kill lands while
+    readings flow.
+    """
+    deadline = time.monotonic() + timeout_s
+    bootstrap = settings.require_kafka_bootstrap()
+    topic = ingest_topic(settings.topic_prefix)
+    client_id = f"bridge-{settings.topic_prefix}"
+    notes: list[str] = []
+    logs = iter(workdir / f"bridge-{settings.topic_prefix}-{i}.log" for i in range(kills + 2))
+    bridge = BridgeProcess(settings, client_id, next(logs), max_in_flight)
+    bridge.wait_online()
+    publisher = _Publisher(settings.require_mqtt_url(), settings.mqtt_base, messages, devices, rate)
+    publisher.start()
+    progress = TopicProgress(bootstrap, topic)
+    planned_s = messages / rate if rate else 0.0
+    try:
+        for k in range(kills):
+            # Kill points spread over the publishing time (paced at ``rate``), or over the
+            # bridge's progress on Kafka when unpaced. Each bridge lives a second at least:
+            # its first Kafka delivery (the idempotent producer's id) takes most of one.
+            earliest = time.monotonic() + 1.0
+            mark = messages * (k + 1) // (kills + 1)
+            at = publisher.started_at + planned_s * (k + 1) / (kills + 1)
+
+            def due(mark: int = mark, at: float = at) -> bool:
+                if rate:
+                    return time.monotonic() >= at
+                return progress.total() >= mark
+
+            while not due() or time.monotonic() < earliest:
+                if time.monotonic() > deadline:
+                    raise BenchError(f"kill {k + 1} not reached within {timeout_s}s")
+                time.sleep(0.01)
+            bridge.kill()
+            notes.append(
+                f"kill {k + 1} with {publisher.acked_count()} PUBACKed, {progress.total()} on Kafka"
+            )
+            log(notes[-1])
+            time.sleep(0.2)
+            bridge = BridgeProcess(settings, client_id, next(logs), max_in_flight)
+            bridge.wait_online()
+        publisher.join(max(1.0, deadline - time.monotonic()))
+        if publisher.error is not None:
+            raise BenchError(f"the publisher failed: {publisher.error}")
+        acked = publisher.acked()
+        # Wait until Kafka holds every acknowledged seq (or the deadline).
+        while True:
+            seqs, records = _seqs_in_kafka(bootstrap, topic)
+            missing = sorted(acked - set(seqs))
+            if not missing or time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
+        seconds = time.monotonic() - publisher.started_at
+        code = bridge.terminate()
+    finally:
+        progress.close()
+        bridge.kill()
+    return KillResult(
+        published=messages,
+        acked_by_broker=len(acked),
+        kafka_records=records,
+        missing_from_kafka=missing,
+        duplicates=records - len(seqs),
+        seconds=seconds,
+        publish_seconds=publisher.finished_at - publisher.started_at,
+        kills=kills,
+        clean_exit_code=code,
+        notes=notes,
+    )
+
+
+def run(params: dict[str, Any]) -> Measured:
+    for name in ("messages", "devices", "max_in_flight"):
+        if int(params[name]) < 1:
+            raise BenchError(f"{name}={params[name]} must be at least 1")
+    if int(params["kills"]) < 0:
+        raise BenchError("kills must be 0 or more")
+    import tempfile
+
+    with private_stack() as info, tempfile.TemporaryDirectory(prefix="iotflow-bridge-") as tmp:
+        base = Settings(
+            _env_file=None, mqtt_url=info.mqtt_url, kafka_bootstrap=info.kafka_bootstrap
+        )
+        passes = {}
+        for name, kills in (("clean", 0), ("killed", int(params["kills"]))):
+            tag = f"b{name[0]}{uuid.uuid4().hex[:8]}"
+            passes[name] = run_kill_scenario(
+                base.model_copy(update={"topic_prefix": tag, "mqtt_base": tag}),
+                Path(tmp),
+                messages=int(params["messages"]),
+                devices=int(params["devices"]),
+                kills=kills,
+                max_in_flight=int(params["max_in_flight"]),
+                rate=float(params["rate"]) if kills else 0.0,
+                timeout_s=float(params["timeout_s"]),
+            )
+    clean, killed = passes["clean"], passes["killed"]
+    counts = {
+        "sent": int(params["messages"]),
+        "acked_by_broker_clean": clean.acked_by_broker,
+        "in_kafka_clean": clean.acked_by_broker - len(clean.missing_from_kafka),
+        "acked_by_broker_killed": killed.acked_by_broker,
+        "in_kafka_killed": killed.acked_by_broker - len(killed.missing_from_kafka),
+        "missing_from_kafka": len(killed.missing_from_kafka) + len(clean.missing_from_kafka),
+        "kafka_records_killed": killed.kafka_records,
+        "duplicates_killed": killed.duplicates,
+        "duplicates_clean": clean.duplicates,
+        "kills": killed.kills,
+    }
+    if counts["missing_from_kafka"]:
+        raise BenchError(f"acknowledged readings missing from Kafka: {counts}")
+    for p in passes.values():
+        if p.clean_exit_code != 0:
+            raise BenchError(f"the bridge exited {p.clean_exit_code} on SIGTERM")
+    return Measured(
+        figures={
+            "bridge_msgs_per_s": Figure(round(clean.acked_by_broker / clean.seconds, 1), "msgs/s"),
+            "publish_msgs_per_s": Figure(
+                round(clean.acked_by_broker / clean.publish_seconds, 1), "msgs/s"
+            ),
+            "clean_pass_s": Figure(round(clean.seconds, 3), "s"),
+            "killed_pass_s": Figure(round(killed.seconds, 3), "s"),
+        },
+        counts=counts,
+    )
