@@ -148,8 +148,8 @@ def run(params: dict[str, Any]) -> Measured:
     )
     dims = {f"dev-{d:05d}": {"zone": f"zone-{d % zones:03d}"} for d in range(devices)}
     elapsed, results = _columnar(batches, dims, int(params["shards"]))
-    device_rows = results.filter(pl.col("group") == "device")
-    zone_rows = results.filter(pl.col("group") == "zone")
+    device_rows = results.filter(pl.col("group_by") == "device")
+    zone_rows = results.filter(pl.col("group_by") == "zone")
     per_metric = lambda rows: int(
         rows.filter(pl.col("metric") == "temperature").get_column("count").sum()
     )  # noqa: E731

@@ -14,13 +14,26 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import msgspec
+import polars as pl
 import pyarrow as pa
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 
 from iotflow.errors import ConfigError
-from iotflow.events import WindowResult
+from iotflow.events import Detection, WindowResult
 
-__all__ = ["AGGREGATES", "DuckDBSink", "Table", "aggregate_rows", "connect"]
+__all__ = [
+    "AGGREGATES",
+    "DETECTIONS",
+    "EXTRA_STATS",
+    "DuckDBSink",
+    "Table",
+    "aggregate_rows",
+    "connect",
+    "detection_rows",
+    "read_readings",
+    "stats_rows",
+]
 
 
 @dataclass(frozen=True)
@@ -43,10 +56,29 @@ class Table:
         return f'CREATE TABLE IF NOT EXISTS "{self.name}" ({cols}, PRIMARY KEY ({key}))'
 
 
+# Statistic columns beyond count/sum/avg/min/max that a window result may carry.
+EXTRA_STATS = (
+    "first",
+    "last",
+    "variance",
+    "stddev",
+    "median",
+    "p50",
+    "p90",
+    "p95",
+    "p99",
+    "rate",
+    "distinct",
+    "device_count",
+    "total",
+)
+_INT_STATS = {"count", "distinct", "device_count"}
+
 AGGREGATES = Table(
     "aggregates",
     pa.schema(
         [
+            ("group_by", pa.string()),
             ("key", pa.string()),
             ("metric", pa.string()),
             ("window_start", pa.timestamp("us", tz="UTC")),
@@ -56,16 +88,106 @@ AGGREGATES = Table(
             ("avg", pa.float64()),
             ("min", pa.float64()),
             ("max", pa.float64()),
+            *((name, pa.int64() if name in _INT_STATS else pa.float64()) for name in EXTRA_STATS),
         ]
     ),
-    ("key", "metric", "window_start"),
+    ("group_by", "key", "metric", "window_start", "window_end"),
+)
+
+DETECTIONS = Table(
+    "detections",
+    pa.schema(
+        [
+            ("rule", pa.string()),
+            ("key", pa.string()),
+            ("ts", pa.timestamp("us", tz="UTC")),
+            ("value", pa.float64()),
+            ("baseline", pa.float64()),
+            ("score", pa.float64()),
+            ("details", pa.string()),
+        ]
+    ),
+    ("rule", "key", "ts"),
 )
 
 
 def aggregate_rows(results: Sequence[WindowResult]) -> pa.Table:
-    """Window results as an Arrow table in the ``aggregates`` layout."""
-    columns = {f.name: [getattr(r, f.name) for r in results] for f in AGGREGATES.schema}
+    """Window results as an Arrow table in the ``aggregates`` layout (group_by ``device``)."""
+    n = len(results)
+    columns: dict[str, list[Any]] = {f.name: [None] * n for f in AGGREGATES.schema}
+    columns["group_by"] = ["device"] * n
+    for name in (
+        "key",
+        "metric",
+        "window_start",
+        "window_end",
+        "count",
+        "sum",
+        "avg",
+        "min",
+        "max",
+    ):
+        columns[name] = [getattr(r, name) for r in results]
     return pa.table(columns, schema=AGGREGATES.schema)
+
+
+def _utc(column: str) -> pl.Expr:
+    return pl.from_epoch(pl.col(column), time_unit="ms").dt.replace_time_zone("UTC")
+
+
+def stats_rows(frames: Sequence[pl.DataFrame]) -> pa.Table:
+    """Result frames of ``operators.aggregation`` as an Arrow table in the ``aggregates``
+    layout; statistics a frame does not carry are null."""
+    frame = pl.concat(list(frames), how="diagonal_relaxed")
+    frame = frame.with_columns(
+        _utc("window_start_ms").alias("window_start"), _utc("window_end_ms").alias("window_end")
+    )
+    missing = [f.name for f in AGGREGATES.schema if f.name not in frame.columns]
+    frame = frame.with_columns(pl.lit(None).alias(name) for name in missing)
+    return frame.select([f.name for f in AGGREGATES.schema]).to_arrow().cast(AGGREGATES.schema)
+
+
+def detection_rows(detections: Sequence[Detection]) -> pa.Table:
+    """Detections as an Arrow table in the ``detections`` layout (details as JSON text)."""
+    columns: dict[str, list[Any]] = {
+        "rule": [d.rule for d in detections],
+        "key": [d.key for d in detections],
+        "ts": [d.ts for d in detections],
+        "value": [d.value for d in detections],
+        "baseline": [d.baseline for d in detections],
+        "score": [d.score for d in detections],
+        "details": [msgspec.json.encode(d.details).decode() for d in detections],
+    }
+    return pa.table(columns, schema=DETECTIONS.schema)
+
+
+def read_readings(
+    source: Path | str, table: str = "readings", where: str | None = None
+) -> pl.DataFrame:
+    """A reading frame from a DuckDB file's table or from Parquet files (a path or glob
+    ending in ``.parquet``), through Arrow. ``where`` is a SQL condition on the columns
+    (``device_id``, ``ts_ms``, metrics); the columns must already be in the frame layout."""
+    text = str(source)
+    try:
+        if text.endswith(".parquet"):
+            con = duckdb.connect()
+            relation = f"read_parquet('{text.replace(chr(39), chr(39) * 2)}')"
+        else:
+            con = duckdb.connect(text, read_only=True)
+            relation = f'"{table}"'
+        query = f"SELECT * FROM {relation}" + (f" WHERE {where}" if where else "")
+        try:
+            return pl.from_arrow(con.execute(query).to_arrow_table())
+        finally:
+            con.close()
+    except (
+        duckdb.IOException,
+        duckdb.CatalogException,
+        duckdb.BinderException,
+        duckdb.ParserException,
+    ) as exc:
+        msg = f"cannot read readings from {text} (table {table!r}, where {where!r}): {exc}"
+        raise ConfigError(msg) from exc
 
 
 def connect(path: Path | str, tables: Sequence[Table] = (AGGREGATES,)) -> duckdb.DuckDBPyConnection:

@@ -24,10 +24,10 @@ Guarantees:
   build time (``{"dev-1": {"zone": "z1", "floor": "2"}}``); ``["device"]`` is
   per device. A device without a dimension of a set is left out of that set and
   counted in ``unassigned``.
-- A result row is idempotent on ``(group, key, metric, window_start_ms,
+- A result row is idempotent on ``(group_by, key, metric, window_start_ms,
   window_end_ms)``.
 
-Result frames have the columns ``group`` (``"device"`` or the set's
+Result frames have the columns ``group_by`` (``"device"`` or the set's
 dimensions joined by ``+``), ``key`` (the device id, or ``zone=z1`` /
 ``building=b1|floor=2``), ``metric``, ``window_start_ms``, ``window_end_ms``,
 ``count`` and each statistic asked for (``operators.stats``).
@@ -75,7 +75,7 @@ __all__ = [
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _PANE = "w"
-_GROUP_KEYS = ["group", "key", "metric", "window_start_ms", "window_end_ms"]
+_GROUP_KEYS = ["group_by", "key", "metric", "window_start_ms", "window_end_ms"]
 
 
 def _utcnow() -> datetime:
@@ -216,6 +216,19 @@ class Aggregation(_Spec):
         """Identifies the definition, so state from another definition is never misread."""
         text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def analyze(
+        self, frame: pl.DataFrame, dimensions: dict[str, dict[str, str]] | None = None
+    ) -> pl.DataFrame:
+        """Batch analysis of a history (a reading frame, e.g. from DuckDB or Parquet):
+        the same results, by the same code, as streaming the readings in any batches
+        within the allowed lateness. Nothing is late: all of it is one batch."""
+        aggregator = self.build(None, dimensions=dimensions)
+        emitted = [*aggregator.on_batch(frame), *aggregator.on_eof()]
+        frames = [e for e in emitted if isinstance(e, pl.DataFrame)]
+        if not frames:
+            return pl.DataFrame()
+        return pl.concat(frames, how="diagonal_relaxed")
 
     def build(
         self,
@@ -642,12 +655,12 @@ class WindowAggregator:
             if names == ["device"]:
                 stats = exact(long, [DEVICE, *window], self._stats)
                 frames.append(
-                    stats.rename({DEVICE: "key"}).with_columns(pl.lit("device").alias("group"))
+                    stats.rename({DEVICE: "key"}).with_columns(pl.lit("device").alias("group_by"))
                 )
             else:
                 keyed = self._keyed(long, names)
                 stats = exact(keyed, ["key", *window], self._stats, devices=True)
-                frames.append(stats.with_columns(pl.lit("+".join(names)).alias("group")))
+                frames.append(stats.with_columns(pl.lit("+".join(names)).alias("group_by")))
         return self._finish(frames)
 
     def _merged_results(self, part: pl.DataFrame, buckets: pl.DataFrame) -> pl.DataFrame | None:
@@ -662,7 +675,7 @@ class WindowAggregator:
             if names == ["device"]:
                 stats = finalize(devices, device_buckets, [DEVICE, *window], self._stats)
                 frames.append(
-                    stats.rename({DEVICE: "key"}).with_columns(pl.lit("device").alias("group"))
+                    stats.rename({DEVICE: "key"}).with_columns(pl.lit("device").alias("group_by"))
                 )
             else:
                 keyed = self._keyed(devices, names)
@@ -671,7 +684,7 @@ class WindowAggregator:
                     keyed.select(DEVICE, "key", *window), on=[DEVICE, *window]
                 ).drop(DEVICE)
                 stats = finalize(merged, group_buckets, ["key", *window], self._stats)
-                frames.append(stats.with_columns(pl.lit("+".join(names)).alias("group")))
+                frames.append(stats.with_columns(pl.lit("+".join(names)).alias("group_by")))
         return self._finish(frames)
 
     def _keyed(self, rows: pl.DataFrame, names: list[str]) -> pl.DataFrame:
@@ -697,5 +710,5 @@ class WindowAggregator:
         result = pl.concat(frames, how="diagonal_relaxed")
         result = result.rename({_PANE: "window_start_ms", "_end": "window_end_ms"})
         return result.select(*_GROUP_KEYS, *self._stats.names).sort(
-            ["window_start_ms", "window_end_ms", "group", "key", "metric"]
+            ["window_start_ms", "window_end_ms", "group_by", "key", "metric"]
         )

@@ -208,15 +208,15 @@ def test_group_sets_over_registry_dimensions() -> None:
         ("ghost", T0, 1.0),
     ]
     out = run(agg, [frame(rows, "power")])
-    zone = {r["key"]: r for r in out.filter(pl.col("group") == "zone").iter_rows(named=True)}
+    zone = {r["key"]: r for r in out.filter(pl.col("group_by") == "zone").iter_rows(named=True)}
     assert set(zone) == {"zone=z1", "zone=z2"}
     # z1: readings 100, 300, 50 -> avg 150; devices a (avg 200) + b (avg 50): total 250
     assert (zone["zone=z1"]["avg"], zone["zone=z1"]["max"]) == (150.0, 300.0)
     assert (zone["zone=z1"]["device_count"], zone["zone=z1"]["total"]) == (2, 250.0)
     assert (zone["zone=z2"]["device_count"], zone["zone=z2"]["total"]) == (1, 10.0)
-    both = out.filter(pl.col("group") == "floor+zone").get_column("key").to_list()
+    both = out.filter(pl.col("group_by") == "floor+zone").get_column("key").to_list()
     assert sorted(both) == ["floor=1|zone=z1", "floor=1|zone=z2"]
-    devices = out.filter(pl.col("group") == "device")
+    devices = out.filter(pl.col("group_by") == "device")
     assert sorted(devices.get_column("key").to_list()) == ["a", "b", "c", "ghost", "x"]
     # x has no zone, ghost is not in the registry: counted for both zone sets
     assert agg.unassigned == 4
@@ -358,7 +358,7 @@ def same(got: pl.DataFrame, want: pl.DataFrame) -> None:
     assert got.height == want.height
     if got.height == 0:
         return
-    keys = ["group", "key", "metric", "window_start_ms", "window_end_ms"]
+    keys = ["group_by", "key", "metric", "window_start_ms", "window_end_ms"]
     got, want = got.sort(keys), want.sort(keys)
     for a, b in zip(got.iter_rows(named=True), want.iter_rows(named=True), strict=True):
         for name, value in a.items():
@@ -390,7 +390,7 @@ def test_results_do_not_depend_on_batching_or_order_within_lateness(
     same(run(build(decl, dims), batches), whole)
     # every reading counted exactly once in per-device tumbling windows
     if window["kind"] == "tumbling":
-        devices = whole.filter(pl.col("group") == "device")
+        devices = whole.filter(pl.col("group_by") == "device")
         assert devices.get_column("count").sum() == len(rows)
 
 

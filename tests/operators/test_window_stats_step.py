@@ -56,12 +56,12 @@ def test_results_are_complete_and_exact_with_one_or_two_workers(workers: int) ->
     else:
         cluster_main(flow(results, late), [], 0, worker_count_per_proc=2)
     out = pl.concat(results)
-    devices = out.filter(pl.col("group") == "device")
+    devices = out.filter(pl.col("group_by") == "device")
     # 6 devices x 2 one-minute windows, each window two readings
     assert devices.height == 12
     first = devices.filter(pl.col("window_start_ms") == T0).sort("key")
     assert first.get_column("sum").to_list() == [float(2 * i + 1) for i in range(6)]
-    zones = out.filter(pl.col("group") == "zone").sort("window_start_ms", "key")
+    zones = out.filter(pl.col("group_by") == "zone").sort("window_start_ms", "key")
     # zone z0 = d0, d2, d4; window 0: readings i and i+1 for each -> (0+1)+(2+3)+(4+5)
     assert zones.select("key", "sum").rows()[0] == ("zone=z0", 15.0)
     assert sum(f.readings.height for f in late) == 1
