@@ -8,7 +8,7 @@ writing process per database file.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -231,23 +231,40 @@ class _Partition(StatefulSinkPartition[Any, None]):
 
 
 class DuckDBSink(FixedPartitionedSink[Any, None]):
-    """Upsert items into one DuckDB table; items arrive as ``(any_key, item)``.
+    """Upsert items into DuckDB tables; an item arrives as ``(table_name, item)``.
+
+    One sink partition per table, each with its own connection to the file (DuckDB
+    shares one database between the connections of a process; run a flow that
+    writes DuckDB in one process, ``-w`` threads are fine).
 
     Example::
 
         sink = DuckDBSink(Path("iot.duckdb"), AGGREGATES, aggregate_rows)
+        both = DuckDBSink(Path("iot.duckdb"), AGGREGATES, stats_rows, also={DETECTIONS: detection_rows})
     """
 
-    def __init__(self, path: Path, table: Table, to_arrow: Callable[[list[Any]], pa.Table]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        table: Table,
+        to_arrow: Callable[[list[Any]], pa.Table],
+        *,
+        also: Mapping[Table, Callable[[list[Any]], pa.Table]] | None = None,
+    ) -> None:
         self._path = Path(path)
-        self._table = table
-        self._to_arrow = to_arrow
+        self._routes = {table.name: (table, to_arrow)}
+        self._routes.update({t.name: (t, f) for t, f in (also or {}).items()})
 
     def list_parts(self) -> list[str]:
-        return [self._table.name]
+        return list(self._routes)
 
     def part_fn(self, item_key: str) -> int:
-        return 0
+        try:
+            return list(self._routes).index(item_key)
+        except ValueError:
+            msg = f"no DuckDB table {item_key!r} in this sink; tables: {', '.join(self._routes)}"
+            raise ConfigError(msg) from None
 
     def build_part(self, step_id: str, for_part: str, resume_state: None) -> _Partition:
-        return _Partition(self._path, self._table, self._to_arrow)
+        table, to_arrow = self._routes[for_part]
+        return _Partition(self._path, table, to_arrow)

@@ -64,6 +64,8 @@ class Settings(BaseSettings):
     # start (backfills, tests) instead of following it.
     ingest_until_end: bool = False
     recovery_dir: Path | None = None
+    # The monitoring flow's deployment (operators.monitoring.Monitoring) as YAML or JSON.
+    monitoring: Path | None = None
     window_s: float = Field(60.0, gt=0)
     lateness_s: float = Field(5.0, ge=0)
     max_payload_bytes: int = Field(256 * 1024, gt=0)

@@ -1,0 +1,184 @@
+"""The monitoring flow: telemetry -> windows per device and group -> anomaly rules and CEP
+patterns -> aggregates and detections.
+
+Run it with ``python -m bytewax.run dataflows.monitoring:flow`` (or ``iotflow run
+monitoring`` for a recovery store); settings come from ``IOTFLOW_*``, the
+deployment (windows, statistics, rules, patterns, device dimensions) from the
+YAML or JSON file named by ``IOTFLOW_MONITORING``, else ``operators.monitoring.DEFAULT``.
+Input is MQTT directly or the bridge's Kafka ingest topic (``IOTFLOW_INGEST``).
+
+Outputs:
+
+- ``{prefix}.aggregates``: one record per window result row, keyed
+  ``group_by|key|metric|window_start|window_end`` (times ISO 8601, UTC),
+- ``{prefix}.detections``: anomaly and pattern detections, keyed ``rule|key``,
+- ``{prefix}.commands.requests``: command and twin-update requests of pattern actions,
+- ``{prefix}.deadletter``: rejected payloads and late readings, with the reason,
+- DuckDB ``aggregates`` and ``detections``, upserted on their natural keys.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import bytewax.operators as op
+import msgspec
+import polars as pl
+from bytewax.dataflow import Dataflow, Stream
+from bytewax.inputs import Source
+
+from connectors.decode import TelemetryDecoder, dead_letter
+from connectors.duckdb_store import AGGREGATES, DETECTIONS, DuckDBSink, detection_rows, stats_rows
+from connectors.ingest import device_messages
+from connectors.kafka import KafkaOutput, message
+from connectors.mapping import SourceMapping
+from iotflow.events import Detection, DeviceMessage
+from iotflow.settings import Settings
+from iotflow.topics import KafkaTopics
+from operators.aggregation import LateFrame
+from operators.anomaly_step import detect_anomalies, detect_peer_anomalies
+from operators.cep_step import cep
+from operators.monitoring import DEFAULT, Monitoring, to_wide
+from operators.steps import window_stats
+
+__all__ = ["aggregate_messages", "build_flow", "load_monitoring"]
+
+_encode = msgspec.json.encode
+
+
+def load_monitoring(settings: Settings) -> Monitoring:
+    """The deployment named by ``IOTFLOW_MONITORING``, or the embedded default."""
+    return Monitoring.load(settings.monitoring) if settings.monitoring else DEFAULT
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat().replace("+00:00", "Z")
+
+
+def aggregate_messages(topic: str, results: pl.DataFrame) -> list[Any]:
+    """One Kafka record per result row; the key is the row's natural key."""
+    out = []
+    for row in results.iter_rows(named=True):
+        start, end = _iso(row.pop("window_start_ms")), _iso(row.pop("window_end_ms"))
+        row["window_start"], row["window_end"] = start, end
+        key = f"{row['group_by']}|{row['key']}|{row['metric']}|{start}|{end}"
+        out.append(message(topic, key, _encode(row)))
+    return out
+
+
+def _late_letters(late: LateFrame) -> list[Any]:
+    reason = (
+        f"late reading: every window holding it closed at watermark {_iso(late.watermark_ms)} "
+        "(allowed_lateness in the monitoring declaration allows more)"
+    )
+    return [
+        dead_letter("window", reason, _encode(row), row["ts_ms"])
+        for row in late.readings.iter_rows(named=True)
+    ]
+
+
+def _detection_key(d: Detection) -> str:
+    return f"{d.rule}|{d.key}"
+
+
+def build_flow(
+    settings: Settings | None = None,
+    source: Source[list[DeviceMessage]] | None = None,
+    monitoring: Monitoring | None = None,
+) -> Dataflow:
+    """Wire the monitoring flow; ``source`` replaces the input (tests use ``TestingSource``)."""
+    settings = settings or Settings()
+    spec = monitoring or load_monitoring(settings)
+    topics = KafkaTopics(settings.topic_prefix)
+    bootstrap = settings.require_kafka_bootstrap()
+    mapping = settings.source_mapping
+    decoder = TelemetryDecoder(
+        SourceMapping.model_validate(mapping) if mapping is not None else None,
+        max_payload_bytes=settings.max_payload_bytes,
+        max_future_skew_ms=int(settings.max_future_skew_s * 1000),
+    )
+
+    flow = Dataflow("monitoring")
+    ingest = device_messages(flow, settings, source, client_id="iotflow-monitoring")
+    decoded = op.map("decode", ingest.messages, decoder.decode_frame)
+    frames = op.filter(
+        "nonempty", op.map("frames", decoded, lambda out: out.ok), lambda f: f.height > 0
+    )
+    dead: Stream[Any] = op.flat_map("rejected", decoded, lambda out: out.dead)
+    if ingest.dead is not None:
+        dead = op.merge("rejected_all", dead, ingest.dead)
+
+    stats = window_stats("windows", frames, spec.aggregation, spec.dimensions)
+    dead = op.merge("dead", dead, op.flat_map("late_letters", stats.late, _late_letters))
+    detections: list[Stream[Detection]] = []
+    actions: list[Stream[Any]] = []
+    if spec.reading_rules:
+        detections.append(detect_anomalies("anomalies", frames, spec.reading_rules).detections)
+    wide = op.map("wide", stats.down, to_wide)
+    device_wide = op.map("device_wide", wide, lambda f: f.filter(pl.col("group_by") == "device"))
+    for rule in spec.peer_rules:
+        found = detect_peer_anomalies(f"peers-{rule.name}", device_wide, rule, spec.dimensions)
+        detections.append(found.detections)
+    if spec.patterns is not None:
+        inputs = sorted({p.input for p in spec.patterns.patterns})
+        for name in inputs:
+            if name == "readings":
+                up = frames
+            elif name == "windows":
+                up = wide
+            else:
+                continue  # other inputs (commands) are fed by the orchestration flow
+            out = cep(f"cep-{name}", up, spec.patterns, name, spec.dimensions)
+            detections.append(out.detections)
+            actions.append(out.actions)
+    found_all = op.merge("detections", *detections) if detections else None
+
+    kafka_streams = [
+        op.flat_map(
+            "aggregate_msgs", stats.down, lambda f: aggregate_messages(topics.aggregates, f)
+        ),
+        op.map(
+            "dead_msgs", dead, lambda d: message(topics.deadletter, d.topic or d.source, _encode(d))
+        ),
+    ]
+    if found_all is not None:
+        kafka_streams.append(
+            op.map(
+                "detection_msgs",
+                found_all,
+                lambda d: message(topics.detections, _detection_key(d), _encode(d)),
+            )
+        )
+    if actions:
+        kafka_streams.append(
+            op.map(
+                "action_msgs",
+                op.merge("actions", *actions),
+                lambda a: message(topics.command_requests, a.device_id, _encode(a)),
+            )
+        )
+    op.output(
+        "kafka",
+        op.merge("to_kafka", *kafka_streams),
+        KafkaOutput(
+            bootstrap,
+            [topics.aggregates, topics.deadletter, topics.detections, topics.command_requests],
+        ),
+    )
+    to_duckdb = [op.map("aggregate_rows", stats.down, lambda f: (AGGREGATES.name, f))]
+    if found_all is not None:
+        to_duckdb.append(op.map("detection_rows", found_all, lambda d: (DETECTIONS.name, d)))
+    op.output(
+        "duckdb",
+        op.merge("to_duckdb", *to_duckdb),
+        DuckDBSink(settings.duckdb, AGGREGATES, stats_rows, also={DETECTIONS: detection_rows}),
+    )
+    return flow
+
+
+def __getattr__(name: str) -> Dataflow:
+    # Built on first access so importing the module needs no broker.
+    if name == "flow":
+        return build_flow()
+    raise AttributeError(name)

@@ -1,0 +1,134 @@
+"""A monitoring deployment as data: windows, anomaly rules and CEP patterns over one telemetry stream.
+
+``Monitoring`` composes the operator declarations (``Aggregation``, the rules
+of ``operators.anomaly``, a ``PatternSet``) and the device dimensions they
+group by. It loads from a dict, JSON or YAML; a wrong declaration fails at
+load time naming the field. ``DEFAULT`` is the embedded deployment the
+``monitoring`` flow runs without a file.
+
+Example::
+
+    >>> m = Monitoring.from_yaml('''
+    ... aggregation: {window: {kind: tumbling, length: 1m}, stats: [avg, p95], group_by: [[device], [zone]]}
+    ... anomalies: [{kind: zscore, metric: temperature, window: 20, k: 4}]
+    ... patterns: {patterns: [{name: hot, kind: threshold, input: windows, condition: temperature_avg > 30, times: 3}]}
+    ... dimensions: {t1: {zone: z1}}
+    ... ''')
+    >>> m.aggregation.window.length, [r.name for r in m.reading_rules], m.patterns.patterns[0].name
+    (datetime.timedelta(seconds=60), ['zscore:temperature'], 'hot')
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from iotflow.errors import ConfigError
+from operators.aggregation import Aggregation
+from operators.anomaly import EwmaRule, MadRule, PeerRule, Rule, ZScoreRule
+from operators.cep_patterns import PatternSet
+
+__all__ = ["DEFAULT", "Monitoring", "to_wide"]
+
+_INDEX = ["group_by", "key", "window_start_ms", "window_end_ms"]
+
+
+class Monitoring(BaseModel):
+    """What the monitoring flow computes and detects."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    aggregation: Aggregation
+    anomalies: list[Rule] = Field(default_factory=list)
+    patterns: PatternSet | None = None
+    dimensions: dict[str, dict[str, str]] = Field(default_factory=dict)
+
+    @property
+    def reading_rules(self) -> list[ZScoreRule | EwmaRule | MadRule]:
+        """Rules scored on each reading against the device's own baseline."""
+        return [r for r in self.anomalies if not isinstance(r, PeerRule)]
+
+    @property
+    def peer_rules(self) -> list[PeerRule]:
+        """Rules comparing a device's window results with its peers'."""
+        return [r for r in self.anomalies if isinstance(r, PeerRule)]
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Monitoring:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            where = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+            )
+            raise ConfigError(f"monitoring declaration is invalid: {where}") from None
+
+    @classmethod
+    def from_yaml(cls, text: str) -> Monitoring:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"monitoring declaration is not valid YAML: {exc}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def load(cls, path: Path | str) -> Monitoring:
+        """From a ``.yaml``/``.yml`` or ``.json`` file."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the monitoring declaration {path}: {exc}") from None
+        if path.suffix == ".json":
+            try:
+                return cls.from_dict(json.loads(text))
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+        return cls.from_yaml(text)
+
+
+def to_wide(results: pl.DataFrame) -> pl.DataFrame:
+    """Window results -> one row per (group_by, key, window) with ``{metric}_{stat}`` columns,
+    the layout CEP conditions and peer rules read (``temperature_avg > 30``)."""
+    if results.height == 0:
+        return pl.DataFrame(schema={c: results.schema.get(c, pl.Utf8) for c in _INDEX})
+    stats = [c for c in results.columns if c not in (*_INDEX, "metric")]
+    wide: pl.DataFrame | None = None
+    for (metric,), part in results.group_by("metric", maintain_order=True):
+        renamed = part.select(*_INDEX, *(pl.col(s).alias(f"{metric}_{s}") for s in stats))
+        wide = renamed if wide is None else wide.join(renamed, on=_INDEX, how="full", coalesce=True)
+    assert wide is not None  # results.height > 0
+    return wide.sort(["window_start_ms", "group_by", "key"])
+
+
+DEFAULT = Monitoring.from_yaml(
+    """
+aggregation:
+  window: {kind: tumbling, length: 1m}
+  allowed_lateness: 5s
+  stats: [avg, min, max, p95, device_count]
+  group_by: [[device], [zone]]
+anomalies:
+  - {kind: zscore, metric: temperature, window: 30, k: 4.0}
+patterns:
+  # window results of different shards close at different times: more than a window
+  allowed_lateness: 2m
+  patterns:
+    - name: overheating
+      kind: threshold
+      input: windows
+      condition: temperature_avg > 30
+      times: 3
+    - name: temperature_rising_fast
+      kind: rate
+      input: readings
+      value: temperature
+      exceeds: 2
+      per: 1m
+"""
+)
