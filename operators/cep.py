@@ -608,9 +608,7 @@ class _Heartbeat(_Kind):
         )
         out = [
             self._silence(key, prev_ts)
-            for key, prev_ts in gaps.select(KEY, "prev")
-            .sort(pl.col("prev"), KEY)
-            .iter_rows()
+            for key, prev_ts in gaps.select(KEY, "prev").sort(pl.col("prev"), KEY).iter_rows()
         ]
         lasts = b.filter(_last_of_key()).select(KEY, KID, TS, pl.lit(False).alias("fired"))
         self.last = pl.concat([self.last.join(lasts, on=KID, how="anti"), lasts])
@@ -1040,8 +1038,12 @@ class CepEngine:
         skew = patterns.max_future_skew
         self._skew_ms = None if skew is None else round(skew.total_seconds() * 1000)
         self._stats: dict[str, int] = {
-            "rows": 0, "late": 0, "future": 0, "incomplete": 0, "missing_column_rows": 0,
-        }  # fmt: skip
+            "rows": 0,
+            "late": 0,
+            "future": 0,
+            "incomplete": 0,
+            "missing_column_rows": 0,
+        }
         self._pattern_stats: dict[str, dict[str, int]] = {}
         self.kinds: list[tuple[Pattern, _Kind]] = []
         for i, p in enumerate(chosen):
