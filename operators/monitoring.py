@@ -98,11 +98,13 @@ def to_wide(results: pl.DataFrame) -> pl.DataFrame:
     if results.height == 0:
         return pl.DataFrame(schema={c: results.schema.get(c, pl.Utf8) for c in _INDEX})
     stats = [c for c in results.columns if c not in (*_INDEX, "metric")]
-    wide: pl.DataFrame | None = None
-    for (metric,), part in results.group_by("metric", maintain_order=True):
-        renamed = part.select(*_INDEX, *(pl.col(s).alias(f"{metric}_{s}") for s in stats))
-        wide = renamed if wide is None else wide.join(renamed, on=_INDEX, how="full", coalesce=True)
-    assert wide is not None  # results.height > 0
+    parts = [
+        part.select(*_INDEX, *(pl.col(s).alias(f"{metric}_{s}") for s in stats))
+        for (metric,), part in results.group_by("metric", maintain_order=True)
+    ]
+    wide = parts[0]
+    for part in parts[1:]:
+        wide = wide.join(part, on=_INDEX, how="full", coalesce=True)
     return wide.sort(["window_start_ms", "group_by", "key"])
 
 
