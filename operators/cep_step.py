@@ -10,7 +10,8 @@ each shard runs one engine over its slice of every batch, so state (partial
 matches, timers, buffered events, watermark) lives in Bytewax state and
 survives a restart from the recovery store. ``correlation`` patterns need every
 key of a group in one place: they run in a second engine per ``group_by``
-dimension, sharded by the group's value. Each engine keeps its own watermark.
+dimension, sharded by the group's value. Each engine keeps its own watermark;
+rejected rows (late, future, incomplete) are reported by the first engine only.
 
 Example::
 
@@ -175,7 +176,8 @@ def cep(
         )
 
     outputs: list[Stream[CepEmit]] = []
-    for where, members in sorted(groups.items()):
+    # the per-key engine first (it reports rejected rows), then one per dimension
+    for where, members in sorted(groups.items(), key=lambda item: item[0] != "keyed"):
         subset = patterns.model_copy(update={"patterns": members})
         if where == "keyed":
             sharder = _Sharder(spec.key, shards, lambda k: k)
@@ -188,8 +190,12 @@ def cep(
             return _CepLogic(engine)
 
         keyed = op.flat_map(f"shard_{where}", up, sharder.split)
-        emitted = op.stateful_batch(f"patterns_{where}", keyed, build)
-        outputs.append(op.key_rm(f"unshard_{where}", emitted))
+        emitted = op.key_rm(
+            f"unshard_{where}", op.stateful_batch(f"patterns_{where}", keyed, build)
+        )
+        if outputs:  # every engine sees every row: only the first reports rejected rows
+            emitted = op.filter(f"once_{where}", emitted, lambda e: not isinstance(e, RejectedRows))
+        outputs.append(emitted)
 
     items = outputs[0] if len(outputs) == 1 else op.merge("merge", *outputs)
     det = op.branch("detections", items, lambda e: isinstance(e, Detection))
