@@ -213,6 +213,15 @@ def _positive(kind: type) -> object:
     return parse
 
 
+def _max_in_flight(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"{text} must be within 1..65535 (the MQTT 5 receive maximum)"
+        )
+    return value
+
+
 def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -304,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bridge.add_argument(
         "--max-in-flight",
-        type=_positive(int),
+        type=_max_in_flight,
         default=1000,
         help="unacknowledged messages at most (MQTT receive maximum, 1..65535; default 1000)",
     )

@@ -94,3 +94,41 @@ def test_simulate_publishes_to_the_configured_broker(stack: StackInfo, names) ->
         }
     finally:
         part.close()
+
+
+def test_tail_dedupe_shows_each_window_once(stack: StackInfo, names) -> None:
+    topic = f"{names.kafka_prefix}.aggregates"
+    ensure_topics(stack.kafka_bootstrap, [topic], partitions=1)
+    producer = Producer(producer_config(stack.kafka_bootstrap))
+    row = {"key": "d1", "metric": "t", "window_start": "2026-01-01T00:00:00Z", "count": 2}
+    for doc in [row, row, {**row, "window_start": "2026-01-01T00:01:00Z", "count": 1}]:
+        producer.produce(topic, key=b"d1", value=json.dumps(doc).encode())
+    producer.flush(10)
+    env = {
+        **os.environ,
+        "IOTFLOW_KAFKA_BOOTSTRAP": stack.kafka_bootstrap,
+        "IOTFLOW_TOPIC_PREFIX": names.kafka_prefix,
+    }
+    out = run_cli("tail", "aggregates", "--dedupe", "--idle", "2", env=env)
+    assert out.returncode == 0, out.stderr
+    assert [json.loads(line)["value"]["count"] for line in out.stdout.splitlines()] == [2, 1]
+    out = run_cli("tail", "deadletter", "--dedupe", "--idle", "1", env=env)
+    assert out.returncode == 2 and "no natural key" in out.stderr
+
+
+def test_run_and_bridge_refuse_bad_settings_and_arguments(tmp_path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IOTFLOW_")}
+    env["IOTFLOW_STATE_DIR"] = str(tmp_path)
+    out = run_cli("run", "telemetry", env={**env, "IOTFLOW_INGEST": "kafak"})
+    assert out.returncode == 2
+    assert "IOTFLOW_INGEST='kafak'" in out.stderr and "'mqtt' or 'kafka'" in out.stderr
+    out = run_cli("run", "no_such_flow", env=env)
+    assert out.returncode == 2 and "no flow named 'no_such_flow'" in out.stderr
+    out = run_cli("run", "telemetry", "-s", "0", env=env)
+    assert out.returncode == 2 and "must be greater than 0" in out.stderr
+    out = run_cli("bridge", "--max-in-flight", "0", env=env)
+    assert out.returncode == 2 and "within 1..65535" in out.stderr
+    out = run_cli("bridge", "--max-in-flight", "70000", env=env)
+    assert out.returncode == 2 and "65535" in out.stderr
+    out = run_cli("bridge", env=env)  # nothing configured, no local stack
+    assert out.returncode == 2 and "no MQTT broker" in out.stderr
