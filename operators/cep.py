@@ -235,6 +235,7 @@ class _Kind:
         self.p = pattern
         self.slot = slot
         self.stats = stats
+        self.keys: list[str] = []  # key id -> key, shared with the engine
 
     def col(self, local: str) -> str:
         return f"{self.slot}.{local}"
@@ -352,143 +353,155 @@ def _composite(kid: np.ndarray, ts: np.ndarray, gap_ms: int) -> np.ndarray | Non
     return kid.astype(np.int64) * width + (ts - base)
 
 
-def _sparse_tables(values: np.ndarray, op: Callable[..., np.ndarray]) -> list[np.ndarray]:
-    """Level k holds op over each run of 2**k values (range min/max queries in O(1))."""
-    levels = [values]
-    k = 1
-    while (1 << k) <= len(values):
-        prev, half = levels[-1], 1 << (k - 1)
-        levels.append(op(prev[:-half], prev[half:]))
-        k += 1
-    return levels
+def _sparse_tables(values: np.ndarray, op: Any, longest: int) -> np.ndarray:
+    """Row k holds op over each run of 2**k values, NaN-padded (O(1) range queries).
+
+    Only the levels a query of ``longest`` values needs are built.
+    """
+    levels = max(1, int(longest).bit_length())
+    n = len(values)
+    table = np.full((levels, n), np.nan)
+    table[0] = values
+    for k in range(1, levels):
+        half, width = 1 << (k - 1), n - (1 << k) + 1
+        if width <= 0:
+            break
+        prev = table[k - 1]
+        table[k, :width] = op(prev[:width], prev[half : half + width])
+    return table
 
 
-def _range_query(
-    levels: list[np.ndarray], lo: np.ndarray, hi: np.ndarray, op: Callable[..., np.ndarray]
-) -> np.ndarray:
+def _range_query(table: np.ndarray, lo: np.ndarray, hi: np.ndarray, op: Any) -> np.ndarray:
     """op over values[lo[i]..hi[i]] (inclusive) for every i; NaN where lo > hi."""
-    out = np.full(len(lo), np.nan)
     length = hi - lo + 1
     valid = length > 0
-    k = np.zeros(len(lo), dtype=np.int64)
-    k[valid] = np.floor(np.log2(length[valid])).astype(np.int64)
-    for level in np.unique(k[valid]):
-        sel = valid & (k == level)
-        table = levels[level]
-        out[sel] = op(table[lo[sel]], table[hi[sel] - (1 << int(level)) + 1])
+    safe = np.where(valid, length, 1)
+    k = np.frexp(safe.astype(np.float64))[1] - 1  # floor(log2(length)), exactly
+    lo_c = np.where(valid, lo, 0)
+    hi_c = np.where(valid, hi - (1 << k) + 1, 0)
+    out = op(table[k, lo_c], table[k, hi_c])
+    out[~valid] = np.nan
     return out
+
+
+def _run_ends(values: np.ndarray) -> np.ndarray:
+    """For each position of a sorted array, the last position holding the same value."""
+    if len(values) == 0:
+        return np.zeros(0, dtype=np.int64)
+    step = values[1:] != values[:-1]
+    ends = np.append(np.flatnonzero(step), len(values) - 1)
+    run = np.zeros(len(values), dtype=np.int64)
+    run[1:] = np.cumsum(step)
+    return ends[run]
 
 
 class _Range(_Kind):
     p: RangePattern
-    _TAIL: ClassVar[dict[str, Any]] = {
-        KEY: pl.Utf8,
-        KID: pl.Int64,
-        TS: pl.Int64,
-        "v": pl.Float64,
-        "flag": pl.Boolean,
-    }
+    _FIELDS = ("kid", "ts", "v", "flag")
 
     def __init__(self, pattern: RangePattern, slot: str, stats: dict[str, int]) -> None:
         super().__init__(pattern, slot, stats)
         self.within_ms = round(pattern.within.total_seconds() * 1000)
-        # the events that can still be the max or min of a later event's span (and
-        # each key's latest event, which carries its flag); per key in time order
-        self.tail = pl.DataFrame(schema=self._TAIL)
+        # the events that can still be the max or min of a later event's span, and
+        # each key's latest event (its flag); a key's rows together, in time order.
+        # numpy arrays: this runs over every tail row of every batch's keys
+        self.kid = np.zeros(0, dtype=np.int64)
+        self.ts = np.zeros(0, dtype=np.int64)
+        self.v = np.zeros(0, dtype=np.float64)
+        self.flag = np.zeros(0, dtype=bool)
 
     def process(self, frame: pl.DataFrame, by_key: Callable[[], pl.DataFrame]) -> list[Any]:
-        v = self.col("value")
-        batch = (
-            by_key()
-            .filter(pl.col(v).is_not_null())
-            .select(KEY, KID, TS, pl.col(v).alias("v"), pl.lit(None, pl.Boolean).alias("flag"))
-        )
+        col = self.col("value")
+        batch = by_key().select(KID, TS, col).filter(pl.col(col).is_not_null())
         if batch.is_empty():
             return []
+        b_kid, b_ts = batch[KID].to_numpy(), batch[TS].to_numpy()
+        b_v = batch[col].to_numpy()
         # only the tail of keys in this batch takes part; the rest stays as it is
-        batch_kids = batch[KID].unique().to_numpy()
-        touched = np.isin(self.tail[KID].to_numpy(), batch_kids)
-        untouched = self.tail.filter(pl.Series(~touched))
-        tail = self.tail.filter(pl.Series(touched))
-        n_old = tail.height
-        both = pl.concat([tail, batch])
-        kid, ts = both[KID].to_numpy(), both[TS].to_numpy()
+        touched = np.isin(self.kid, np.unique(b_kid))
+        rest = ~touched
+        n_old = int(touched.sum())
+        kid = np.concatenate([self.kid[touched], b_kid])
+        ts = np.concatenate([self.ts[touched], b_ts])
+        vals = np.concatenate([self.v[touched], b_v])
+        stored = np.concatenate([self.flag[touched], np.zeros(len(b_kid), dtype=bool)])
         t = _composite(kid, ts, self.within_ms)
         if t is None:  # pragma: no cover - needs a span of ~10^12 years
             raise ConfigError(f"pattern {self.p.name!r}: event times span too far to compare")
         # no batch event is older than a tail event of its key, and the batch is in
         # (key, time, arrival) order: a stable sort keeps arrival order among ties
         order = np.argsort(t, kind="stable")
-        both, t, kid, ts = both[order], t[order], kid[order], ts[order]
+        t, kid, ts, vals, stored = t[order], kid[order], ts[order], vals[order], stored[order]
         old = order < n_old
-        vals = both["v"].to_numpy()
         # the span of event j: its key's events in (ts_j - within, ts_j], same-time ones included
         lo_idx = np.searchsorted(t, t - self.within_ms, side="right")
-        hi_idx = np.searchsorted(t, t, side="right") - 1
-        maxes = _sparse_tables(vals, np.maximum)
-        mins = _sparse_tables(vals, np.minimum)
+        hi_idx = _run_ends(t)
+        key_end = _run_ends(kid)
+        index = np.arange(len(t))
+        longest = int(max((hi_idx - lo_idx).max(), (key_end - index).max())) + 1
+        maxes = _sparse_tables(vals, np.maximum, longest)
+        mins = _sparse_tables(vals, np.minimum, longest)
         top = _range_query(maxes, lo_idx, hi_idx, np.maximum)
         bottom = _range_query(mins, lo_idx, hi_idx, np.minimum)
-        stored = both["flag"].to_numpy()
-        flag = np.where(old, stored == True, (top - bottom) > self.p.exceeds)  # noqa: E712
-        same_key = np.zeros(len(t), dtype=bool)
-        same_key[1:] = kid[1:] == kid[:-1]
+        flag = np.where(old, stored, (top - bottom) > self.p.exceeds)
         prev = np.zeros(len(t), dtype=bool)
-        prev[1:] = flag[:-1]
-        prev &= same_key
-        hits = np.flatnonzero(~old & flag & ~prev)
+        prev[1:] = flag[:-1] & (kid[1:] == kid[:-1])
         out: list[Any] = []
-        keys = both[KEY]
-        for j in hits.tolist():
+        x = self.p.exceeds
+        for j in np.flatnonzero(~old & flag & ~prev).tolist():
             hi, lo = float(top[j]), float(bottom[j])
             window = slice(int(lo_idx[j]), int(hi_idx[j]) + 1)
             span_ts, span_v = ts[window], vals[window]
-            hi_ts = int(span_ts[np.flatnonzero(span_v == hi)[-1]])
-            lo_ts = int(span_ts[np.flatnonzero(span_v == lo)[-1]])
-            x = self.p.exceeds
             out.append(
                 self.detection(
-                    keys[j],
+                    self.keys[int(kid[j])],
                     int(ts[j]),
                     value=hi - lo,
                     score=(hi - lo) / x if x else None,
                     details={
                         "max": hi,
                         "min": lo,
-                        "max_ts_ms": hi_ts,
-                        "min_ts_ms": lo_ts,
+                        "max_ts_ms": int(span_ts[np.flatnonzero(span_v == hi)[-1]]),
+                        "min_ts_ms": int(span_ts[np.flatnonzero(span_v == lo)[-1]]),
                         "within_s": self.within_ms / 1000,
                     },
                 )
             )
         out.sort(key=lambda d: (d.ts, d.key))
         # an event stays if no later event of its key is both >= and <= it
-        key_end = np.searchsorted(kid, kid, side="right") - 1
-        after = np.arange(len(t)) + 1
-        later_hi = _range_query(maxes, after, key_end, np.maximum)
-        later_lo = _range_query(mins, after, key_end, np.minimum)
+        later_hi = _range_query(maxes, index + 1, key_end, np.maximum)
+        later_lo = _range_query(mins, index + 1, key_end, np.minimum)
         keep = np.isnan(later_hi) | (vals > later_hi) | (vals < later_lo)
-        kept = both.with_columns(pl.Series("flag", flag)).filter(pl.Series(keep))
-        self.tail = pl.concat([untouched, kept])
+        self.kid = np.concatenate([self.kid[rest], kid[keep]])
+        self.ts = np.concatenate([self.ts[rest], ts[keep]])
+        self.v = np.concatenate([self.v[rest], vals[keep]])
+        self.flag = np.concatenate([self.flag[rest], flag[keep]])
         return out
 
     def advance(self, boundary: int) -> list[Any]:
-        # every later event is at or after the boundary: older spans are over
-        if not self.tail.is_empty():
-            self.tail = self.tail.filter(pl.col(TS) > boundary - self.within_ms)
+        # every later event is at or after the boundary: older spans are over, but
+        # each key's latest event stays, its flag decides whether the next one is an edge
+        if len(self.kid):
+            last = np.ones(len(self.kid), dtype=bool)
+            last[:-1] = self.kid[:-1] != self.kid[1:]
+            keep = (self.ts > boundary - self.within_ms) | last
+            self.kid, self.ts = self.kid[keep], self.ts[keep]
+            self.v, self.flag = self.v[keep], self.flag[keep]
         return []
 
     def snapshot(self) -> Any:
-        return _frame_state(self.tail)
+        return {name: getattr(self, name).tolist() for name in self._FIELDS}
 
     def restore(self, state: Any) -> None:
-        self.tail = _frame_restore(state, self._TAIL)
+        self.kid = np.array(state["kid"], dtype=np.int64)
+        self.ts = np.array(state["ts"], dtype=np.int64)
+        self.v = np.array(state["v"], dtype=np.float64)
+        self.flag = np.array(state["flag"], dtype=bool)
 
 
 class _Rate(_Kind):
     p: RatePattern
     _LAST: ClassVar[dict[str, Any]] = {
-        KEY: pl.Utf8,
         KID: pl.Int64,
         TS: pl.Int64,
         "v": pl.Float64,
@@ -502,10 +515,10 @@ class _Rate(_Kind):
 
     def process(self, frame: pl.DataFrame, by_key: Callable[[], pl.DataFrame]) -> list[Any]:
         v = self.col("value")
-        batch = by_key().filter(pl.col(v).is_not_null()).select(KEY, KID, TS, pl.col(v).alias("v"))
+        batch = by_key().filter(pl.col(v).is_not_null()).select(KID, TS, pl.col(v).alias("v"))
         if batch.is_empty():
             return []
-        prior = self.last.drop(KEY).rename({TS: "p_ts", "v": "p_v", "flag": "p_flag"})
+        prior = self.last.rename({TS: "p_ts", "v": "p_v", "flag": "p_flag"})
         b = batch.join(prior, on=KID, how="left", maintain_order="left")
         first = _first_of_key()
         prev_ts = pl.when(first).then(pl.col("p_ts")).otherwise(pl.col(TS).shift(1))
@@ -536,7 +549,7 @@ class _Rate(_Kind):
         hits = b.filter(pl.col("flag").fill_null(False) & ~prev_flag)
         out = [
             self.detection(
-                key,
+                self.keys[kid],
                 ts,
                 value=r,
                 baseline=pv,
@@ -549,11 +562,11 @@ class _Rate(_Kind):
                     "per_s": self.per_ms / 1000,
                 },
             )
-            for key, ts, val, pts, pv, r in hits.select(
-                KEY, TS, "v", "prev_ts", "prev_v", "rate"
+            for kid, ts, val, pts, pv, r in hits.select(
+                KID, TS, "v", "prev_ts", "prev_v", "rate"
             ).iter_rows()
         ]
-        lasts = b.filter(_last_of_key()).select(KEY, KID, TS, "v", pl.col("ff").alias("flag"))
+        lasts = b.filter(_last_of_key()).select(KID, TS, "v", pl.col("ff").alias("flag"))
         self.last = pl.concat([self.last.join(lasts, on=KID, how="anti"), lasts])
         return out
 
@@ -569,7 +582,6 @@ class _Heartbeat(_Kind):
 
     p: AbsencePattern
     _LAST: ClassVar[dict[str, Any]] = {
-        KEY: pl.Utf8,
         KID: pl.Int64,
         TS: pl.Int64,
         "fired": pl.Boolean,
@@ -581,11 +593,11 @@ class _Heartbeat(_Kind):
         self.last = pl.DataFrame(schema=self._LAST)
         self._deadline: int | None = None
 
-    def _silence(self, key: str, last_ts: int) -> Detection:
+    def _silence(self, kid: int, last_ts: int) -> Detection:
         # the same whether the watermark or the key's next event revealed the silence
         details: dict[str, Any] = {"last_ts_ms": last_ts, "silence_s": self.within_ms / 1000}
         return self.detection(
-            key, last_ts + self.within_ms, value=self.within_ms / 1000, details=details
+            self.keys[kid], last_ts + self.within_ms, value=self.within_ms / 1000, details=details
         )
 
     def process(self, frame: pl.DataFrame, by_key: Callable[[], pl.DataFrame]) -> list[Any]:
@@ -594,8 +606,8 @@ class _Heartbeat(_Kind):
             b = b.filter(pl.col(self.col("expect")).fill_null(False))
         if b.is_empty():
             return []
-        b = b.select(KEY, KID, TS).join(
-            self.last.drop(KEY).rename({TS: "p_ts", "fired": "p_fired"}),
+        b = b.select(KID, TS).join(
+            self.last.rename({TS: "p_ts", "fired": "p_fired"}),
             on=KID,
             how="left",
             maintain_order="left",
@@ -607,10 +619,10 @@ class _Heartbeat(_Kind):
             (pl.col(TS) - pl.col("prev") >= self.within_ms) & ~pl.col("prev_fired")
         )
         out = [
-            self._silence(key, prev_ts)
-            for key, prev_ts in gaps.select(KEY, "prev").sort(pl.col("prev"), KEY).iter_rows()
+            self._silence(kid, prev_ts)
+            for kid, prev_ts in gaps.select(KID, "prev").sort("prev", KID).iter_rows()
         ]
-        lasts = b.filter(_last_of_key()).select(KEY, KID, TS, pl.lit(False).alias("fired"))
+        lasts = b.filter(_last_of_key()).select(KID, TS, pl.lit(False).alias("fired"))
         self.last = pl.concat([self.last.join(lasts, on=KID, how="anti"), lasts])
         self._deadline = None
         return out
@@ -620,10 +632,10 @@ class _Heartbeat(_Kind):
         if deadline is None or deadline > boundary:
             return []
         due_expr = ~pl.col("fired") & (pl.col(TS) + self.within_ms <= boundary)
-        due = self.last.filter(due_expr).sort(TS, KEY)
+        due = self.last.filter(due_expr).sort(TS, KID)
         self.last = self.last.with_columns((pl.col("fired") | due_expr).alias("fired"))
         self._deadline = None
-        return [self._silence(key, ts) for key, ts in due.select(KEY, TS).iter_rows()]
+        return [self._silence(kid, ts) for kid, ts in due.select(KID, TS).iter_rows()]
 
     def next_deadline(self) -> int | None:
         if self._deadline is None:
@@ -1076,6 +1088,9 @@ class CepEngine:
         self._boundary: int | None = None  # everything before it was processed
         self._pending = pl.DataFrame(schema=self._schema)
         self._keytab = pl.DataFrame(schema={KEY: pl.Utf8, KID: pl.Int64})
+        self._keys: list[str] = []  # key id -> key
+        for _, kind in self.kinds:
+            kind.keys = self._keys
         if resume_state is not None:
             self._restore(resume_state)
 
@@ -1211,6 +1226,7 @@ class CepEngine:
         self._boundary = state["boundary_ms"]
         self._pending = _frame_restore(state["pending"], self._schema)
         keys = state["keys"]
+        self._keys[:] = keys
         self._keytab = pl.DataFrame(
             {KEY: keys, KID: list(range(len(keys)))}, schema={KEY: pl.Utf8, KID: pl.Int64}
         )
@@ -1301,6 +1317,7 @@ class CepEngine:
                 pl.int_range(start, start + new.height, dtype=pl.Int64).alias(KID)
             )
             self._keytab = pl.concat([self._keytab, new])
+            self._keys.extend(new[KEY].to_list())
         return frame.join(self._keytab, on=KEY, how="left", maintain_order="left")
 
     def _schema_ids(self) -> list[str]:

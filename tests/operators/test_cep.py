@@ -1059,3 +1059,19 @@ def test_range_matches_a_brute_force_window(steps: list[tuple[int, float]]) -> N
             expected.append(ts)
         prev = flag
     assert got == expected
+
+
+def test_range_edge_state_survives_when_old_events_leave_the_span() -> None:
+    # the key's previous event (0 s) had a wide range; the next one (30 s) has a wide range
+    # of its own: the excursion goes on, however the batches fall
+    rows = [
+        ("a", 0, {"t": 20.0}),
+        ("a", 0, {"t": 29.0}),
+        ("z", 25, {"t": 1.0}),
+        ("a", 30, {"t": 20.0}),
+        ("a", 30, {"t": 29.0}),
+    ]
+    pattern = {**SWING, "exceeds": 8, "within": "20s"}
+    whole = dets(run(build([pattern]), frame(rows)))
+    split = dets(run(build([pattern]), frame(rows[:2]), frame(rows[2:3]), frame(rows[3:])))
+    assert whole == split == [("swing", "a", 0.0)]
