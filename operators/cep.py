@@ -786,9 +786,6 @@ class _Sequence(_Kind):
         self.runs: dict[str, list[list[Any]]] = {}
         self.heap: list[tuple[int, int, str]] = []  # (deadline, start_seq, key), lazy
 
-    def conditions_schema(self) -> dict[str, pl.DataType]:
-        return {c: pl.Boolean for c in self.cond_cols}
-
     def columns(self) -> dict[str, pl.Expr]:
         return {
             self.col(f"step.{s.name}"): s.where.to_polars(nan_as_null=False).cast(pl.Boolean)
@@ -1207,6 +1204,7 @@ class CepEngine:
         return {**copy.deepcopy(self._stats), "patterns": copy.deepcopy(self._pattern_stats)}
 
     def watermark_ms(self) -> int | None:
+        """The watermark now (epoch ms; None before the first event); it never goes back."""
         return self._current_watermark()
 
     # -- internals
