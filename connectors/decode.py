@@ -46,7 +46,7 @@ class DecodeOut:
 
 @dataclass
 class FrameOut:
-    """What one batch decoded to, columnar: a reading frame (``operators.frame``) and
+    """What one batch decoded to, columnar: a reading frame (``iotflow.frame``) and
     dead letters."""
 
     ok: pl.DataFrame
