@@ -106,7 +106,7 @@ class BridgeProcess:
             if line.startswith(b"bridge online"):
                 self._online.set()
 
-    def wait_online(self, timeout_s: float = 30.0) -> None:
+    def wait_online(self, timeout_s: float = 90.0) -> None:
         deadline = time.monotonic() + timeout_s
         while not self._online.wait(0.1):
             if self.popen.poll() is not None or time.monotonic() > deadline:

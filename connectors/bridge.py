@@ -392,9 +392,11 @@ class IngestBridge:
             self._forwarding = False
             raise
         self._client.on_disconnect = self._on_disconnect
-        if not self._subscribed.wait(self._timeout_s) or self._refused:
+        # Generous: on a resumed session the broker may send its whole backlog of
+        # unacknowledged messages before the SUBACK (Mosquitto 2 does).
+        if not self._subscribed.wait(max(self._timeout_s, 60.0)) or self._refused:
             self.close(flush_timeout_s=0)
-            why = ", ".join(self._refused) if self._refused else f"no SUBACK in {self._timeout_s}s"
+            why = ", ".join(self._refused) if self._refused else "no SUBACK within 60s"
             msg = f"MQTT broker {MqttUrl.parse(self._url)} refused the bridge's subscription: {why}"
             raise BrokerError(msg)
         log.info("bridge %r online, subscribed to %s", self, ", ".join(self.subscriptions))
