@@ -101,7 +101,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -215,14 +215,6 @@ def _frame_state(df: pl.DataFrame) -> dict[str, list[Any]]:
 
 def _frame_restore(data: dict[str, list[Any]], schema: dict[str, pl.DataType]) -> pl.DataFrame:
     return pl.DataFrame(data, schema=schema)
-
-
-def _last_of_key(col: str = KID) -> pl.Expr:
-    return (pl.col(col) != pl.col(col).shift(-1)).fill_null(True)
-
-
-def _first_of_key(col: str = KID) -> pl.Expr:
-    return (pl.col(col) != pl.col(col).shift(1)).fill_null(True)
 
 
 # -- the pattern kinds ------------------------------------------------------------------
@@ -499,99 +491,131 @@ class _Range(_Kind):
         self.flag = np.array(state["flag"], dtype=bool)
 
 
+class _PerKey:
+    """Dense per-key arrays indexed by key id (ids are small consecutive ints)."""
+
+    def __init__(self, **dtypes: Any) -> None:
+        self.arrays = {name: np.zeros(0, dtype=dtype) for name, dtype in dtypes.items()}
+
+    def ensure(self, size: int) -> None:
+        have = len(next(iter(self.arrays.values())))
+        if size > have:
+            grow = max(size, 2 * have) - have
+            for name, arr in self.arrays.items():
+                self.arrays[name] = np.concatenate([arr, np.zeros(grow, dtype=arr.dtype)])
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.arrays[name]
+
+    def snapshot(self) -> dict[str, list[Any]]:
+        return {name: arr.tolist() for name, arr in self.arrays.items()}
+
+    def restore(self, state: dict[str, list[Any]]) -> None:
+        self.arrays = {
+            name: np.array(state[name], dtype=arr.dtype) for name, arr in self.arrays.items()
+        }
+
+
+def _first_rows(kid: np.ndarray) -> np.ndarray:
+    first = np.ones(len(kid), dtype=bool)
+    first[1:] = kid[1:] != kid[:-1]
+    return first
+
+
+def _last_rows(kid: np.ndarray) -> np.ndarray:
+    last = np.ones(len(kid), dtype=bool)
+    last[:-1] = kid[:-1] != kid[1:]
+    return last
+
+
 class _Rate(_Kind):
     p: RatePattern
-    _LAST: ClassVar[dict[str, Any]] = {
-        KID: pl.Int64,
-        TS: pl.Int64,
-        "v": pl.Float64,
-        "flag": pl.Boolean,
-    }
 
     def __init__(self, pattern: RatePattern, slot: str, stats: dict[str, int]) -> None:
         super().__init__(pattern, slot, stats)
         self.per_ms = pattern.per.total_seconds() * 1000
-        self.last = pl.DataFrame(schema=self._LAST)  # each key's previous event and flag
+        # each key's previous event and whether the rate was over the limit there
+        self.last = _PerKey(seen=bool, ts=np.int64, v=np.float64, flag=bool)
 
     def process(self, frame: pl.DataFrame, by_key: Callable[[], pl.DataFrame]) -> list[Any]:
-        v = self.col("value")
-        batch = by_key().filter(pl.col(v).is_not_null()).select(KID, TS, pl.col(v).alias("v"))
+        col = self.col("value")
+        batch = by_key().select(KID, TS, col).filter(pl.col(col).is_not_null())
         if batch.is_empty():
             return []
-        prior = self.last.rename({TS: "p_ts", "v": "p_v", "flag": "p_flag"})
-        b = batch.join(prior, on=KID, how="left", maintain_order="left")
-        first = _first_of_key()
-        prev_ts = pl.when(first).then(pl.col("p_ts")).otherwise(pl.col(TS).shift(1))
-        prev_v = pl.when(first).then(pl.col("p_v")).otherwise(pl.col("v").shift(1))
-        b = b.with_columns(prev_ts.alias("prev_ts"), prev_v.alias("prev_v"))
-        dt = pl.col(TS) - pl.col("prev_ts")
-        rate = pl.when(dt > 0).then((pl.col("v") - pl.col("prev_v")) / dt * self.per_ms)
-        b = b.with_columns(rate.alias("rate"))
+        kid, ts, v = batch[KID].to_numpy(), batch[TS].to_numpy(), batch[col].to_numpy()
+        self.last.ensure(int(kid.max()) + 1)
+        seen, s_ts, s_v, s_flag = (self.last[n] for n in ("seen", "ts", "v", "flag"))
+        first = _first_rows(kid)
+        head = kid[first]
+        prev_ts, prev_v = np.empty_like(ts), np.empty_like(v)
+        prev_ts[1:], prev_v[1:] = ts[:-1], v[:-1]
+        prev_ts[first], prev_v[first] = s_ts[head], s_v[head]
+        has_prev = np.ones(len(kid), dtype=bool)
+        has_prev[first] = seen[head]
+        dt = ts - prev_ts
+        with np.errstate(all="ignore"):
+            rate = np.where(
+                has_prev & (dt > 0), (v - prev_v) / np.maximum(dt, 1) * self.per_ms, np.nan
+            )
+        defined = ~np.isnan(rate)  # an event at the previous one's time has no slope
         x = self.p.exceeds
-        if self.p.direction == "rises":
-            flag = pl.col("rate") > x
-        elif self.p.direction == "falls":
-            flag = pl.col("rate") < -x
-        else:
-            flag = pl.col("rate").abs() > x
-        p_flag = pl.col("p_flag").fill_null(False)
-        # an event without a slope keeps its key's previous state: forward-fill the
-        # flag, seeding each key's first row with its stored flag
-        b = b.with_columns(flag.alias("flag"))
-        b = b.with_columns(
-            pl.when(first & pl.col("flag").is_null())
-            .then(p_flag)
-            .otherwise(pl.col("flag"))
-            .forward_fill()
-            .alias("ff")
-        )
-        prev_flag = pl.when(first).then(p_flag).otherwise(pl.col("ff").shift(1))
-        hits = b.filter(pl.col("flag").fill_null(False) & ~prev_flag)
+        with np.errstate(invalid="ignore"):
+            if self.p.direction == "rises":
+                over = rate > x
+            elif self.p.direction == "falls":
+                over = rate < -x
+            else:
+                over = np.abs(rate) > x
+        # without a slope an event keeps its key's state: forward-fill the flag, each
+        # key's first row seeded with the stored flag
+        seed = np.where(defined, over, False)
+        seed[first & ~defined] = s_flag[kid[first & ~defined]]
+        anchor = np.where(defined | first, np.arange(len(kid)), 0)
+        filled = seed[np.maximum.accumulate(anchor)]
+        prev_flag = np.empty_like(filled)
+        prev_flag[1:] = filled[:-1]
+        prev_flag[first] = s_flag[head]
         out = [
             self.detection(
-                self.keys[kid],
-                ts,
-                value=r,
-                baseline=pv,
-                score=abs(r) / x if x else None,
+                self.keys[int(kid[j])],
+                int(ts[j]),
+                value=float(rate[j]),
+                baseline=float(prev_v[j]),
+                score=abs(float(rate[j])) / x if x else None,
                 details={
-                    "from_ts_ms": pts,
-                    "to_ts_ms": ts,
-                    "from": pv,
-                    "to": val,
+                    "from_ts_ms": int(prev_ts[j]),
+                    "to_ts_ms": int(ts[j]),
+                    "from": float(prev_v[j]),
+                    "to": float(v[j]),
                     "per_s": self.per_ms / 1000,
                 },
             )
-            for kid, ts, val, pts, pv, r in hits.select(
-                KID, TS, "v", "prev_ts", "prev_v", "rate"
-            ).iter_rows()
+            for j in np.flatnonzero(defined & over & ~prev_flag).tolist()
         ]
-        lasts = b.filter(_last_of_key()).select(KID, TS, "v", pl.col("ff").alias("flag"))
-        self.last = pl.concat([self.last.join(lasts, on=KID, how="anti"), lasts])
+        out.sort(key=lambda d: (d.ts, d.key))
+        last = _last_rows(kid)
+        tail = kid[last]
+        seen[tail], s_ts[tail], s_v[tail], s_flag[tail] = True, ts[last], v[last], filled[last]
         return out
 
     def snapshot(self) -> Any:
-        return _frame_state(self.last)
+        return self.last.snapshot()
 
     def restore(self, state: Any) -> None:
-        self.last = _frame_restore(state, self._LAST)
+        self.last.restore(state)
 
 
 class _Heartbeat(_Kind):
     """``absence`` without ``after``: a key's silence."""
 
     p: AbsencePattern
-    _LAST: ClassVar[dict[str, Any]] = {
-        KID: pl.Int64,
-        TS: pl.Int64,
-        "fired": pl.Boolean,
-    }
 
     def __init__(self, pattern: AbsencePattern, slot: str, stats: dict[str, int]) -> None:
         super().__init__(pattern, slot, stats)
         self.within_ms = round(pattern.within.total_seconds() * 1000)
-        self.last = pl.DataFrame(schema=self._LAST)
-        self._deadline: int | None = None
+        # each key's last (expected) event, and whether its silence was reported
+        self.last = _PerKey(seen=bool, ts=np.int64, fired=bool)
+        self._deadline: int | None = None  # cached; -1: none
 
     def _silence(self, kid: int, last_ts: int) -> Detection:
         # the same whether the watermark or the key's next event revealed the silence
@@ -606,24 +630,22 @@ class _Heartbeat(_Kind):
             b = b.filter(pl.col(self.col("expect")).fill_null(False))
         if b.is_empty():
             return []
-        b = b.select(KID, TS).join(
-            self.last.rename({TS: "p_ts", "fired": "p_fired"}),
-            on=KID,
-            how="left",
-            maintain_order="left",
-        )
-        first = _first_of_key()
-        prev = pl.when(first).then(pl.col("p_ts")).otherwise(pl.col(TS).shift(1))
-        prev_fired = pl.when(first).then(pl.col("p_fired").fill_null(False)).otherwise(False)
-        gaps = b.with_columns(prev.alias("prev"), prev_fired.alias("prev_fired")).filter(
-            (pl.col(TS) - pl.col("prev") >= self.within_ms) & ~pl.col("prev_fired")
-        )
-        out = [
-            self._silence(kid, prev_ts)
-            for kid, prev_ts in gaps.select(KID, "prev").sort("prev", KID).iter_rows()
-        ]
-        lasts = b.filter(_last_of_key()).select(KID, TS, pl.lit(False).alias("fired"))
-        self.last = pl.concat([self.last.join(lasts, on=KID, how="anti"), lasts])
+        kid, ts = b[KID].to_numpy(), b[TS].to_numpy()
+        self.last.ensure(int(kid.max()) + 1)
+        seen, s_ts, fired = self.last["seen"], self.last["ts"], self.last["fired"]
+        first = _first_rows(kid)
+        head = kid[first]
+        prev = np.empty_like(ts)
+        prev[1:] = ts[:-1]
+        prev[first] = s_ts[head]
+        counts = np.ones(len(kid), dtype=bool)  # a gap that is not yet reported
+        counts[first] = seen[head] & ~fired[head]
+        gap = np.flatnonzero(counts & (ts - prev >= self.within_ms))
+        gap = gap[np.lexsort((kid[gap], prev[gap]))]
+        out = [self._silence(int(kid[j]), int(prev[j])) for j in gap.tolist()]
+        last = _last_rows(kid)
+        tail = kid[last]
+        seen[tail], s_ts[tail], fired[tail] = True, ts[last], False
         self._deadline = None
         return out
 
@@ -631,23 +653,25 @@ class _Heartbeat(_Kind):
         deadline = self.next_deadline()
         if deadline is None or deadline > boundary:
             return []
-        due_expr = ~pl.col("fired") & (pl.col(TS) + self.within_ms <= boundary)
-        due = self.last.filter(due_expr).sort(TS, KID)
-        self.last = self.last.with_columns((pl.col("fired") | due_expr).alias("fired"))
+        seen, s_ts, fired = self.last["seen"], self.last["ts"], self.last["fired"]
+        due = np.flatnonzero(seen & ~fired & (s_ts + self.within_ms <= boundary))
+        due = due[np.lexsort((due, s_ts[due]))]
+        fired[due] = True
         self._deadline = None
-        return [self._silence(kid, ts) for kid, ts in due.select(KID, TS).iter_rows()]
+        return [self._silence(int(k), int(s_ts[k])) for k in due.tolist()]
 
     def next_deadline(self) -> int | None:
         if self._deadline is None:
-            oldest = self.last.filter(~pl.col("fired"))[TS].min()
-            self._deadline = -1 if oldest is None else oldest + self.within_ms  # type: ignore[operator]
+            waiting = self.last["seen"] & ~self.last["fired"]
+            oldest = self.last["ts"][waiting]
+            self._deadline = int(oldest.min()) + self.within_ms if len(oldest) else -1
         return None if self._deadline == -1 else self._deadline
 
     def snapshot(self) -> Any:
-        return _frame_state(self.last)
+        return self.last.snapshot()
 
     def restore(self, state: Any) -> None:
-        self.last = _frame_restore(state, self._LAST)
+        self.last.restore(state)
         self._deadline = None
 
 
