@@ -16,8 +16,20 @@ benchmark process after ``warmup_s``. Event time = wall clock (ms).
 Latency of a trigger = ``time.time()`` when a low-latency consumer (assigned
 partitions, ``fetch.wait.max.ms`` 5) got its detection on ``{prefix}.detections``
 minus ``time.time()`` just before its PUBLISH packet went to the socket; the
-detection is matched by (key, ts) through a side table. Publishers, Mosquitto,
-Tansu, the flow and the consumer share this machine's cores.
+detection is matched by (key, ts) through a side table. ``to_producer_*`` splits
+off the part up to the record's CreateTime (when the flow's Kafka producer took
+the detection); the rest is the Kafka hop (producer flush, broker, consumer
+fetch). Publishers, Mosquitto, Tansu, the flow and the consumer share this
+machine's cores.
+
+``pattern_lateness`` bounds the figure from below. The CEP engine releases an
+event once the watermark passes it, and its watermark is the largest event time
+seen minus the lateness *plus the wall time since that event arrived*; so an
+event whose trip into the flow took longer than the reference event's by more
+than the lateness (a flow stall, a CPU-starved poll) is rejected as late, and
+the monitoring flow does not route CEP rejects anywhere: the trigger is lost
+silently. Measured here under load: lateness 0 lost 10 % of the triggers even at
+2,000 readings/s, 200 ms lost 40 %; 1 s (the default) lost none.
 
 The run fails unless every trigger was detected exactly once, no other
 detection appeared, no dead letter was written, and the window results

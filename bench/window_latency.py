@@ -19,8 +19,14 @@ watermark reaching the flow (or the flow's clock noticing), the aggregation of
 every device's window, encoding, the Kafka producer and the consumer's fetch.
 Measured over every result row of the windows that lie wholly inside the load
 and closed while it ran (``windows_measured``); windows flushed at end of input
-are not measured. Publishers, Mosquitto, Tansu, the flow and the consumer share
-this machine's cores.
+are not measured. ``to_producer_*`` is the part up to the record's CreateTime
+(when the flow's Kafka producer took it). Publishers, Mosquitto, Tansu, the flow
+and the consumer share this machine's cores.
+
+``lateness`` must cover the flow's worst stall: the window watermark advances
+with the wall clock between batches too, so readings delayed by more than the
+lateness behind the freshest one are late (dead letters). 500 ms lost 17 % of
+the readings under this machine's load; 2 s (the default) lost none.
 
 The run fails unless the window results (de-duplicated on their key) count
 every reading that was sent, and no dead letter (a late reading) was written.
