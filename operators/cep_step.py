@@ -6,7 +6,9 @@ DuckDB ``detections`` table), action requests (commands, twin updates), timed-ou
 partial matches and rejected rows, each on its own stream.
 
 Keys are spread over ``shards`` Bytewax state keys (``operators.steps.shard_of``);
-each shard runs one engine over its slice of every batch, so state (partial
+use about one shard per worker: the engine works a batch at a time, so fewer,
+larger slices are faster. Each shard runs one engine over its slice of every
+batch, so state (partial
 matches, timers, buffered events, watermark) lives in Bytewax state and
 survives a restart from the recovery store. ``correlation`` patterns need every
 key of a group in one place: they run in a second engine per ``group_by``
