@@ -37,8 +37,12 @@ def parse_duration(value: Any) -> timedelta:
         return timedelta(seconds=value)
     if isinstance(value, str):
         text = value.strip().replace(" ", "")
-        if _PART.sub("", text) == "" and text:
-            return timedelta(seconds=sum(float(n) * _UNIT_S[u] for n, u in _PART.findall(text)))
+        # a sign is parsed so validators can say "must be positive" rather than "not understood"
+        sign = -1 if text.startswith("-") else 1
+        body = text.lstrip("-")
+        if body and _PART.sub("", body) == "":
+            seconds = sum(float(n) * _UNIT_S[u] for n, u in _PART.findall(body))
+            return timedelta(seconds=sign * seconds)
     msg = f"duration {value!r} is not understood; write it like '250ms', '30s', '5m', '1h30m', '2d' or seconds"
     raise ConfigError(msg)
 

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from datetime import timedelta
 from pathlib import Path
@@ -68,6 +67,8 @@ from pydantic import (
     model_validator,
 )
 
+from iotflow.durations import label as _label
+from iotflow.durations import parse_duration
 from iotflow.errors import ConfigError
 from operators.expr import Expr
 
@@ -87,42 +88,7 @@ __all__ = [
     "Step",
     "ThresholdPattern",
     "TwinUpdateAction",
-    "parse_duration",
 ]
-
-_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
-_UNIT_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(value: Any) -> timedelta:
-    """``"30s"``, ``"5m"``, ``"1h30m"``, ``"250ms"``, ``"2d"``, seconds or a timedelta -> timedelta.
-
-    >>> parse_duration("1h30m"), parse_duration(2.5)
-    (datetime.timedelta(seconds=5400), datetime.timedelta(seconds=2, microseconds=500000))
-    """
-    if isinstance(value, timedelta):
-        return value
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        if not math.isfinite(value):
-            raise ValueError(f"duration {value!r} is not finite; write e.g. '30s' or 30")
-        return timedelta(seconds=value)
-    if isinstance(value, str):
-        text = value.strip().replace(" ", "")
-        sign = -1 if text.startswith("-") else 1
-        body = text.lstrip("-")
-        if body and _PART.sub("", body) == "":
-            seconds = sum(float(n) * _UNIT_S[u] for n, u in _PART.findall(body))
-            return timedelta(seconds=sign * seconds)
-    msg = f"duration {value!r} is not understood; write it like '250ms', '30s', '5m', '1h30m', '2d' or a number of seconds"
-    raise ValueError(msg)
-
-
-def _label(duration: timedelta) -> str:
-    ms = round(duration.total_seconds() * 1000)
-    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)):
-        if ms and ms % size == 0:
-            return f"{ms // size}{unit}"
-    return f"{ms}ms"
 
 
 def _positive(value: timedelta) -> timedelta:

@@ -300,7 +300,7 @@ def test_nulls_are_absent_values_and_other_metrics_are_kept() -> None:
         ),
         (
             {"window": {"kind": "tumbling", "length": "1m"}, "allowed_lateness": "-5s"},
-            "not understood",
+            "zero or positive",
         ),
     ],
 )

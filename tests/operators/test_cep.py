@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from iotflow.durations import parse_duration
 from iotflow.errors import ConfigError
 from iotflow.events import Detection, to_ms
 from operators.cep import (
@@ -24,7 +25,7 @@ from operators.cep import (
     TimedOutMatch,
     TwinUpdate,
 )
-from operators.cep_patterns import PatternSet, parse_duration
+from operators.cep_patterns import PatternSet
 
 T0 = 1_767_268_800_000  # 2026-01-01T12:00:00Z
 METRICS = ("t", "door", "motion")
