@@ -36,21 +36,20 @@ import msgspec
 from bytewax.dataflow import Dataflow
 from bytewax.inputs import Source
 
-from connectors.bridge import IngestBatch, ingest_topic, topic_matcher, unwrap_records
 from connectors.decode import TelemetryDecoder, dead_letter
 from connectors.duckdb_store import AGGREGATES, DuckDBSink, aggregate_rows
-from connectors.kafka import KafkaInput, KafkaOutput, message
+from connectors.ingest import device_messages
+from connectors.kafka import KafkaOutput, message
 from connectors.mapping import SourceMapping
-from connectors.mqtt import MqttSource
 from connectors.recovery import bind_definition, ensure_store
 from iotflow.errors import ConfigError
 from iotflow.events import DeviceMessage
 from iotflow.settings import Settings
-from iotflow.topics import KafkaTopics, MqttTopics
+from iotflow.topics import KafkaTopics
 from operators.steps import tumbling_window
 from operators.windows import LateReading, TumblingWindow
 
-__all__ = ["build_flow", "kafka_source", "mqtt_source", "state_definition", "telemetry_filters"]
+__all__ = ["build_flow", "state_definition"]
 
 _encode = msgspec.json.encode
 log = logging.getLogger("iotflow.telemetry")
@@ -63,36 +62,6 @@ def _late_letter(late: LateReading) -> Any:
         f"watermark {late.watermark_ms} (IOTFLOW_LATENESS_S allows more lateness)"
     )
     return dead_letter("window", reason, _encode(reading), reading.ts_ms)
-
-
-def _messages(batch: IngestBatch) -> list[DeviceMessage]:
-    return batch.messages
-
-
-def mqtt_source(settings: Settings) -> MqttSource:
-    """The telemetry subscription of the settings' MQTT broker."""
-    idle = settings.mqtt_idle_stop_s
-    return MqttSource(
-        settings.require_mqtt_url(),
-        telemetry_filters(settings),
-        client_id=settings.mqtt_client_id,
-        status_base=settings.mqtt_base,
-        idle_stop=None if idle is None else timedelta(seconds=idle),
-    )
-
-
-def telemetry_filters(settings: Settings) -> list[str]:
-    """The MQTT topic filters of device telemetry (``IOTFLOW_MQTT_TOPICS`` or the default)."""
-    return settings.mqtt_topics or [MqttTopics(settings.mqtt_base).telemetry()]
-
-
-def kafka_source(settings: Settings) -> KafkaInput:
-    """The bridge's ingest topic; follows it, or ends at its end with ``IOTFLOW_INGEST_UNTIL_END``."""
-    return KafkaInput(
-        settings.require_kafka_bootstrap(),
-        [ingest_topic(settings.topic_prefix)],
-        tail=not settings.ingest_until_end,
-    )
 
 
 def state_definition(settings: Settings) -> dict[str, Any]:
@@ -149,17 +118,8 @@ def build_flow(
     )
 
     flow = Dataflow("telemetry")
-    if source is not None or settings.ingest == "mqtt":
-        raw = op.input("in", flow, source if source is not None else mqtt_source(settings))
-        ingest_dead = None
-    else:
-        accept = topic_matcher(telemetry_filters(settings))
-        records = op.input("ingest", flow, kafka_source(settings))
-        unwrapped = op.flat_map_batch(
-            "unwrap", records, lambda batch: [unwrap_records(batch, accept)]
-        )
-        raw = op.map("messages", unwrapped, _messages)
-        ingest_dead = op.flat_map("ingest_dead", unwrapped, lambda b: b.dead)
+    ingest = device_messages(flow, settings, source)
+    raw, ingest_dead = ingest.messages, ingest.dead
     decoded = op.map("decode", raw, decoder.decode)
     readings = op.map("readings", decoded, lambda out: out.ok)
     rejected = op.flat_map("rejected", decoded, lambda out: out.dead)
