@@ -38,6 +38,7 @@ from iotflow.settings import Settings
 from iotflow.topics import KafkaTopics
 from operators.aggregation import LateFrame
 from operators.anomaly_step import detect_anomalies, detect_peer_anomalies
+from operators.cep import RejectedRows
 from operators.cep_step import cep
 from operators.monitoring import DEFAULT, Monitoring, to_wide
 from operators.steps import window_stats
@@ -75,6 +76,20 @@ def _late_letters(late: LateFrame) -> list[Any]:
     return [
         dead_letter("window", reason, _encode(row), row["ts_ms"])
         for row in late.readings.iter_rows(named=True)
+    ]
+
+
+def _rejected_letters(rejected: RejectedRows) -> list[Any]:
+    """Rows a pattern engine did not process (late, future, incomplete), as dead letters."""
+    boundary = (
+        "" if rejected.boundary_ms is None else f" (processed up to {_iso(rejected.boundary_ms)})"
+    )
+    reason = f"pattern input {rejected.reason}{boundary}"
+    return [
+        dead_letter(
+            "patterns", reason, _encode(row), row.get("ts_ms") or row.get("window_end_ms") or 0
+        )
+        for row in rejected.rows.iter_rows(named=True)
     ]
 
 
@@ -132,6 +147,11 @@ def build_flow(
             out = cep(f"cep-{name}", up, spec.patterns, name, spec.dimensions)
             detections.append(out.detections)
             actions.append(out.actions)
+            dead = op.merge(
+                f"dead-{name}",
+                dead,
+                op.flat_map(f"rejected-{name}", out.rejected, _rejected_letters),
+            )
     found_all = op.merge("detections", *detections) if detections else None
 
     kafka_streams = [
