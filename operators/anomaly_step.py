@@ -37,12 +37,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import bytewax.operators as op
 import polars as pl
 from bytewax.dataflow import Stream, operator
-from bytewax.operators import StatefulBatchLogic
 
 from iotflow.events import Detection
 from operators.anomaly import (
@@ -50,12 +48,11 @@ from operators.anomaly import (
     AnomalyEmit,
     EwmaRule,
     MadRule,
-    PeerLogic,
     PeerRule,
     Skipped,
     ZScoreRule,
 )
-from operators.steps import shard_of
+from operators.steps import LogicStep, shard_of
 
 __all__ = ["AnomalyOut", "detect_anomalies", "detect_peer_anomalies"]
 
@@ -72,35 +69,6 @@ class AnomalyOut:
 
     detections: Stream[Detection]
     skipped: Stream[Skipped]
-
-
-class _Logic(StatefulBatchLogic[pl.DataFrame, AnomalyEmit, dict[str, Any]]):
-    def __init__(self, logic: AnomalyDetector | PeerLogic) -> None:
-        self._logic = logic
-
-    def on_batch(self, values: list[pl.DataFrame]) -> tuple[list[AnomalyEmit], bool]:
-        emits: list[AnomalyEmit] = []
-        for frame in values:
-            emits.extend(self._logic.on_batch(frame))
-        return emits, StatefulBatchLogic.RETAIN
-
-    def on_notify(self) -> tuple[list[AnomalyEmit], bool]:
-        if isinstance(self._logic, PeerLogic):
-            return self._logic.on_timer(), StatefulBatchLogic.RETAIN
-        return [], StatefulBatchLogic.RETAIN
-
-    def on_eof(self) -> tuple[list[AnomalyEmit], bool]:
-        if isinstance(self._logic, PeerLogic):
-            return self._logic.on_eof(), StatefulBatchLogic.RETAIN
-        return [], StatefulBatchLogic.RETAIN
-
-    def notify_at(self) -> datetime | None:
-        if isinstance(self._logic, PeerLogic):
-            return self._logic.next_timer()
-        return None
-
-    def snapshot(self) -> dict[str, Any]:
-        return self._logic.snapshot()
 
 
 def _sharder(
@@ -159,7 +127,7 @@ def detect_anomalies(
     emitted = op.stateful_batch(
         "detect",
         keyed,
-        lambda state: _Logic(AnomalyDetector(rules, state, now, max_future)),
+        lambda state: LogicStep(AnomalyDetector(rules, state, now, max_future)),
     )
     return _split_out(emitted)
 
@@ -188,6 +156,6 @@ def detect_peer_anomalies(
     split = _sharder("key", lambda key: shard_of(groups.get(key or "", ""), shards))
     keyed = op.flat_map("shard", up, split)
     emitted = op.stateful_batch(
-        "detect", keyed, lambda state: _Logic(rule.build(state, dimensions, now))
+        "detect", keyed, lambda state: LogicStep(rule.build(state, dimensions, now))
     )
     return _split_out(emitted)

@@ -45,7 +45,6 @@ from typing import Any
 import bytewax.operators as op
 import polars as pl
 from bytewax.dataflow import Stream, operator
-from bytewax.operators import StatefulBatchLogic
 
 from iotflow.errors import ConfigError
 from iotflow.events import Detection
@@ -58,7 +57,7 @@ from operators.cep import (
     TwinUpdate,
 )
 from operators.cep_patterns import CorrelationPattern, PatternSet
-from operators.steps import shard_of
+from operators.steps import LogicStep, shard_of
 
 __all__ = ["CepOut", "cep"]
 
@@ -75,29 +74,6 @@ class CepOut:
     actions: Stream[CommandRequest | TwinUpdate]
     timed_out: Stream[TimedOutMatch]
     rejected: Stream[RejectedRows]
-
-
-class _CepLogic(StatefulBatchLogic[pl.DataFrame, CepEmit, dict[str, Any]]):
-    def __init__(self, engine: CepEngine) -> None:
-        self._engine = engine
-
-    def on_batch(self, values: list[pl.DataFrame]) -> tuple[list[CepEmit], bool]:
-        emits: list[CepEmit] = []
-        for frame in values:
-            emits.extend(self._engine.on_batch(frame))
-        return emits, StatefulBatchLogic.RETAIN
-
-    def on_notify(self) -> tuple[list[CepEmit], bool]:
-        return self._engine.on_timer(), StatefulBatchLogic.RETAIN
-
-    def on_eof(self) -> tuple[list[CepEmit], bool]:
-        return self._engine.on_eof(), StatefulBatchLogic.RETAIN
-
-    def notify_at(self) -> datetime | None:
-        return self._engine.next_timer()
-
-    def snapshot(self) -> dict[str, Any]:
-        return self._engine.snapshot()
 
 
 class _Sharder:
@@ -187,9 +163,9 @@ def cep(
             dim = where.removeprefix("group-")
             sharder = _Sharder(spec.key, shards, lambda k, d=dim: dims.get(k, {}).get(d, ""))
 
-        def build(state: dict[str, Any] | None, subset: PatternSet = subset) -> _CepLogic:
+        def build(state: dict[str, Any] | None, subset: PatternSet = subset) -> LogicStep:
             engine = CepEngine(subset, state, now=now, input=input, dimensions=dims)
-            return _CepLogic(engine)
+            return LogicStep(engine)
 
         keyed = op.flat_map(f"shard_{where}", up, sharder.split)
         emitted = op.key_rm(

@@ -21,9 +21,17 @@ from bytewax.operators import StatefulBatchLogic
 from iotflow.events import Reading, WindowResult
 from iotflow.frame import DEVICE
 from operators.aggregation import Aggregation, LateFrame, WindowAggregator
-from operators.windows import LateReading, TumblingAggregator, TumblingWindow, WindowEmit
+from operators.windows import LateReading, TumblingWindow
 
-__all__ = ["StatsOut", "WindowOut", "shard_frame", "shard_of", "tumbling_window", "window_stats"]
+__all__ = [
+    "LogicStep",
+    "StatsOut",
+    "WindowOut",
+    "shard_frame",
+    "shard_of",
+    "tumbling_window",
+    "window_stats",
+]
 
 
 def _utcnow() -> datetime:
@@ -43,27 +51,39 @@ class WindowOut:
     late: Stream[LateReading]
 
 
-class _WindowLogic(StatefulBatchLogic[list[Reading], WindowEmit, dict[str, Any]]):
-    def __init__(self, aggregator: TumblingAggregator) -> None:
-        self._agg = aggregator
+class LogicStep(StatefulBatchLogic[Any, Any, Any]):
+    """Adapts a pure logic object to ``stateful_batch``.
 
-    def on_batch(self, values: list[list[Reading]]) -> tuple[list[WindowEmit], bool]:
-        emits: list[WindowEmit] = []
-        for batch in values:
-            emits.extend(self._agg.on_batch(batch))
+    The object speaks the project's vocabulary: ``on_batch(item) -> list``,
+    ``snapshot()``, and optionally ``on_timer() -> list``, ``on_eof() -> list``
+    and ``next_timer() -> datetime | None`` (logic without timers leaves them out).
+    Each value Bytewax hands over goes to ``on_batch`` in order; the state is
+    always retained.
+    """
+
+    def __init__(self, logic: Any) -> None:
+        self._logic = logic
+        self._on_timer = getattr(logic, "on_timer", None)
+        self._on_eof = getattr(logic, "on_eof", None)
+        self._next_timer = getattr(logic, "next_timer", None)
+
+    def on_batch(self, values: list[Any]) -> tuple[list[Any], bool]:
+        emits: list[Any] = []
+        for value in values:
+            emits.extend(self._logic.on_batch(value))
         return emits, StatefulBatchLogic.RETAIN
 
-    def on_notify(self) -> tuple[list[WindowEmit], bool]:
-        return self._agg.on_timer(), StatefulBatchLogic.RETAIN
+    def on_notify(self) -> tuple[list[Any], bool]:
+        return (self._on_timer() if self._on_timer else []), StatefulBatchLogic.RETAIN
 
-    def on_eof(self) -> tuple[list[WindowEmit], bool]:
-        return self._agg.on_eof(), StatefulBatchLogic.RETAIN
+    def on_eof(self) -> tuple[list[Any], bool]:
+        return (self._on_eof() if self._on_eof else []), StatefulBatchLogic.RETAIN
 
     def notify_at(self) -> datetime | None:
-        return self._agg.next_timer()
+        return self._next_timer() if self._next_timer else None
 
-    def snapshot(self) -> dict[str, Any]:
-        return self._agg.snapshot()
+    def snapshot(self) -> Any:
+        return self._logic.snapshot()
 
 
 @operator
@@ -88,7 +108,7 @@ def tumbling_window(
 
     keyed = op.flat_map("shard", up, split)
     emitted = op.stateful_batch(
-        "aggregate", keyed, lambda state: _WindowLogic(window.build(state, now))
+        "aggregate", keyed, lambda state: LogicStep(window.build(state, now))
     )
     items = op.key_rm("unshard", emitted)
     split_out = op.branch("late", items, lambda item: isinstance(item, WindowResult))
@@ -138,27 +158,6 @@ class StatsOut:
     late: Stream[LateFrame]
 
 
-class _StatsLogic(StatefulBatchLogic[pl.DataFrame, Any, dict[str, Any]]):
-    def __init__(self, aggregator: WindowAggregator) -> None:
-        self._agg = aggregator
-
-    def on_batch(self, values: list[pl.DataFrame]) -> tuple[list[Any], bool]:
-        frame = values[0] if len(values) == 1 else pl.concat(values, how="diagonal_relaxed")
-        return self._agg.on_batch(frame), StatefulBatchLogic.RETAIN
-
-    def on_notify(self) -> tuple[list[Any], bool]:
-        return self._agg.on_timer(), StatefulBatchLogic.RETAIN
-
-    def on_eof(self) -> tuple[list[Any], bool]:
-        return self._agg.on_eof(), StatefulBatchLogic.RETAIN
-
-    def notify_at(self) -> datetime | None:
-        return self._agg.next_timer()
-
-    def snapshot(self) -> dict[str, Any]:
-        return self._agg.snapshot()
-
-
 @operator
 def window_stats(
     step_id: str,
@@ -194,7 +193,7 @@ def window_stats(
         emitted = op.stateful_batch(
             f"aggregate-{label}",
             keyed,
-            lambda state, a=single: _StatsLogic(a.build(state, dimensions=dims, now=now)),
+            lambda state, a=single: LogicStep(a.build(state, dimensions=dims, now=now)),
         )
         items = op.key_rm(f"unshard-{label}", emitted)
         if index:
