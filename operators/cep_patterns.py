@@ -55,21 +55,19 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
     PlainSerializer,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
+from iotflow.declarations import load_file, parse_text, validate
 from iotflow.durations import label as _label
 from iotflow.durations import parse_duration
-from iotflow.errors import ConfigError
 from operators.expr import Expr
 
 __all__ = [
@@ -509,57 +507,23 @@ class PatternSet(_Model):
         """Validate a dict (a list is taken as the patterns); raise ConfigError naming the field."""
         if isinstance(data, list):
             data = {"patterns": data}
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            raise ConfigError(_describe(exc)) from None
+        return validate(cls, data, "pattern")
 
     @classmethod
     def from_json(cls, text: str | bytes) -> PatternSet:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"pattern file is not valid JSON: {exc}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(parse_text(text, "json", "pattern"))
 
     @classmethod
     def from_yaml(cls, text: str) -> PatternSet:
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"pattern file is not valid YAML: {exc}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(parse_text(text, "yaml", "pattern"))
 
     @classmethod
     def load(cls, path: str | Path) -> PatternSet:
         """Load ``.yaml``/``.yml`` or ``.json`` by extension."""
-        path = Path(path)
-        suffix = path.suffix.lower()
-        if suffix not in (".yaml", ".yml", ".json"):
-            raise ConfigError(f"pattern file {path} must end in .yaml, .yml or .json")
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise ConfigError(f"cannot read pattern file {path}: {exc.strerror}") from None
-        return cls.from_json(text) if suffix == ".json" else cls.from_yaml(text)
+        return cls.from_dict(load_file(path, "pattern"))
 
     def build(self, resume_state: Any = None, now: Any = None, **kwargs: Any) -> Any:
         """``CepEngine`` for the patterns of one input; see ``operators.cep.CepEngine``."""
         from operators.cep import CepEngine  # the engine imports these declarations
 
         return CepEngine(self, resume_state, now=now, **kwargs)
-
-
-def _describe(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ""
-        for item in err["loc"]:
-            loc += f"[{item}]" if isinstance(item, int) else (f".{item}" if loc else str(item))
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] not in ("value_error", "union_tag_invalid", "missing") and "input" in err:
-            shown = err["input"]
-            if not isinstance(shown, dict | list):
-                msg += f" (got {shown!r})"
-        parts.append(f"{loc or 'declaration'}: {msg}")
-    return "pattern declaration is invalid: " + "; ".join(parts)

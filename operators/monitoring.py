@@ -20,15 +20,13 @@ Example::
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import polars as pl
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from iotflow.errors import ConfigError
+from iotflow.declarations import load_file, parse_text, validate
 from operators.aggregation import Aggregation
 from operators.anomaly import EwmaRule, MadRule, PeerRule, Rule, ZScoreRule
 from operators.cep_patterns import PatternSet
@@ -60,36 +58,16 @@ class Monitoring(BaseModel):
 
     @classmethod
     def from_dict(cls, data: Any) -> Monitoring:
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            where = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
-            )
-            raise ConfigError(f"monitoring declaration is invalid: {where}") from None
+        return validate(cls, data, "monitoring")
 
     @classmethod
     def from_yaml(cls, text: str) -> Monitoring:
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"monitoring declaration is not valid YAML: {exc}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(parse_text(text, "yaml", "monitoring"))
 
     @classmethod
     def load(cls, path: Path | str) -> Monitoring:
         """From a ``.yaml``/``.yml`` or ``.json`` file."""
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise ConfigError(f"cannot read the monitoring declaration {path}: {exc}") from None
-        if path.suffix == ".json":
-            try:
-                return cls.from_dict(json.loads(text))
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{path} is not valid JSON: {exc}") from None
-        return cls.from_yaml(text)
+        return cls.from_dict(load_file(path, "monitoring"))
 
 
 def to_wide(results: pl.DataFrame) -> pl.DataFrame:

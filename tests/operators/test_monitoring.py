@@ -51,7 +51,7 @@ def test_bad_declarations_name_the_field(text: str, words: str) -> None:
 
 
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="cannot read the monitoring declaration"):
+    with pytest.raises(ConfigError, match="cannot read monitoring file"):
         Monitoring.load(tmp_path / "nope.yaml")
 
 
