@@ -11,6 +11,7 @@ of these, chained with ``raise ... from exc`` so the original stays visible.
     │   │   └── NotAuthorized    a broker refused the login (user name, password, certificate)
     │   └── PublishRejected      a broker refused a message
     ├── AckTimeout               a device or broker did not acknowledge in time
+    ├── TwinRejected             a twin update or command does not fit the registry (also a ValueError)
     └── StackError               the local broker stack could not be started or found
 """
 
@@ -25,6 +26,7 @@ __all__ = [
     "NotAuthorized",
     "PublishRejected",
     "StackError",
+    "TwinRejected",
 ]
 
 
@@ -60,3 +62,28 @@ class AckTimeout(IotflowError):
 
 class StackError(IotflowError):
     """The local broker stack could not be started, found or stopped."""
+
+
+class TwinRejected(IotflowError, ValueError):
+    """An update, desired change or command does not fit a device's twin model.
+
+    ``reason`` says what was wrong (the value and the rule), ``device_id`` and
+    ``field`` say where when known, and ``kind`` is a short category to count
+    rejections by (``unknown_device``, ``unknown_property``, ``wrong_type``,
+    ``out_of_range``, ``not_writable``, ``unknown_command``, ``version_conflict``,
+    ``future_timestamp``, ...).
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        device_id: str | None = None,
+        field: str | None = None,
+        kind: str = "invalid",
+    ) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.device_id = device_id
+        self.field = field
+        self.kind = kind
