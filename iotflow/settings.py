@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     recovery_dir: Path | None = None
     # The monitoring flow's deployment (operators.monitoring.Monitoring) as YAML or JSON.
     monitoring: Path | None = None
+    # The device registry (twins.registry: models, devices, patterns, groups) as YAML or JSON;
+    # unset: the built-in registry matching the simulator's device kinds.
+    registry: Path | None = None
     window_s: float = Field(60.0, gt=0)
     lateness_s: float = Field(5.0, ge=0)
     max_payload_bytes: int = Field(256 * 1024, gt=0)
