@@ -12,6 +12,7 @@ of these, chained with ``raise ... from exc`` so the original stays visible.
     │   └── PublishRejected      a broker refused a message
     ├── AckTimeout               a device or broker did not acknowledge in time
     ├── TwinRejected             a twin update or command does not fit the registry (also a ValueError)
+    ├── InvalidTransition        a lifecycle (command, plan, saga, rollout) was asked for a transition it does not allow
     └── StackError               the local broker stack could not be started or found
 """
 
@@ -22,6 +23,7 @@ __all__ = [
     "BrokerError",
     "BrokerUnavailable",
     "ConfigError",
+    "InvalidTransition",
     "IotflowError",
     "NotAuthorized",
     "PublishRejected",
@@ -87,3 +89,19 @@ class TwinRejected(IotflowError, ValueError):
         self.device_id = device_id
         self.field = field
         self.kind = kind
+
+
+class InvalidTransition(IotflowError):
+    """A lifecycle enum was asked to move where it may not: a bug, never bad input.
+
+    ``subject`` names what moved (a command id, a plan id), ``have`` the current
+    state, ``want`` the refused one, ``allowed`` the states reachable from ``have``.
+    """
+
+    def __init__(self, subject: str, have: str, want: str, allowed: frozenset[str] | set[str]) -> None:
+        shown = ", ".join(sorted(allowed)) or "none (terminal)"
+        super().__init__(f"{subject}: cannot go from {have} to {want}; allowed from {have}: {shown}")
+        self.subject = subject
+        self.have = have
+        self.want = want
+        self.allowed = frozenset(allowed)
