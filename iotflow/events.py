@@ -134,13 +134,26 @@ class CommandEventKind(StrEnum):
 
 
 class CommandEvent(msgspec.Struct, frozen=True):
-    """One step in a command's life, for ``{prefix}.commands.events``."""
+    """One step in a command's life, for ``{prefix}.commands.events``.
+
+    Optional fields, set by the orchestrator when known: ``name`` (the
+    command), ``correlation_id`` (the plan, saga or rollout that issued it),
+    ``attempt`` (1 for the first send), ``applied`` on a terminal event (True:
+    the device acted; False: it certainly did not; None: unknown, e.g. sent but
+    never confirmed) and ``reason``, a short category to count by
+    (``unknown_device``, ``out_of_range``, ``conflict``, ``timeout``, ...).
+    """
 
     command_id: str
     device_id: str
     kind: CommandEventKind
     ts: datetime
     detail: str | None = None
+    name: str | None = None
+    correlation_id: str | None = None
+    attempt: int | None = None
+    applied: bool | None = None
+    reason: str | None = None
 
 
 class DeadLetter(msgspec.Struct, frozen=True):
