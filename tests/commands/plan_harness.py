@@ -25,8 +25,8 @@ T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
 # What one delivery does: DONE (applied, acked), FAILED (device refused, not applied),
 # LOST (applied, ack lost: FAILED with unknown outcome), DROPPED (not applied, FAILED unknown),
-# EXPIRED (not applied, expired before sending).
-DONE, FAILED, LOST, DROPPED, EXPIRED = "done", "failed", "lost", "dropped", "expired"
+# EXPIRED (not applied, expired before sending), LATE (held up until it expired).
+DONE, FAILED, LOST, DROPPED, EXPIRED, LATE = "done", "failed", "lost", "dropped", "expired", "late"
 
 Behaviour = Callable[[Command], str]
 
@@ -46,6 +46,7 @@ class DeviceLoop:
     applied: list[Command] = field(default_factory=list)
     events: list[PlanEvent] = field(default_factory=list)
     outcomes: dict[str, CommandEventKind] = field(default_factory=dict)
+    log: list[tuple[str, str]] = field(default_factory=list)  # ("issue" | "outcome", command id)
     _queue: deque[Command] = field(default_factory=deque)
 
     def reported(self, device_id: str) -> dict[str, Any]:
@@ -70,7 +71,11 @@ class DeviceLoop:
     def deliver_one(self, coordinator: Any) -> CommandEvent:
         command = self._queue.popleft()
         self.now += timedelta(seconds=self.step_s)
-        what = EXPIRED if self.now >= command.expires_at else self.behaviour(command)
+        what = self.behaviour(command)
+        if what == LATE:  # the delivery was held up past the command's expiry
+            self.now = max(self.now, command.expires_at)
+        if self.now >= command.expires_at:
+            what = EXPIRED  # an expired command is never delivered
         if what in (DONE, LOST):
             self._apply(command)
         kind = {
@@ -86,6 +91,7 @@ class DeviceLoop:
         event = CommandEvent(command.command_id, command.device_id, kind, self.now, what, **extra)
         assert kind in OUTCOME_KINDS
         self.outcomes[command.command_id] = kind
+        self.log.append(("outcome", command.command_id))
         self._take(coordinator.on_outcome(event, self.now, self.reported), coordinator)
         return event
 
@@ -94,6 +100,7 @@ class DeviceLoop:
             assert command.correlation_id == coordinator.coordinator_id
             assert command.expires_at > self.now, f"{command.command_id} issued already expired"
             self.issued.append(command)
+            self.log.append(("issue", command.command_id))
             self._queue.append(command)
         self.events.extend(coordinator.progress())
 
