@@ -59,7 +59,12 @@ ReportedState = Callable[[str], Mapping[str, Any]]
 
 # The terminal kinds of a command; on_outcome sees each issued command once with one of them.
 OUTCOME_KINDS: frozenset[CommandEventKind] = frozenset(
-    {CommandEventKind.DONE, CommandEventKind.FAILED, CommandEventKind.EXPIRED, CommandEventKind.REJECTED}
+    {
+        CommandEventKind.DONE,
+        CommandEventKind.FAILED,
+        CommandEventKind.EXPIRED,
+        CommandEventKind.REJECTED,
+    }
 )
 
 
@@ -113,21 +118,18 @@ class Outcome(StrEnum):
 def outcome_of(event: CommandEvent) -> Outcome:
     """Classify a terminal ``CommandEvent``.
 
-    DONE is applied, REJECTED never reached a device. FAILED and EXPIRED are
-    unknown unless the event carries ``applied`` (an optional field the
-    orchestrator sets when it knows: ``False`` when the device answered
-    failed or the command expired before it was sent). Coordinators
-    compensate applied and unknown outcomes: a "restore previous" sent to a
-    device that never changed is harmless, a missed one is not.
+    DONE is applied, REJECTED never reached a device. FAILED and EXPIRED
+    follow the event's ``applied`` (set by the orchestrator when it knows:
+    ``False`` when the device answered failed or the command expired before
+    it was sent) and are unknown without it. Coordinators compensate applied
+    and unknown outcomes: a "restore previous" sent to a device that never
+    changed is harmless, a missed one is not.
     """
     if event.kind is CommandEventKind.DONE:
         return Outcome.APPLIED
-    if event.kind is CommandEventKind.REJECTED:
+    if event.kind is CommandEventKind.REJECTED or event.applied is False:
         return Outcome.NOT_APPLIED
-    applied = getattr(event, "applied", None)
-    if applied is None:
-        return Outcome.UNKNOWN
-    return Outcome.APPLIED if applied else Outcome.NOT_APPLIED
+    return Outcome.APPLIED if event.applied else Outcome.UNKNOWN
 
 
 @runtime_checkable

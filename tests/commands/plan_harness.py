@@ -85,10 +85,11 @@ class DeviceLoop:
             DROPPED: CommandEventKind.FAILED,
             EXPIRED: CommandEventKind.EXPIRED,
         }[what]
-        extra = {}
-        if "applied" in CommandEvent.__struct_fields__:  # set when the orchestrator knows
-            extra["applied"] = {DONE: True, FAILED: False, EXPIRED: False}.get(what)
-        event = CommandEvent(command.command_id, command.device_id, kind, self.now, what, **extra)
+        # applied: what the orchestrator knows (a lost ack or a silent device: unknown)
+        applied = {DONE: True, FAILED: False, EXPIRED: False}.get(what)
+        event = CommandEvent(
+            command.command_id, command.device_id, kind, self.now, what, applied=applied
+        )
         assert kind in OUTCOME_KINDS
         self.outcomes[command.command_id] = kind
         self.log.append(("outcome", command.command_id))

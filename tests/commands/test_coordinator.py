@@ -29,12 +29,11 @@ def test_outcome_kinds_are_the_terminal_ones() -> None:
 def test_done_is_applied_rejected_is_not_and_the_rest_is_unknown_without_more_facts() -> None:
     assert outcome_of(event(CommandEventKind.DONE)) is Outcome.APPLIED
     assert outcome_of(event(CommandEventKind.REJECTED)) is Outcome.NOT_APPLIED
-    if "applied" in CommandEvent.__struct_fields__:
-        assert outcome_of(event(CommandEventKind.FAILED, applied=False)) is Outcome.NOT_APPLIED
-        assert outcome_of(event(CommandEventKind.EXPIRED, applied=None)) is Outcome.UNKNOWN
-    else:
-        assert outcome_of(event(CommandEventKind.FAILED)) is Outcome.UNKNOWN
-        assert outcome_of(event(CommandEventKind.EXPIRED)) is Outcome.UNKNOWN
+    assert outcome_of(event(CommandEventKind.FAILED, applied=False)) is Outcome.NOT_APPLIED
+    assert outcome_of(event(CommandEventKind.EXPIRED, applied=False)) is Outcome.NOT_APPLIED
+    assert outcome_of(event(CommandEventKind.FAILED)) is Outcome.UNKNOWN
+    assert outcome_of(event(CommandEventKind.EXPIRED)) is Outcome.UNKNOWN
+    assert outcome_of(event(CommandEventKind.REJECTED, applied=True)) is Outcome.NOT_APPLIED
 
 
 def test_plan_event_round_trips_as_json() -> None:

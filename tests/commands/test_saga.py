@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from datetime import timedelta
 from typing import Any
@@ -13,7 +14,7 @@ from plan_harness import DONE, DROPPED, EXPIRED, FAILED, LATE, LOST, T0, DeviceL
 
 from commands.coordinator import Outcome, PlanEventKind, restore_coordinator
 from commands.plans import PlanState, StepStatus
-from commands.saga import SagaRun, SagaSpec, load_saga
+from commands.saga import SagaRun, load_saga
 from iotflow.errors import ConfigError
 from iotflow.events import Command
 from twins.registry import Registry, simulator_registry
@@ -198,10 +199,26 @@ def test_failed_device_is_not_compensated_when_the_orchestrator_knows_it_did_not
     undone_hvac = [
         c for c in loop.issued if "/undo/" in c.command_id and c.device_id == "hvac-0001"
     ]
-    if hvac.outcome == Outcome.NOT_APPLIED:
-        assert undone_hvac == []
-    else:  # without CommandEvent.applied a failure is "unknown": restored to be safe
-        assert [c.params for c in undone_hvac] == [{"setpoint": 21.5}]
+    assert hvac.outcome == Outcome.NOT_APPLIED
+    assert undone_hvac == []
+    assert saga.state is PlanState.COMPENSATED
+    assert loop.states == home_states(2)
+
+
+def test_an_unconfirmed_command_is_compensated_to_be_safe() -> None:
+    saga, reg = build(lights=2)
+    loop = DeviceLoop(
+        reg,
+        home_states(2),
+        behaviour=lambda c: (
+            LOST if c.name == "set_temperature" and "/undo/" not in c.command_id else DONE
+        ),
+    )
+    loop.start(saga)
+    loop.run(saga)
+    assert saga.devices_of("thermostat_away")["hvac-0001"].outcome == Outcome.UNKNOWN
+    undone = [c for c in loop.issued if "/undo/" in c.command_id and c.device_id == "hvac-0001"]
+    assert [c.params for c in undone] == [{"setpoint": 21.5}]
     assert saga.state is PlanState.COMPENSATED
     assert loop.states == home_states(2)
 
@@ -232,7 +249,7 @@ def test_compensations_are_retried_with_backoff_until_they_succeed() -> None:
         "leave-1/lock_doors/lock-0001/undo/0#4",
     ]
     issued_at = [c.issued_at for c in unlocks if c.device_id == "lock-0001"]
-    gaps = [(b - a).total_seconds() for a, b in zip(issued_at, issued_at[1:], strict=False)]
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(issued_at)]
     assert [round(g) for g in gaps] == [1, 2, 4]  # 1s doubling (plus delivery time)
     retries = [e for e in loop.events if e.kind is PlanEventKind.COMPENSATION_RETRY]
     assert len(retries) == 6 and all(e.device_id and e.command_id for e in retries)
