@@ -3,7 +3,6 @@ input counted, declarations, snapshots, and the Bytewax wiring through LogicStep
 
 from __future__ import annotations
 
-import doctest
 import itertools
 import json
 import math
@@ -19,7 +18,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-import twins.prediction
 from iotflow.declarations import validate
 from iotflow.errors import ConfigError
 from iotflow.events import Detection, Reading, from_ms
@@ -57,12 +55,6 @@ def run(rule: PredictionRule, *batches: Any) -> tuple[list[Detection], Any]:
     for batch in batches:
         found.extend(logic.on_batch(batch))
     return found, logic
-
-
-def test_docstring_examples_run() -> None:
-    result = doctest.testmod(twins.prediction, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0
-    assert result.failed == 0
 
 
 def test_linear_drain_detected_with_the_fit_and_eta() -> None:
@@ -215,7 +207,10 @@ def test_frames_and_readings_give_the_same_detections() -> None:
     assert logic.counts["missing_column"] == 1
     text = frame.with_columns(pl.col("battery").cast(pl.Utf8))
     text = text.with_columns(
-        pl.when(pl.col("ts_ms") == T0).then(pl.lit("empty")).otherwise(pl.col("battery")).alias("battery")
+        pl.when(pl.col("ts_ms") == T0)
+        .then(pl.lit("empty"))
+        .otherwise(pl.col("battery"))
+        .alias("battery")
     )
     found, logic = run(battery(), text)
     assert logic.counts["non_numeric"] == 1
