@@ -53,16 +53,21 @@ from __future__ import annotations
 import ast
 import itertools
 import math
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import polars as pl
 from pydantic import GetCoreSchemaHandler
 from pydantic_core import core_schema
 
 from iotflow.errors import ConfigError
+
+if TYPE_CHECKING:
+    import polars as pl
+
+# polars is imported only by ``to_polars``: the plain Python backend (``function``,
+# ``evaluate``) runs on edge gateways without polars or numpy in the process.
 
 __all__ = ["FUNCTIONS", "MAX_LENGTH", "Expr"]
 
@@ -225,8 +230,7 @@ class Expr:
                     msg = f"expression {self.text!r} reads {name!r}, which the row does not have"
                     raise KeyError(msg) from None
                 env[name] = _normalize(value, nan_as_null)
-            with np.errstate(all="ignore"):
-                return compiled(env)
+            return compiled(env)
 
         return run
 
@@ -407,7 +411,7 @@ class _Checker:
 
 # -- the polars backend --------------------------------------------------------
 
-_PL_UNARY: dict[str, Callable[[pl.Expr], pl.Expr]] = {
+_PL_UNARY: dict[str, Callable[[Any], Any]] = {
     "abs": lambda e: e.abs(),
     "ceil": lambda e: e.ceil(),
     "exp": lambda e: e.exp(),
@@ -424,17 +428,20 @@ def _nan_to_null(series: pl.Series) -> pl.Series:
 
 
 def _pl_number(e: pl.Expr) -> pl.Expr:
+    import polars as pl
+
     # floor/ceil/log of an integer column need floats in polars
     return e.cast(pl.Float64)
 
 
 def _to_polars(node: ast.expr, nan_as_null: bool) -> pl.Expr:
+    import polars as pl
+
     def go(n: ast.expr) -> pl.Expr:
         if not _reads_columns(n):
             # fold constant parts here (with the scalar rules): polars 2.1 mis-sizes
             # comparisons between constant expressions and some column expressions
-            with np.errstate(all="ignore"):
-                value = _to_python(n)({})
+            value = _to_python(n)({})
             return pl.lit(value, dtype=pl.Float64) if isinstance(value, float) else pl.lit(value)
         if isinstance(n, ast.Name):
             col = pl.col(n.id)
@@ -537,12 +544,15 @@ def _pl_compare(op: type, a: pl.Expr, b: pl.Expr) -> pl.Expr:
 def _normalize(value: Any, nan_as_null: bool) -> Any:
     if value is None or isinstance(value, bool | str):
         return value
-    if isinstance(value, int | float | np.integer | np.floating):
+    np = sys.modules.get("numpy")  # numpy scalars exist only where numpy is loaded
+    if isinstance(value, int | float) or (
+        np is not None and isinstance(value, np.integer | np.floating)
+    ):
         number = float(value)
         if nan_as_null and math.isnan(number):
             return None
         return number
-    if isinstance(value, np.bool_):
+    if np is not None and isinstance(value, np.bool_):
         return bool(value)
     msg = f"value {value!r} of type {type(value).__name__} is not a number, string, bool or None"
     raise TypeError(msg)
@@ -604,31 +614,99 @@ def _kleene_or(values: list[bool | None]) -> bool | None:
     return None if any(v is None for v in values) else False
 
 
-def _f(ufunc: Callable[..., Any]) -> Callable[..., float | None]:
+def _f(fn: Callable[..., float]) -> Callable[..., float | None]:
     def apply(*args: float | None) -> float | None:
         if any(a is None for a in args):
             return None
-        return float(ufunc(*(np.float64(a) for a in args)))
+        return fn(*args)
 
     return apply
 
 
+# IEEE 754 float arithmetic as polars does it (inf and NaN instead of exceptions), in
+# plain Python so that evaluating an expression needs neither numpy nor polars.
+
+
+def _div(a: float, b: float) -> float:
+    if b == 0.0:
+        if a == 0.0 or math.isnan(a):
+            return math.nan
+        return math.copysign(math.inf, a) * math.copysign(1.0, b)
+    return a / b
+
+
+def _floor(x: float) -> float:
+    if math.isinf(x) or math.isnan(x) or x == 0.0:
+        return x
+    return float(math.floor(x))
+
+
+def _ceil(x: float) -> float:
+    if math.isinf(x) or math.isnan(x) or x == 0.0:
+        return x
+    out = float(math.ceil(x))
+    return -0.0 if out == 0.0 and x < 0.0 else out
+
+
+def _mod(a: float, b: float) -> float:
+    # polars' float modulo: a - b * floor(a / b), inf and NaN alike
+    return a - b * _floor(_div(a, b))
+
+
+def _odd_integer(x: float) -> bool:
+    return math.isfinite(x) and x.is_integer() and int(x) % 2 == 1
+
+
+def _pow(a: float, b: float) -> float:
+    try:
+        return math.pow(a, b)
+    except OverflowError:
+        return -math.inf if a < 0.0 and _odd_integer(b) else math.inf
+    except ValueError:
+        if a == 0.0:  # zero to a negative power
+            negative = math.copysign(1.0, a) < 0.0 and _odd_integer(b)
+            return -math.inf if negative else math.inf
+        return math.nan  # a negative number to a fractional power
+
+
+def _exp(x: float) -> float:
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
+
+def _logarithm(fn: Callable[[float], float]) -> Callable[[float], float]:
+    def log(x: float) -> float:
+        if x == 0.0:
+            return -math.inf
+        if x < 0.0:
+            return math.nan
+        return fn(x)
+
+    return log
+
+
+def _sqrt(x: float) -> float:
+    return math.nan if x < 0.0 else math.sqrt(x)
+
+
 _PY_BINOPS: dict[type, Callable[[Any, Any], float | None]] = {
-    ast.Add: _f(np.add),
-    ast.Sub: _f(np.subtract),
-    ast.Mult: _f(np.multiply),
-    ast.Div: _f(np.divide),
-    ast.Mod: _f(lambda a, b: a - b * np.floor(a / b)),  # polars' float modulo, inf/NaN alike
-    ast.Pow: _f(np.power),
+    ast.Add: _f(lambda a, b: a + b),
+    ast.Sub: _f(lambda a, b: a - b),
+    ast.Mult: _f(lambda a, b: a * b),
+    ast.Div: _f(_div),
+    ast.Mod: _f(_mod),
+    ast.Pow: _f(_pow),
 }
 _PY_UNARY: dict[str, Callable[[Any], float | None]] = {
-    "abs": _f(np.abs),
-    "ceil": _f(np.ceil),
-    "exp": _f(np.exp),
-    "floor": _f(np.floor),
-    "log": _f(np.log),
-    "log10": _f(np.log10),
-    "sqrt": _f(np.sqrt),
+    "abs": _f(abs),
+    "ceil": _f(_ceil),
+    "exp": _f(_exp),
+    "floor": _f(_floor),
+    "log": _f(_logarithm(math.log)),
+    "log10": _f(_logarithm(math.log10)),
+    "sqrt": _f(_sqrt),
 }
 
 
