@@ -7,7 +7,8 @@ large to list. It is plain data: ``to_dict()`` gives the file form back, and
 ``fingerprint`` identifies it for recovery.
 
 A registry file (YAML or JSON) has the sections ``models``, ``devices``,
-``patterns`` and ``groups``::
+``patterns``, ``groups`` and ``policies`` (a conflict policy per group, and
+``default`` for every other device; see ``twins.policies``)::
 
     models:
       lock:
@@ -17,6 +18,7 @@ A registry file (YAML or JSON) has the sections ``models``, ``devices``,
       lock-front: {model: lock, building: A, floor: 0, x: 0.0, y: 1.5}
     patterns: {"lock-*": lock}
     groups: {doors: [lock-front]}
+    policies: {default: desired_wins, doors: {policy: reported_wins}}
 
 Example::
 
@@ -51,8 +53,10 @@ from iotflow.declarations import load_file, validate
 from iotflow.errors import ConfigError, TwinRejected
 from iotflow.topics import check_device_id
 from twins.models import TwinModel, define_model
+from twins.policies import DesiredWins, Policy, parse_policy
 
 __all__ = [
+    "DEFAULT",
     "SIMULATOR_REGISTRY_FILE",
     "Device",
     "Registry",
@@ -88,6 +92,11 @@ class _RegistryFile(BaseModel):
     devices: dict[str, _DeviceEntry] = {}
     patterns: dict[str, str] = {}
     groups: dict[str, list[str]] = {}
+    policies: dict[str, Any] = {}
+
+
+DEFAULT = "default"
+"""The ``policies`` key for devices in no group with a policy."""
 
 
 def _check_metadata(device_id: str, metadata: Mapping[str, Any]) -> None:
@@ -116,9 +125,11 @@ class Registry:
         self.devices: dict[str, Device] = {}
         self.groups: dict[str, list[str]] = {}
         self.patterns: dict[str, str] = {}
+        self.policies: dict[str, Policy] = {DEFAULT: DesiredWins()}
         self._compiled: list[tuple[re.Pattern[str], str]] = []
         # devices known only by pattern, resolved once (only known ids are cached)
         self._by_pattern: dict[str, Device] = {}
+        self._policy_of: dict[str, Policy] = {}
 
     # -- declaring -----------------------------------------------------------------
 
@@ -175,7 +186,48 @@ class Registry:
                 )
             if device_id not in members:
                 members.append(device_id)
+        self._check_policies(name, members)
         self.groups[name] = members
+        self._policy_of.clear()
+
+    def set_policy(self, group: str, policy: object) -> Policy:
+        """The conflict policy of a group's devices (``group="default"``: of every other device).
+
+        A device may be in several groups, but not in two with different policies.
+        """
+        parsed = parse_policy(policy, f"policy of {group!r}")
+        if group != DEFAULT:
+            self._check_policies(group, self.group(group), parsed)
+        self.policies[group] = parsed
+        self._policy_of.clear()
+        return parsed
+
+    def _check_policies(self, group: str, members: list[str], policy: Policy | None = None) -> None:
+        policy = policy if policy is not None else self.policies.get(group)
+        if policy is None:
+            return
+        for other, other_policy in self.policies.items():
+            if other in (group, DEFAULT) or other_policy == policy:
+                continue
+            both = set(members).intersection(self.groups.get(other, ()))
+            if both:
+                raise ConfigError(
+                    f"device {sorted(both)[0]!r} is in groups {group!r} and {other!r} with "
+                    f"different policies ({policy.policy} and {other_policy.policy}); "
+                    "give each device one policy"
+                )
+
+    def policy_of(self, device_id: str) -> Policy:
+        """The policy of the first group with a policy that holds the device, else the default."""
+        found = self._policy_of.get(device_id)
+        if found is None:
+            found = self.policies[DEFAULT]
+            for name, policy in self.policies.items():
+                if name != DEFAULT and device_id in self.groups.get(name, ()):
+                    found = policy
+                    break
+            self._policy_of[device_id] = found
+        return found
 
     # -- looking up ----------------------------------------------------------------
 
@@ -296,6 +348,9 @@ class Registry:
             },
             "patterns": dict(self.patterns),
             "groups": {name: list(members) for name, members in self.groups.items()},
+            "policies": {
+                name: policy.model_dump(mode="json") for name, policy in self.policies.items()
+            },
         }
 
     @property
@@ -317,6 +372,8 @@ class Registry:
             registry.add_pattern(pattern, model)
         for name, members in parsed.groups.items():
             registry.add_group(name, members)
+        for name, policy in parsed.policies.items():
+            registry.set_policy(name, policy)
         return registry
 
     @classmethod

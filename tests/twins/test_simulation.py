@@ -115,6 +115,8 @@ def test_every_bad_plan_item_is_rejected_with_a_reason_and_the_rest_applied() ->
         (MINUTE, "lock-0001", "unlock", "now"),  # 17 params not an object
         {"at": "30m", "device_id": "lock-0001", "command": "unlock"},  # 18 fine
         PlannedCommand(START + timedelta(minutes=40), "lock-0001", "lock"),  # 19 fine
+        ("9999999999d", "lock-0001", "lock", {}),  # 20 no timedelta holds it
+        (datetime(9999, 12, 31, tzinfo=UTC), "lock-0001", "lock", {}),  # 21 far future
     ]
     p = run(twins, plan)
     assert not p.ok
@@ -138,6 +140,8 @@ def test_every_bad_plan_item_is_rejected_with_a_reason_and_the_rest_applied() ->
         15: "unknown_device",
         16: "unknown_device",
         17: "wrong_type",
+        20: "malformed",
+        21: "outside_horizon",
     }
     reasons = {r.index: r.reason for r in p.rejected}
     assert "boiler-1" in reasons[1]
@@ -202,6 +206,10 @@ def test_wrong_arguments_fail_before_any_work() -> None:
         run(twins, [], horizon="-1h")
     with pytest.raises(ConfigError, match="is 2,592,000 steps, over max_steps=100,000"):
         run(twins, [], horizon="30d", step="1s")
+    with pytest.raises(ConfigError, match="horizon='9999999999d' is too large"):
+        run(twins, [], horizon="9999999999d")
+    with pytest.raises(ConfigError, match="step: duration 'often' is not understood"):
+        run(twins, [], step="often")
     with pytest.raises(ConfigError, match="plan must be a list"):
         run(twins, "set_mode cool")
     with pytest.raises(ConfigError, match="twins must map device ids"):
