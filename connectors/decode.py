@@ -12,23 +12,25 @@ import base64
 import math
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
-import polars as pl
 
 from connectors.mapping import FieldPath, SourceMapping, is_missing
 from iotflow.events import DeadLetter, DeviceMessage, Reading
-from iotflow.frame import DEVICE, TS, empty_frame, from_readings
 from iotflow.topics import check_device_id
+
+if TYPE_CHECKING:
+    import polars as pl
+
+# polars is imported by the columnar path only (``decode_frame``): ``decode`` runs on
+# edge gateways without polars in the process.
 
 __all__ = ["DEADLETTER_KEEP_BYTES", "DecodeOut", "FrameOut", "TelemetryDecoder", "dead_letter"]
 
 DEADLETTER_KEEP_BYTES = 4096
 # Epoch milliseconds before 2000-01-01 are almost always epoch seconds sent by mistake.
 _MIN_TS_MS = 946_684_800_000
-# Column names of a reading frame; a metric may not take them.
-_RESERVED = frozenset({DEVICE, TS})
 _ORDER, _ORDER_OK = "__order", "__order_ok"
 # Device ids already checked; the cache starts over past this size.
 _KNOWN_DEVICES_MAX = 1_000_000
@@ -165,6 +167,10 @@ class TelemetryDecoder:
             >>> out.ok.rows(), len(out.dead)
             ([('a', 1767268800000, 1.0)], 1)
         """
+        import polars as pl
+
+        from iotflow.frame import empty_frame, from_readings
+
         fast, slow = self._split(messages)
         parts: list[pl.DataFrame] = []
         if fast:
@@ -179,7 +185,7 @@ class TelemetryDecoder:
         for index in sorted(slow):
             msg = messages[index]
             one = self.decode([msg])
-            clash = sorted({n for r in one.ok for n in _RESERVED.intersection(r.metrics)})
+            clash = sorted({n for r in one.ok for n in _reserved().intersection(r.metrics)})
             if clash:
                 reason = (
                     f"metric name {clash[0]!r} is reserved for the reading frame; "
@@ -237,6 +243,10 @@ class TelemetryDecoder:
         """Parse flat objects at once: every row, with an ``_ORDER_OK`` column marking the
         good ones, and the positions of the messages left to ``decode``; or None when the
         batch is not one the columnar path can vouch for."""
+        import polars as pl
+
+        from iotflow.frame import DEVICE, TS
+
         everything = list(range(len(messages)))
         joined = b"\n".join(m.payload for m in messages)
         parsed = _parse_flat(joined, len(messages))
@@ -248,7 +258,7 @@ class TelemetryDecoder:
             if name == ts_field:
                 if not (dtype.is_integer() or dtype == pl.Null):
                     return None, everything
-            elif name in _RESERVED:
+            elif name in (DEVICE, TS):
                 return None, everything
             elif dtype.is_numeric():
                 metrics.append(name)
@@ -431,6 +441,8 @@ def _parse_flat(joined: bytes, count: int) -> pl.DataFrame | None:
     no nesting and no arrays, the keys number the commas plus one per object, and
     each key is either a non-null cell or a literal ``null``.
     """
+    import polars as pl
+
     keys = joined.count(b",") + count
     if (
         joined.count(b"{") != count
@@ -449,6 +461,13 @@ def _parse_flat(joined: bytes, count: int) -> pl.DataFrame | None:
     if cells + joined.count(b"null") != keys:
         return None
     return parsed
+
+
+def _reserved() -> frozenset[str]:
+    """Column names of a reading frame; a metric may not take them."""
+    from iotflow.frame import DEVICE, TS
+
+    return frozenset({DEVICE, TS})
 
 
 def _magnitude(number: int) -> int:
