@@ -79,6 +79,11 @@ class KafkaTopics:
         return f"{self.prefix}.twins"
 
     @property
+    def twins_desired(self) -> str:
+        """Desired-state changes for twins (key: device_id), read by the twins flow."""
+        return f"{self.prefix}.twins.desired"
+
+    @property
     def command_requests(self) -> str:
         return f"{self.prefix}.commands.requests"
 
