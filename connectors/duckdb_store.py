@@ -26,6 +26,7 @@ __all__ = [
     "AGGREGATES",
     "DETECTIONS",
     "EXTRA_STATS",
+    "TWIN_HISTORY",
     "DuckDBSink",
     "Table",
     "aggregate_rows",
@@ -50,6 +51,7 @@ class Table:
             pa.float64(): "DOUBLE",
             pa.int64(): "BIGINT",
             pa.timestamp("us", tz="UTC"): "TIMESTAMPTZ",
+            pa.bool_(): "BOOLEAN",
         }
         cols = ", ".join(f'"{f.name}" {types[f.type]}' for f in self.schema)
         key = ", ".join(f'"{k}"' for k in self.key)
@@ -108,6 +110,29 @@ DETECTIONS = Table(
         ]
     ),
     ("rule", "key", "ts"),
+)
+
+
+# One row per twin version (dataflows.twins); JSON columns hold the twin's documents.
+TWIN_HISTORY = Table(
+    "twin_history",
+    pa.schema(
+        [
+            ("device_id", pa.string()),
+            ("version", pa.int64()),
+            ("model", pa.string()),
+            ("ts", pa.timestamp("us", tz="UTC")),
+            ("recorded_at", pa.timestamp("us", tz="UTC")),
+            ("cause", pa.string()),
+            ("changed", pa.string()),
+            ("reported", pa.string()),
+            ("desired", pa.string()),
+            ("delta", pa.string()),
+            ("reported_ts", pa.string()),
+            ("online", pa.bool_()),
+        ]
+    ),
+    ("device_id", "version"),
 )
 
 
