@@ -103,18 +103,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import msgspec
 import numpy as np
 import polars as pl
 import polars.selectors as cs
 
 from iotflow.errors import ConfigError
 from iotflow.events import Detection, from_ms, to_ms
+from operators.cep_actions import CommandRequest, TimedOutMatch, TwinUpdate, expand_actions
 from operators.cep_patterns import (
     AbsencePattern,
-    CommandAction,
     CorrelationPattern,
-    DetectAction,
     InputSpec,
     Pattern,
     PatternSet,
@@ -123,7 +121,6 @@ from operators.cep_patterns import (
     SequencePattern,
     Step,
     ThresholdPattern,
-    TwinUpdateAction,
 )
 from operators.expr import Expr
 
@@ -147,51 +144,6 @@ def _utcnow() -> datetime:
 
 
 # -- outputs ---------------------------------------------------------------------------
-
-
-class CommandRequest(msgspec.Struct, frozen=True):
-    """A command a pattern asks for (``type: command`` action), ``{key}`` substituted.
-
-    ``request_id`` is deterministic (pattern, key, detection time, action
-    index), so a replay after recovery asks for the same command again under
-    the same id and the orchestrator can de-duplicate it.
-    """
-
-    request_id: str
-    pattern: str
-    key: str
-    device_id: str
-    name: str
-    params: dict[str, Any]
-    ts: datetime
-    ttl_s: float
-
-
-class TwinUpdate(msgspec.Struct, frozen=True):
-    """A twin update a pattern asks for (``type: twin_update`` action)."""
-
-    request_id: str
-    pattern: str
-    key: str
-    device_id: str
-    properties: dict[str, Any]
-    ts: datetime
-
-
-class TimedOutMatch(msgspec.Struct, frozen=True):
-    """A partial sequence match that can no longer complete.
-
-    ``reason``: ``within`` (its time ran out), ``capacity`` (the oldest of too
-    many partial matches of a key) or ``end_of_input`` (no ``within``; input ended).
-    ``events`` lists the matched events so far as ``{"step", "ts_ms"}``.
-    """
-
-    pattern: str
-    key: str
-    started: datetime
-    timed_out_at: datetime
-    reason: str
-    events: list[dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -1375,58 +1327,4 @@ class CepEngine:
         return out
 
     def _with_actions(self, pattern: Pattern, items: list[Any]) -> list[CepEmit]:
-        if not items:
-            return []
-        actions = pattern.actions
-        if len(actions) == 1 and isinstance(actions[0], DetectAction):
-            return items
-        out: list[CepEmit] = []
-        for item in items:
-            if not isinstance(item, Detection):
-                out.append(item)
-                continue
-            for i, action in enumerate(actions):
-                if isinstance(action, DetectAction):
-                    out.append(item)
-                    continue
-                subst = {"{key}": item.key, "{pattern}": pattern.name}
-                request_id = f"{pattern.name}|{item.key}|{to_ms(item.ts)}|{i}"
-                device = _substitute(action.device, subst)
-                if isinstance(action, CommandAction):
-                    out.append(
-                        CommandRequest(
-                            request_id=request_id,
-                            pattern=pattern.name,
-                            key=item.key,
-                            device_id=device,
-                            name=_substitute(action.name, subst),
-                            params=_substitute(action.params, subst),
-                            ts=item.ts,
-                            ttl_s=action.ttl.total_seconds(),
-                        )
-                    )
-                elif isinstance(action, TwinUpdateAction):
-                    out.append(
-                        TwinUpdate(
-                            request_id=request_id,
-                            pattern=pattern.name,
-                            key=item.key,
-                            device_id=device,
-                            properties=_substitute(action.properties, subst),
-                            ts=item.ts,
-                        )
-                    )
-        return out
-
-
-def _substitute(value: Any, subst: dict[str, str]) -> Any:
-    # plain text replacement of the two placeholders (never str.format on user text)
-    if isinstance(value, str):
-        for token, text in subst.items():
-            value = value.replace(token, text)
-        return value
-    if isinstance(value, dict):
-        return {k: _substitute(v, subst) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_substitute(v, subst) for v in value]
-    return value
+        return expand_actions(pattern, items)
