@@ -69,6 +69,14 @@ class Settings(BaseSettings):
     # The device registry (twins.registry: models, devices, patterns, groups) as YAML or JSON;
     # unset: the built-in registry matching the simulator's device kinds.
     registry: Path | None = None
+    # The orchestrator's declaration (commands.orchestrator.OrchestratorConfig: ack timeouts per
+    # protocol, retries, back-off, limits) as YAML or JSON; unset: its defaults.
+    orchestrator: Path | None = None
+    # The HTTP device writer (commands.writers.HttpWriter): base URL of a REST device API or a
+    # Home Assistant (style "home_assistant"), and its bearer token (a secret, never logged).
+    http_url: str | None = None
+    http_token: SecretStr | None = None
+    http_style: Literal["rest", "home_assistant"] = "rest"
     window_s: float = Field(60.0, gt=0)
     lateness_s: float = Field(5.0, ge=0)
     max_payload_bytes: int = Field(256 * 1024, gt=0)
@@ -171,7 +179,7 @@ class Settings(BaseSettings):
         """
         env: dict[str, str] = {}
         for name, value in self.model_dump(mode="json", exclude_none=True).items():
-            if name in ("mqtt_url", "kafka_bootstrap", "kafka_sasl_password"):
+            if name in ("mqtt_url", "kafka_bootstrap", "kafka_sasl_password", "http_token"):
                 continue
             text = value if isinstance(value, str) else json.dumps(value)
             env[f"IOTFLOW_{name.upper()}"] = text
@@ -182,4 +190,6 @@ class Settings(BaseSettings):
             env["IOTFLOW_KAFKA_BOOTSTRAP"] = bootstrap
         if self.kafka_sasl_password is not None:
             env["IOTFLOW_KAFKA_SASL_PASSWORD"] = self.kafka_sasl_password.get_secret_value()
+        if self.http_token is not None:
+            env["IOTFLOW_HTTP_TOKEN"] = self.http_token.get_secret_value()
         return env
