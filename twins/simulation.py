@@ -219,6 +219,15 @@ def _planned(item: object) -> PlannedCommand:
     )
 
 
+def _duration(value: object, name: str) -> timedelta:
+    try:
+        return parse_duration(value)
+    except ConfigError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+    except OverflowError:  # a number no timedelta holds
+        raise ConfigError(f"{name}={value!r} is too large; write it like '1h' or '30d'") from None
+
+
 def _at_ms(at: object, start_ms: int) -> int:
     """A command's time in epoch ms: an aware datetime, or a duration after the start."""
     if isinstance(at, datetime):
@@ -227,6 +236,8 @@ def _at_ms(at: object, start_ms: int) -> int:
         return start_ms + round(parse_duration(at).total_seconds() * 1000)
     except ConfigError as exc:
         raise ValueError(f"at: {exc}; or give an aware datetime") from None
+    except OverflowError:  # parse_duration of a huge number: no timedelta holds it
+        raise ValueError(f"at: duration {at!r} is too large for a plan") from None
 
 
 class _Run:
@@ -328,7 +339,7 @@ def simulate(
     """
     if not isinstance(start, datetime) or start.tzinfo is None:
         raise ConfigError(f"start={start!r} must be an aware datetime (datetime.now(UTC))")
-    horizon_td, step_td = parse_duration(horizon), parse_duration(step)
+    horizon_td, step_td = _duration(horizon, "horizon"), _duration(step, "step")
     if step_td <= timedelta(0):
         raise ConfigError(f"step={label(step_td)} must be positive, e.g. '1m'")
     if horizon_td < timedelta(0):
