@@ -335,7 +335,8 @@ def _from_readings(readings: Iterable[Any], prop: str, counts: dict[str, int]) -
     numeric: list[bool] = []
     for reading in readings:
         counts["rows"] += 1
-        metrics = getattr(reading, "metrics", None)
+        # a Reading's metrics, or the values of a twin's reported update
+        metrics = getattr(reading, "metrics", None) or getattr(reading, "values", None)
         if not isinstance(metrics, Mapping):
             counts["bad_key"] += 1
             continue
@@ -469,9 +470,12 @@ class PredictionLogic:
         return sorted(name for name, d in self._devices.items() if d.alerting)
 
     def on_batch(self, items: pl.DataFrame | Reading | Iterable[Reading]) -> list[Detection]:
-        """Take a reading frame, a ``Reading`` or readings; return the episodes they start.
+        """Take a reading frame, a ``Reading`` or an iterable of point objects; return
+        the episodes they start, ordered by device id, then time.
 
-        Detections come ordered by device id, then time.
+        A point object has ``device_id``, ``ts_ms`` and a mapping ``metrics``
+        (``iotflow.events.Reading``) or ``values`` (a twin's reported update);
+        anything else is counted as ``bad_key``.
         """
         prop = self.rule.property
         if isinstance(items, pl.DataFrame):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -218,6 +219,23 @@ def test_frames_and_readings_give_the_same_detections() -> None:
     assert len(found) == 1
 
 
+@dataclass(frozen=True)
+class ReportedUpdate:
+    """The shape of a twin's reported update: values instead of metrics."""
+
+    device_id: str
+    ts_ms: int
+    values: dict[str, Any]
+
+
+def test_reported_twin_updates_are_points_too() -> None:
+    points = readings([60 - 2 * k for k in range(6)])
+    updates = [
+        ReportedUpdate(r.device_id, r.ts_ms, {"battery": r.metrics["battery"]}) for r in points
+    ]
+    assert run(battery(), updates)[0] == run(battery(), points)[0]
+
+
 def test_exponential_fit_for_an_exponential_decay() -> None:
     rule = battery(fit="exponential", horizon="100h")
     k = -0.05  # per hour
@@ -293,6 +311,28 @@ def test_batching_never_changes_the_detections(values: list[float], cuts: list[i
     bounds = sorted({0, len(points), *(c for c in cuts if c < len(points))})
     parts = [points[a:b] for a, b in itertools.pairwise(bounds)]
     assert run(rule, *parts)[0] == whole
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    series=st.lists(
+        st.tuples(st.sampled_from(["a", "b", "c"]), st.floats(0, 100), st.integers(0, 2)),
+        min_size=5,
+        max_size=60,
+    ),
+    cut=st.integers(0, 60),
+)
+def test_devices_never_see_each_others_points(
+    series: list[tuple[str, float, int]], cut: int
+) -> None:
+    rule = battery(horizon="5h", window="3h", min_points=3)
+    points, clock = [], T0
+    for device, value, gap in series:  # interleaved devices, times rising (equal ones too)
+        clock += gap * HOUR // 2
+        points.append(Reading(device, clock, {"battery": value}))
+    mixed, _ = run(rule, points[:cut], points[cut:])
+    alone = [d for name in "abc" for d in run(rule, [p for p in points if p.device_id == name])[0]]
+    assert sorted(mixed, key=lambda d: (d.key, d.ts)) == alone
 
 
 def test_declarations_load_from_files_and_name_the_wrong_field(tmp_path: Any) -> None:
