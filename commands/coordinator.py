@@ -9,8 +9,8 @@ orchestrator hosts coordinators:
 2. for every terminal outcome (see ``OUTCOME_KINDS``) of a command whose
    ``correlation_id`` is the coordinator's ``coordinator_id`` it calls
    ``on_outcome(event, now, reported)`` exactly once and enqueues what comes back;
-3. at ``next_timer()`` it calls ``on_timer(now)`` (back-off of compensations,
-   pauses between waves) and enqueues what comes back;
+3. at ``next_timer()`` it calls ``on_timer(now, reported)`` (back-off of
+   compensations, pauses between waves) and enqueues what comes back;
 4. after each call it drains ``progress()`` (``PlanEvent`` items for
    ``{prefix}.commands.events`` and the DuckDB ``command_audit`` table);
 5. it drops the coordinator once ``finished`` is true and ``progress()`` is drained;
@@ -50,6 +50,7 @@ __all__ = [
     "PlanEvent",
     "PlanEventKind",
     "ReportedState",
+    "coordinator_builders",
     "outcome_of",
     "restore_coordinator",
 ]
@@ -84,7 +85,6 @@ class PlanEventKind(StrEnum):
     WAVE_DONE = "wave_done"
     ABORTED = "aborted"  # a rollout's abort criteria tripped
     ROLLED_BACK = "rolled_back"
-    RESTORED = "restored"  # rebuilt from a snapshot after a restart
     DONE = "done"  # terminal: every step done
     FAILED = "failed"  # terminal: failed, every applied step compensated
 
@@ -152,8 +152,8 @@ class Coordinator(Protocol):
         """React to the terminal outcome of a command it issued; unknown or repeated ids return []."""
         ...
 
-    def on_timer(self, now: datetime) -> list[Any]:
-        """Commands due at ``now`` (delayed retries, wave pauses); [] when nothing is due."""
+    def on_timer(self, now: datetime, reported: ReportedState) -> list[Any]:
+        """Commands due at ``now`` (delayed retries, the next wave after a pause); [] when none is due."""
         ...
 
     def next_timer(self) -> datetime | None:
@@ -179,12 +179,24 @@ class Coordinator(Protocol):
         ...
 
 
-# snapshot "type" -> (module, class); imported lazily so this module stays a leaf.
+# snapshot "type" -> (module, class, request builder); imported lazily so this module stays a leaf.
 _KINDS = {
-    "plan": ("commands.plans", "PlanRun"),
-    "saga": ("commands.saga", "SagaRun"),
-    "rollout": ("commands.rollout", "RolloutRun"),
+    "plan": ("commands.plans", "PlanRun", "plan_from_request"),
+    "saga": ("commands.saga", "SagaRun", "saga_from_request"),
+    "rollout": ("commands.rollout", "RolloutRun", "rollout_from_request"),
 }
+
+
+def coordinator_builders() -> dict[str, Callable[..., Coordinator]]:
+    """``type`` -> ``builder(spec, registry, now)`` for every coordinator kind.
+
+    ``spec`` is a request ``{"type": "saga", "id": "<new run id>", **declaration}``;
+    a builder raises ``ConfigError`` naming the field when it is wrong.
+    """
+    return {
+        kind: getattr(importlib.import_module(module), builder)
+        for kind, (module, _, builder) in _KINDS.items()
+    }
 
 
 def restore_coordinator(snap: dict[str, Any]) -> Coordinator:
@@ -193,6 +205,6 @@ def restore_coordinator(snap: dict[str, Any]) -> Coordinator:
     if kind not in _KINDS:
         msg = f"coordinator snapshot type {kind!r} is unknown; expected one of {sorted(_KINDS)}"
         raise ConfigError(msg)
-    module, name = _KINDS[kind]
+    module, name, _ = _KINDS[kind]
     cls = getattr(importlib.import_module(module), name)
     return cls.restore(snap)

@@ -79,6 +79,8 @@ __all__ = [
     "StepStatus",
     "Target",
     "load_plan",
+    "plan_from_request",
+    "request_parts",
     "topological_order",
 ]
 
@@ -374,6 +376,29 @@ class PlanSpec(BaseModel):
         return PlanRun(self.expand(registry, plan_id))
 
 
+def request_parts(spec: Mapping[str, Any], what: str) -> tuple[str, dict[str, Any]]:
+    """Split a coordinator request ``{"type": ..., "id": run id, **declaration}``.
+
+    The run id is required: it prefixes every command id, so a replayed
+    request with the same id does nothing twice, and a new run needs a new id.
+    """
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"{what} request must be an object, got {type(spec).__name__}")
+    run_id = spec.get("id")
+    if not isinstance(run_id, str) or not _PLAN_ID.fullmatch(run_id):
+        raise ConfigError(
+            f"{what} request needs an id naming this run (1..128 letters, digits or _.:@-, "
+            f"e.g. 'leaving-home-2026-01-01'), got {str(run_id)[:70]!r}"
+        )
+    return run_id, {k: v for k, v in spec.items() if k not in ("type", "id")}
+
+
+def plan_from_request(spec: Mapping[str, Any], registry: Registry, now: datetime) -> PlanRun:
+    """The orchestrator's builder for ``{"coordinator": {"type": "plan", "id": ..., ...}}``."""
+    run_id, data = request_parts(spec, "plan")
+    return validate(PlanSpec, data, "plan").build(registry, run_id)
+
+
 def load_plan(source: str | Path | Mapping[str, Any]) -> PlanSpec:
     """A ``PlanSpec`` from a dict or a YAML/JSON file; ``ConfigError`` naming the field."""
     data = source if isinstance(source, Mapping) else load_file(source, "plan")
@@ -582,7 +607,7 @@ class PlanRun:
         self._finish_step(name, now)
         return self._advance(now, reported)
 
-    def on_timer(self, now: datetime) -> list[Command]:
+    def on_timer(self, now: datetime, reported: ReportedState) -> list[Command]:
         return []
 
     def next_timer(self) -> datetime | None:

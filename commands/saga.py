@@ -70,14 +70,24 @@ from commands.plans import (
     PlanState,
     Step,
     StepStatus,
+    request_parts,
 )
 from iotflow.declarations import load_file, validate
 from iotflow.durations import Duration, label
 from iotflow.errors import ConfigError, TwinRejected
 from iotflow.events import Command, CommandEvent, from_ms, to_ms
+from twins.models import TwinModel
 from twins.registry import Registry
 
-__all__ = ["Compensation", "SagaRun", "SagaSpec", "SagaStep", "load_saga"]
+__all__ = [
+    "Compensation",
+    "SagaRun",
+    "SagaSpec",
+    "SagaStep",
+    "load_saga",
+    "saga_from_request",
+    "undo_commands",
+]
 
 
 class Compensation(BaseModel):
@@ -112,9 +122,73 @@ class Compensation(BaseModel):
             raise ValueError("params belong to a compensation command; give command too")
         return self
 
-    @property
-    def is_none(self) -> bool:
-        return self.command is None and self.restore is None
+    def expand(
+        self, registry: Registry, devices: tuple[str, ...], command: str, where: str
+    ) -> dict[str, Any] | None:
+        """Plain data for a run, checked for every device: ``{"command", "params"}``,
+        ``{"restore": [...]}`` or None; ``ConfigError`` naming ``where`` when it cannot work."""
+        if self.command is not None:
+            checked: dict[str, Any] = {}
+            for device_id in devices:
+                try:
+                    checked = registry.check_command(device_id, self.command, self.params)
+                except TwinRejected as exc:
+                    raise ConfigError(f"{where}: {exc.reason}") from None
+            return {"command": self.command, "params": checked}
+        if self.restore is None:
+            return None
+        for model_name in dict.fromkeys(registry.device(d).model for d in devices):
+            model = registry.models[model_name]
+            wanted = self.restore or list(model.commands[command].sets)
+            if not wanted:
+                raise ConfigError(
+                    f"{where}: restore has nothing to restore: command {command!r} of model "
+                    f"{model.name!r} sets no property; list the properties or use none"
+                )
+            for prop in wanted:
+                if prop not in model.properties:
+                    raise ConfigError(
+                        f"{where}: restore names unknown property {prop!r} of model "
+                        f"{model.name!r} (properties: {', '.join(model.properties)})"
+                    )
+                if not any(prop in spec.sets for spec in model.commands.values()):
+                    raise ConfigError(
+                        f"{where}: no command of model {model.name!r} sets {prop!r}, "
+                        "so it cannot be restored"
+                    )
+        return {"restore": list(self.restore)}
+
+
+def undo_commands(
+    compensation: Mapping[str, Any],
+    model: TwinModel,
+    command: str,
+    params: Mapping[str, Any],
+    device_id: str,
+    state: Mapping[str, Any],
+) -> tuple[dict[str, Any] | None, list[list[Any]], list[str]]:
+    """What undoes ``command`` on a device whose reported state is ``state`` right before it.
+
+    Returns the previous values captured (restore only), the undo commands
+    (``[[name, params], ...]``, empty when the command changes nothing that
+    was reported) and notes for the audit (a property never reported, a
+    previous value no command can set).
+    """
+    if "command" in compensation:
+        return None, [[compensation["command"], dict(compensation["params"])]], []
+    expected = model.commands[command].expected_state(params)
+    props = compensation["restore"] or list(model.commands[command].sets)
+    previous = {p: state[p] for p in props if p in state}
+    notes = [f"{device_id} reported no {p} to restore" for p in props if p not in state]
+    # a property the command sets to the value it already had has nothing to undo
+    changes = {p: v for p, v in previous.items() if not (p in expected and expected[p] == v)}
+    try:
+        checked = {p: model.check_property(p, v) for p, v in changes.items()}
+        undo = [[name, cmd_params] for name, cmd_params in model.commands_for(checked)]
+    except TwinRejected as exc:
+        undo = []
+        notes.append(f"{device_id}: previous state cannot be restored: {exc.reason}")
+    return previous, undo, notes
 
 
 class SagaStep(Step):
@@ -161,37 +235,7 @@ class SagaSpec(PlanSpec):
         base = super()._expanded_step(step, devices, params, after, registry)
         comp: Compensation = step.compensation  # type: ignore[attr-defined]  # steps are SagaSteps
         where = f"{self.name}.steps.{step.name}.compensation"
-        compensation: dict[str, Any] | None = None
-        if comp.command is not None:
-            checked: dict[str, Any] = {}
-            for device_id in devices:
-                try:
-                    checked = registry.check_command(device_id, comp.command, comp.params)
-                except TwinRejected as exc:
-                    raise ConfigError(f"{where}: {exc.reason}") from None
-            compensation = {"command": comp.command, "params": checked}
-        elif comp.restore is not None:
-            props = list(comp.restore)
-            for device_id in devices:
-                model = registry.model_of(device_id)
-                sets = list(model.commands[step.command].sets)
-                wanted = props or sets
-                if not wanted:
-                    raise ConfigError(
-                        f"{where}: restore has nothing to restore: command {step.command!r} of model "
-                        f"{model.name!r} sets no property; list the properties or use none"
-                    )
-                for prop in wanted:
-                    if prop not in model.properties:
-                        raise ConfigError(
-                            f"{where}: restore names unknown property {prop!r} of model {model.name!r} "
-                            f"(properties: {', '.join(model.properties)})"
-                        )
-                    if not any(prop in spec.sets for spec in model.commands.values()):
-                        raise ConfigError(
-                            f"{where}: no command of model {model.name!r} sets {prop!r}, so it cannot be restored"
-                        )
-            compensation = {"restore": props}
+        compensation = comp.expand(registry, devices, step.command, where)
         return ExpandedStep(
             **{**base.__dict__, "compensation": compensation, "critical": step.critical}
         )
@@ -215,6 +259,12 @@ def load_saga(source: str | Path | Mapping[str, Any]) -> SagaSpec:
     """A ``SagaSpec`` from a dict or a YAML/JSON file; ``ConfigError`` naming the field."""
     data = source if isinstance(source, Mapping) else load_file(source, "saga")
     return validate(SagaSpec, data, "saga")
+
+
+def saga_from_request(spec: Mapping[str, Any], registry: Registry, now: datetime) -> SagaRun:
+    """The orchestrator's builder for ``{"coordinator": {"type": "saga", "id": ..., ...}}``."""
+    run_id, data = request_parts(spec, "saga")
+    return validate(SagaSpec, data, "saga").build(registry, run_id)
 
 
 class SagaRun(PlanRun):
@@ -252,7 +302,7 @@ class SagaRun(PlanRun):
 
     # -- coordinator ------------------------------------------------------------------------------
 
-    def on_timer(self, now: datetime) -> list[Command]:
+    def on_timer(self, now: datetime, reported: ReportedState) -> list[Command]:
         if (
             self.state is PlanState.RUNNING
             and self._deadline_ms() is not None
@@ -302,26 +352,12 @@ class SagaRun(PlanRun):
     def _before_command(
         self, step: ExpandedStep, device_id: str, dev: DeviceRun, state: Mapping[str, Any]
     ) -> list[str]:
-        comp = step.compensation
-        if comp is None:
-            return []
-        if "command" in comp:
-            dev.undo = [[comp["command"], dict(comp["params"])]]
+        if step.compensation is None:
             return []
         model = self.twin_model(device_id)
-        expected = model.commands[step.command].expected_state(step.params)
-        props = comp["restore"] or list(model.commands[step.command].sets)
-        dev.previous = {p: state[p] for p in props if p in state}
-        notes = [f"{device_id} reported no {p} to restore" for p in props if p not in state]
-        changes = {
-            p: v for p, v in dev.previous.items() if not (p in expected and expected[p] == v)
-        }
-        try:
-            checked = {p: model.check_property(p, v) for p, v in changes.items()}
-            dev.undo = [[name, params] for name, params in model.commands_for(checked)]
-        except TwinRejected as exc:
-            dev.undo = []
-            notes.append(f"{device_id}: previous state cannot be restored: {exc.reason}")
+        dev.previous, dev.undo, notes = undo_commands(
+            step.compensation, model, step.command, step.params, device_id, state
+        )
         return notes
 
     def _after_device(

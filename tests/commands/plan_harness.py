@@ -65,7 +65,7 @@ class DeviceLoop:
             if coordinator.finished or due is None:
                 return
             self.now = max(self.now, due)
-            self._take(coordinator.on_timer(self.now), coordinator)
+            self._take(coordinator.on_timer(self.now, self.reported), coordinator)
         raise AssertionError("the coordinator did not finish")
 
     def deliver_one(self, coordinator: Any) -> CommandEvent:
