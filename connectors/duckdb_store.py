@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +25,14 @@ from iotflow.events import Detection, WindowResult
 
 __all__ = [
     "AGGREGATES",
+    "COMMAND_AUDIT",
     "DETECTIONS",
     "EXTRA_STATS",
     "TWIN_HISTORY",
     "DuckDBSink",
     "Table",
     "aggregate_rows",
+    "command_history",
     "connect",
     "detection_rows",
     "read_readings",
@@ -133,6 +136,32 @@ TWIN_HISTORY = Table(
         ]
     ),
     ("device_id", "version"),
+)
+
+# One row per command or coordinator transition (dataflows.orchestrator; commands.audit.audit_row).
+COMMAND_AUDIT = Table(
+    "command_audit",
+    pa.schema(
+        [
+            ("event_key", pa.string()),
+            ("entity", pa.string()),
+            ("subject", pa.string()),
+            ("kind", pa.string()),
+            ("kind_order", pa.int64()),
+            ("ts", pa.timestamp("us", tz="UTC")),
+            ("device_id", pa.string()),
+            ("command_id", pa.string()),
+            ("correlation_id", pa.string()),
+            ("name", pa.string()),
+            ("attempt", pa.int64()),
+            ("applied", pa.bool_()),
+            ("reason", pa.string()),
+            ("detail", pa.string()),
+            ("step", pa.string()),
+            ("wave", pa.int64()),
+        ]
+    ),
+    ("event_key",),
 )
 
 
@@ -293,3 +322,30 @@ class DuckDBSink(FixedPartitionedSink[Any, None]):
     def build_part(self, step_id: str, for_part: str, resume_state: None) -> _Partition:
         table, to_arrow = self._routes[for_part]
         return _Partition(self._path, table, to_arrow)
+
+
+def command_history(
+    path: Path | str, device_id: str, since: datetime, until: datetime
+) -> pl.DataFrame:
+    """What happened to ``device_id`` from ``since`` (inclusive) to ``until`` (exclusive):
+    its rows of ``command_audit`` (command transitions and coordinator steps that name
+    the device), in time order, then lifecycle order. ConfigError for a file without
+    the table or naive times."""
+    for name, value in (("since", since), ("until", until)):
+        if value.tzinfo is None:
+            raise ConfigError(f"{name} {value.isoformat()} is naive; give an aware UTC datetime")
+    try:
+        con = duckdb.connect(str(path), read_only=True)
+    except duckdb.IOException as exc:
+        raise ConfigError(f"cannot open DuckDB file {path}: {exc}") from exc
+    try:
+        query = (
+            f'SELECT * FROM "{COMMAND_AUDIT.name}" WHERE device_id = ? AND ts >= ? AND ts < ? '
+            "ORDER BY ts, kind_order, event_key"
+        )
+        return pl.from_arrow(con.execute(query, [device_id, since, until]).to_arrow_table())
+    except duckdb.CatalogException as exc:
+        msg = f"{path} has no {COMMAND_AUDIT.name} table; is it the orchestrator flow's IOTFLOW_DUCKDB?"
+        raise ConfigError(msg) from exc
+    finally:
+        con.close()
