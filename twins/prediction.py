@@ -59,8 +59,8 @@ the time of the point that started the episode, ``value`` its observed value,
 ``baseline`` the threshold, ``score`` the urgency ``1 - eta / horizon`` (1
 when the crossing is now, 0 at the horizon), and ``details`` the fit:
 ``property``, ``direction``, ``threshold``, ``fit``, ``slope_per_h``,
-``intercept``, ``r2``, ``n``, ``span_s``, ``eta_s``, ``crossing_at`` (ISO 8601)
-and ``horizon_s``.
+``intercept``, ``r2``, ``n``, ``span_s``, ``eta_s``, ``crossing_at`` (ISO 8601;
+None beyond year 9999) and ``horizon_s``.
 
 Example::
 
@@ -137,7 +137,10 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def _iso(ts_ms: float) -> str:
+def _iso(ts_ms: float) -> str | None:
+    """ISO 8601 UTC, or None past what datetime holds (a crossing ages away)."""
+    if not _MIN_TS_MS <= ts_ms <= _MAX_TS_MS:
+        return None
     return from_ms(int(ts_ms)).isoformat().replace("+00:00", "Z")
 
 

@@ -53,7 +53,7 @@ Example (the docstring example is run by the test suite)::
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -329,13 +329,16 @@ def simulate(
     horizon: timedelta | str | float = timedelta(hours=1),
     step: timedelta | str | float = timedelta(minutes=1),
     max_steps: int = MAX_STEPS,
+    track: Iterable[str] | None = None,
 ) -> Prediction:
     """Predict the twins' states over ``horizon`` from ``start`` under ``plan`` (see the module docstring).
 
     ``ConfigError`` (before any work) for a naive ``start``, a step that is not
     positive, a negative horizon, more than ``max_steps`` steps, or behaviours
     that do not fit a device's model. Everything wrong with a plan item is a
-    ``RejectedCommand`` in the result instead.
+    ``RejectedCommand`` in the result instead. ``track`` names the devices
+    whose trajectory is kept (None: every device; a large fleet over many steps
+    keeps only those it shows); every device still has its final state.
     """
     if not isinstance(start, datetime) or start.tzinfo is None:
         raise ConfigError(f"start={start!r} must be an aware datetime (datetime.now(UTC))")
@@ -360,13 +363,17 @@ def simulate(
     accepted, rejected = _check_plan(plan, registry, start_ms, end_ms)
 
     initial = run.snapshot()
-    trajectory: dict[str, list[Sample]] = {d: [] for d in initial}
+    tracked = None if track is None else set(track)
+    trajectory: dict[str, list[Sample]] = {
+        d: [] for d in initial if tracked is None or d in tracked
+    }
     applied: list[AppliedCommand] = []
 
     def record(at_ms: int) -> None:
         at = from_ms(at_ms)
         for device_id, state in run.states.items():
-            trajectory.setdefault(device_id, []).append(Sample(at, dict(state)))
+            if tracked is None or device_id in tracked:
+                trajectory.setdefault(device_id, []).append(Sample(at, dict(state)))
 
     now_ms, pending = start_ms, 0
     grid = [min(start_ms + k * step_ms, end_ms) for k in range(1, steps + 1)]

@@ -109,6 +109,14 @@ def test_far_crossing_beyond_the_horizon_is_not_detected() -> None:
     assert found == []
 
 
+def test_a_crossing_beyond_year_9999_has_no_date() -> None:
+    rule = battery(horizon="3650000d", window="100d")
+    found, _ = run(rule, readings([100 - 1.125e-6 * k for k in range(6)]))  # ~9,100 years
+    assert len(found) == 1
+    assert found[0].details["crossing_at"] is None
+    assert found[0].details["eta_s"] > 0
+
+
 def test_already_past_the_threshold_and_falling_is_eta_zero() -> None:
     found, _ = run(battery(), readings([8, 7, 6, 5]))
     assert len(found) == 1

@@ -229,3 +229,11 @@ def test_horizon_and_step_accept_duration_text_and_a_zero_horizon() -> None:
     p = run(twins, [], horizon="90s", step="1m")  # the last step is cut at the horizon
     assert [s.at for s in p.trajectory["lock-0001"]][-1] == START + timedelta(seconds=90)
     assert p.to_dict()["step"] == "1m"
+
+
+def test_track_keeps_only_the_trajectories_asked_for() -> None:
+    twins = {f"lock-{i:04d}": {"locked": 1, "battery": 50.0} for i in range(100)}
+    p = run(twins, [(MINUTE, "lock-0007", "unlock", {})], track=["lock-0007"])
+    assert list(p.trajectory) == ["lock-0007"]
+    assert len(p.final) == 100
+    assert p.final["lock-0007"]["locked"] == 0
