@@ -314,7 +314,8 @@ class DuckDBSink(FixedPartitionedSink[Any, None]):
 
     def part_fn(self, item_key: str) -> int:
         try:
-            return list(self._routes).index(item_key)
+            # Bytewax indexes into the sorted set of partition names, not list_parts' order.
+            return sorted(self._routes).index(item_key)
         except ValueError:
             msg = f"no DuckDB table {item_key!r} in this sink; tables: {', '.join(self._routes)}"
             raise ConfigError(msg) from None
