@@ -331,6 +331,17 @@ def _value(raw: Any, counts: dict[str, int]) -> float | None:
     return None
 
 
+def _as_points(items: object) -> list[Any]:
+    """One point object, or an iterable of them, as a list (anything else: a list of one,
+    which ``_from_readings`` counts as ``bad_key``)."""
+    if hasattr(items, "device_id") or isinstance(items, str | bytes | Mapping):
+        return [items]
+    try:
+        return list(items)  # type: ignore[call-overload]
+    except TypeError:
+        return [items]
+
+
 def _from_readings(readings: Iterable[Any], prop: str, counts: dict[str, int]) -> _Points:
     devices: list[Any] = []
     stamps: list[int] = []
@@ -486,9 +497,7 @@ class PredictionLogic:
             if points is None:
                 return []
         else:
-            points = _from_readings(
-                [items] if isinstance(items, Reading) else items, prop, self.counts
-            )
+            points = _from_readings(_as_points(items), prop, self.counts)
         return self._on_points(points)
 
     def _on_points(self, points: _Points) -> list[Detection]:
@@ -673,8 +682,8 @@ class Predictor:
 
     def on_batch(self, items: pl.DataFrame | Reading | Iterable[Reading]) -> list[Detection]:
         """Every rule's detections for this batch."""
-        if not isinstance(items, pl.DataFrame | Reading):
-            items = list(items)  # iterated once per rule
+        if not isinstance(items, pl.DataFrame):
+            items = _as_points(items)  # iterated once per rule
         return [d for logic in self.logics for d in logic.on_batch(items)]
 
     def snapshot(self) -> dict[str, Any]:

@@ -244,6 +244,20 @@ def test_reported_twin_updates_are_points_too() -> None:
     assert run(battery(), updates)[0] == run(battery(), points)[0]
 
 
+def test_single_points_and_garbage_items_are_taken_one_by_one() -> None:
+    points = readings([60 - 2 * k for k in range(6)])
+    logic = battery().build(None, now)
+    found = [
+        d
+        for p in points
+        for d in logic.on_batch(ReportedUpdate(p.device_id, p.ts_ms, dict(p.metrics)))
+    ]
+    assert found == run(battery(), points)[0]
+    for junk in (5, None, "battery", b"x", {"device_id": "d"}):
+        assert logic.on_batch(junk) == []  # type: ignore[arg-type]
+    assert logic.counts["bad_key"] == 5
+
+
 def test_exponential_fit_for_an_exponential_decay() -> None:
     rule = battery(fit="exponential", horizon="100h")
     k = -0.05  # per hour
