@@ -1,0 +1,263 @@
+"""The twins flow: device telemetry and state, and desired changes -> digital twins.
+
+Run it with ``python -m bytewax.run dataflows.twins:flow`` (or ``iotflow run
+twins`` for a recovery store); settings come from ``IOTFLOW_*``, the device
+registry (models, devices, groups, conflict policies) from the file named by
+``IOTFLOW_REGISTRY``, else the built-in registry of the simulator's kinds.
+
+Inputs:
+
+- device messages (``IOTFLOW_INGEST``, ``connectors.ingest``): MQTT directly,
+  or the bridge's Kafka ingest topic. Both telemetry and the retained
+  ``state`` topic update reported state (``IOTFLOW_MQTT_TOPICS``, when set,
+  replaces the default filters ``{base}/devices/+/telemetry`` and ``.../state``);
+- desired changes on ``{prefix}.twins.desired`` (JSON, see ``twins.updates``).
+  The flow follows that topic, except in bounded runs (``IOTFLOW_MQTT_IDLE_STOP_S``
+  or ``IOTFLOW_INGEST_UNTIL_END``), where it reads what the topic held at start.
+
+Devices are spread over ``shards`` keys of one ``stateful_batch`` step
+(``twins.sync.TwinSync`` per shard, a batch at a time).
+
+Outputs:
+
+- ``{prefix}.twins`` (compact it): every twin change with its version, key device_id,
+- ``{prefix}.commands.requests``: ``iotflow.events.Command`` JSON made from deltas, key device_id,
+- ``{prefix}.detections``: ``twin_inconsistent`` detections, key ``rule|device``,
+- ``{prefix}.deadletter``: everything rejected, with the reason (counted per kind
+  in the twin step's state),
+- DuckDB ``twin_history`` (one row per version, upserted on (device_id, version))
+  and ``detections``.
+
+With a recovery store, a changed registry (models, policies) or shard count is
+refused at start with the settings named; the twin step also refuses state
+of other models (``ConfigError``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+import bytewax.operators as op
+import msgspec
+import pyarrow as pa
+from bytewax.dataflow import Dataflow, Stream
+from bytewax.inputs import Source
+
+from connectors.decode import dead_letter
+from connectors.duckdb_store import DETECTIONS, TWIN_HISTORY, DuckDBSink, detection_rows
+from connectors.ingest import device_messages
+from connectors.kafka import KafkaInput, KafkaOutput, message
+from connectors.recovery import bind_definition, ensure_store
+from iotflow.events import DeviceMessage, from_ms, to_ms
+from iotflow.settings import Settings
+from iotflow.topics import KafkaTopics, MqttTopics
+from operators.steps import LogicStep, shard_of
+from twins.registry import Registry, load_registry
+from twins.state import TwinChange
+from twins.sync import TwinOut, TwinSync, sync_fingerprint
+from twins.updates import DesiredChange, Reported, TwinRejection, UpdateDecoder, decode_desired
+
+__all__ = ["DEFAULT_SHARDS", "build_flow", "history_rows", "twin_filters", "twin_step"]
+
+DEFAULT_SHARDS = 16
+_encode = msgspec.json.encode
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def twin_filters(settings: Settings) -> list[str]:
+    """MQTT filters of the messages that update twins: ``IOTFLOW_MQTT_TOPICS`` or telemetry + state."""
+    topics = MqttTopics(settings.mqtt_base)
+    return settings.mqtt_topics or [topics.telemetry(), topics.state()]
+
+
+def history_rows(batches: list[list[TwinChange]]) -> pa.Table:
+    """Twin changes as an Arrow table in the ``twin_history`` layout (documents as JSON)."""
+    changes = [c for batch in batches for c in batch]
+    columns: dict[str, list[Any]] = {
+        "device_id": [c.device_id for c in changes],
+        "version": [c.version for c in changes],
+        "model": [c.model for c in changes],
+        "ts": [from_ms(c.ts_ms) for c in changes],
+        "recorded_at": [from_ms(c.recorded_ms) for c in changes],
+        "cause": [c.cause for c in changes],
+        "changed": [_encode(c.changed).decode() for c in changes],
+        "reported": [_encode(c.reported).decode() for c in changes],
+        "desired": [_encode(c.desired).decode() for c in changes],
+        "delta": [_encode(c.delta).decode() for c in changes],
+        "reported_ts": [_encode(c.reported_ts_ms).decode() for c in changes],
+        "online": [c.online for c in changes],
+    }
+    return pa.table(columns, schema=TWIN_HISTORY.schema)
+
+
+def _letter(rejection: TwinRejection) -> Any:
+    return dead_letter(
+        rejection.source,
+        rejection.reason,
+        rejection.payload,
+        rejection.received_ms,
+        rejection.topic,
+    )
+
+
+def twin_step(
+    step_id: str,
+    updates: Stream[list[Reported | DesiredChange]],
+    registry: Registry,
+    shards: int = DEFAULT_SHARDS,
+    now: Callable[[], datetime] = _utcnow,
+) -> Stream[TwinOut]:
+    """The twin-update step: batches of updates sharded by device -> one ``TwinOut`` per shard batch."""
+    cache: dict[str, str] = {}
+
+    def split(batch: list[Reported | DesiredChange]) -> list[tuple[str, list[Any]]]:
+        parts: dict[str, list[Any]] = {}
+        for update in batch:
+            device_id = update.device_id
+            shard = cache.get(device_id)
+            if shard is None:
+                shard = cache[device_id] = shard_of(device_id, shards)
+            part = parts.get(shard)
+            if part is None:
+                parts[shard] = [update]
+            else:
+                part.append(update)
+        return list(parts.items())
+
+    keyed = op.flat_map(f"{step_id}_shard", updates, split)
+    outs = op.stateful_batch(
+        f"{step_id}_sync", keyed, lambda state: LogicStep(TwinSync(registry, state, now))
+    )
+    return op.key_rm(f"{step_id}_unshard", outs)
+
+
+def _check_recovery(settings: Settings, registry: Registry, shards: int) -> None:
+    if settings.recovery_dir is None:
+        return
+    ensure_store(settings.recovery_dir)
+    definition = {
+        "IOTFLOW_REGISTRY": None if settings.registry is None else str(settings.registry),
+        "registry models and policies": sync_fingerprint(registry),
+        "shards": shards,
+    }
+    bind_definition(settings.recovery_dir, "twins", definition)
+
+
+def _messages(topic: str, key: Callable[[Any], str], items: Iterable[Any]) -> list[Any]:
+    return [message(topic, key(item), _encode(item)) for item in items]
+
+
+def build_flow(
+    settings: Settings | None = None,
+    source: Source[list[DeviceMessage]] | None = None,
+    desired_source: Source[Any] | None = None,
+    registry: Registry | None = None,
+    shards: int = DEFAULT_SHARDS,
+    now: Callable[[], datetime] = _utcnow,
+) -> Dataflow:
+    """Wire the twins flow; ``source``/``desired_source`` replace the inputs (tests).
+
+    ``desired_source`` yields raw JSON desired changes (bytes) or Kafka source
+    messages carrying them.
+    """
+    settings = settings or Settings()
+    registry = registry or load_registry(settings.registry)
+    _check_recovery(settings, registry, shards)
+    topics = KafkaTopics(settings.topic_prefix)
+    bootstrap = settings.require_kafka_bootstrap()
+    decoder = UpdateDecoder(settings.mqtt_base, settings.max_payload_bytes)
+
+    flow = Dataflow("twins")
+    ingest_settings = settings.model_copy(update={"mqtt_topics": twin_filters(settings)})
+    ingest = device_messages(flow, ingest_settings, source, client_id="iotflow-twins")
+    decoded = op.map("decode", ingest.messages, decoder.decode)
+    reported = op.map("reported", decoded, lambda pair: pair[0])
+    rejected: Stream[Any] = op.flat_map("undecodable", decoded, lambda pair: pair[1])
+
+    bounded = settings.mqtt_idle_stop_s is not None or settings.ingest_until_end
+    desired_in = op.input(
+        "desired",
+        flow,
+        desired_source or KafkaInput(bootstrap, [topics.twins_desired], tail=not bounded),
+    )
+
+    def decode_one(item: Any) -> DesiredChange | TwinRejection:
+        value = item if isinstance(item, bytes) else item.value
+        return decode_desired(value or b"", to_ms(now()))
+
+    desired_all = op.map("decode_desired", desired_in, decode_one)
+    desired_split = op.branch("desired_ok", desired_all, lambda d: isinstance(d, DesiredChange))
+    rejected = op.merge("rejected_desired", rejected, desired_split.falses)
+    updates = op.merge(
+        "updates", reported, op.map("desired_batches", desired_split.trues, lambda d: [d])
+    )
+    outs = twin_step("twins", updates, registry, shards, now)
+
+    dead = op.map(
+        "dead_letters",
+        op.merge(
+            "rejected_all", rejected, op.flat_map("twin_rejections", outs, lambda o: o.rejections)
+        ),
+        _letter,
+    )
+    if ingest.dead is not None:
+        dead = op.merge("dead_all", dead, ingest.dead)
+    detections = op.flat_map("detections", outs, lambda o: o.detections)
+    to_kafka = op.merge(
+        "to_kafka",
+        op.flat_map(
+            "change_msgs", outs, lambda o: _messages(topics.twins, lambda c: c.device_id, o.changes)
+        ),
+        op.flat_map(
+            "command_msgs",
+            outs,
+            lambda o: _messages(topics.command_requests, lambda c: c.device_id, o.commands),
+        ),
+        op.map(
+            "detection_msgs",
+            detections,
+            lambda d: message(topics.detections, f"{d.rule}|{d.key}", _encode(d)),
+        ),
+        op.map(
+            "dead_msgs", dead, lambda d: message(topics.deadletter, d.topic or d.source, _encode(d))
+        ),
+    )
+    op.output(
+        "kafka",
+        to_kafka,
+        KafkaOutput(
+            bootstrap,
+            [
+                topics.twins,
+                topics.command_requests,
+                topics.detections,
+                topics.deadletter,
+                topics.twins_desired,
+            ],
+        ),
+    )
+    history = op.filter_map(
+        "history", outs, lambda o: (TWIN_HISTORY.name, o.changes) if o.changes else None
+    )
+    op.output(
+        "duckdb",
+        op.merge(
+            "to_duckdb",
+            history,
+            op.map("detection_rows", detections, lambda d: (DETECTIONS.name, d)),
+        ),
+        DuckDBSink(settings.duckdb, TWIN_HISTORY, history_rows, also={DETECTIONS: detection_rows}),
+    )
+    return flow
+
+
+def __getattr__(name: str) -> Dataflow:
+    # Built on first access so importing the module needs no broker.
+    if name == "flow":
+        return build_flow()
+    raise AttributeError(name)
