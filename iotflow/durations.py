@@ -34,7 +34,7 @@ def parse_duration(value: Any) -> timedelta:
     if isinstance(value, int | float) and not isinstance(value, bool):
         if not math.isfinite(value):
             raise ConfigError(f"duration {value!r} is not finite")
-        return timedelta(seconds=value)
+        return _seconds(value, value)
     if isinstance(value, str):
         text = value.strip().replace(" ", "")
         # a sign is parsed so validators can say "must be positive" rather than "not understood"
@@ -42,9 +42,18 @@ def parse_duration(value: Any) -> timedelta:
         body = text.lstrip("-")
         if body and _PART.sub("", body) == "":
             seconds = sum(float(n) * _UNIT_S[u] for n, u in _PART.findall(body))
-            return timedelta(seconds=sign * seconds)
+            return _seconds(sign * seconds, value)
     msg = f"duration {value!r} is not understood; write it like '250ms', '30s', '5m', '1h30m', '2d' or seconds"
     raise ConfigError(msg)
+
+
+def _seconds(seconds: float, value: Any) -> timedelta:
+    try:
+        return timedelta(seconds=seconds)
+    except OverflowError:
+        # timedelta stops at 999,999,999 days; anything near that is a typo, not a duration
+        msg = f"duration {value!r} is too long; the limit is {timedelta.max.days:,} days"
+        raise ConfigError(msg) from None
 
 
 def label(duration: timedelta) -> str:
