@@ -545,6 +545,7 @@ class PlanRun:
         self._conditions = {s.name: Expr.parse(s.when) for s in plan.steps if s.when is not None}
         self._models: dict[str, TwinModel] | None = None
         self._events: list[PlanEvent] = []
+        self.notes: list[str] = []  # what the audit should know (a missing previous value...)
         if state is None:
             state = RunState(steps={s.name: StepRun(devices={}) for s in plan.steps})
         self._run = state
@@ -577,6 +578,12 @@ class PlanRun:
     def progress(self) -> list[PlanEvent]:
         events, self._events = self._events, []
         return events
+
+    def started_steps(self) -> list[str]:
+        """The steps that started, in the order they started."""
+        runs = self._run.steps
+        started = [name for name, run in runs.items() if run.started_seq is not None]
+        return sorted(started, key=lambda name: runs[name].started_seq or 0)
 
     def start(self, now: datetime, reported: ReportedState) -> list[Command]:
         if self.state is not PlanState.PENDING:
@@ -721,6 +728,7 @@ class PlanRun:
         detail = f"{len(commands)} commands {step.command}" + (
             f", {skipped} devices skipped by condition" if skipped else ""
         )
+        self.notes.extend(f"{step.name}: {note}" for note in notes)
         if notes:
             detail += (
                 "; "

@@ -331,6 +331,10 @@ class RolloutRun:
             if s.outcome[d] != Outcome.NOT_APPLIED and s.status[d] != _UNDONE
         ]
 
+    def rollback_of(self, device: str) -> list[list[Any]]:
+        """The commands (``[[name, params], ...]``) that would roll ``device`` back."""
+        return [list(c) for c in self._s.undo.get(device, [])]
+
     def progress(self) -> list[PlanEvent]:
         events, self._events = self._events, []
         return events

@@ -18,8 +18,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from commands.coordinator import OUTCOME_KINDS, PlanEvent
+from commands.saga import SagaRun, load_saga
 from iotflow.events import Command, CommandEvent, CommandEventKind
-from twins.registry import Registry
+from twins.registry import Registry, simulator_registry
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -114,3 +115,94 @@ class DeviceLoop:
     @property
     def pending(self) -> int:
         return len(self._queue)
+
+
+# -- a home for the leaving-home saga ------------------------------------------------------
+
+SECURITY = {
+    "properties": {"armed": {"type": "int", "min": 0, "max": 1, "writable": True}},
+    "commands": {"arm": {"sets": {"armed": 1}}, "disarm": {"sets": {"armed": 0}}},
+}
+NOTIFIER = {
+    "properties": {"last_message": {"type": "string"}},
+    "commands": {
+        "notify": {
+            "params": {"message": {"type": "string"}},
+            "sets": {"last_message": "params.message"},
+        }
+    },
+}
+
+
+def home_registry(lights: int = 6, doors: int = 2) -> Registry:
+    reg = simulator_registry()
+    reg.define_model("security", SECURITY)
+    reg.define_model("notifier", NOTIFIER)
+    reg.add_pattern("security-*", "security")
+    reg.add_pattern("notifier-*", "notifier")
+    reg.add_group("doors", [f"lock-{i:04d}" for i in range(1, doors + 1)])
+    reg.add_group("lights", [f"light-{i:04d}" for i in range(1, lights + 1)])
+    return reg
+
+
+LEAVING_HOME: dict[str, Any] = {
+    "name": "leaving-home",
+    "compensation_backoff": "1s",
+    "steps": [
+        {
+            "name": "lock_doors",
+            "target": {"group": "doors"},
+            "command": "lock",
+            "compensation": {"command": "unlock"},
+        },
+        {
+            "name": "thermostat_away",
+            "target": "hvac-0001",
+            "command": "set_temperature",
+            "params": {"setpoint": 16},
+            "compensation": "restore",
+        },
+        {
+            "name": "lights_off",
+            "target": {"group": "lights"},
+            "command": "turn_off",
+            "compensation": {"restore": ["on", "brightness"]},
+        },
+        {
+            "name": "arm_security",
+            "target": "security-0001",
+            "command": "arm",
+            "compensation": {"command": "disarm"},
+        },
+        {
+            "name": "notify",
+            "target": "notifier-0001",
+            "command": "notify",
+            "params": {"message": "house secured"},
+            "compensation": "none",
+            "critical": False,
+        },
+    ],
+}
+
+
+def home_states(lights: int = 6, doors: int = 2) -> dict[str, dict[str, Any]]:
+    states: dict[str, dict[str, Any]] = {
+        "hvac-0001": {"mode": "heat", "setpoint": 21.5, "fan_speed": 1},
+        "security-0001": {"armed": 0},
+        "notifier-0001": {"last_message": ""},
+    }
+    for i in range(1, doors + 1):
+        states[f"lock-{i:04d}"] = {"locked": 0}
+    for i in range(1, lights + 1):
+        states[f"light-{i:04d}"] = {"on": i % 3 != 0, "brightness": 10 * i}
+    for i in range(1, lights + 1):
+        states[f"light-{i:04d}"]["on"] = int(states[f"light-{i:04d}"]["on"])
+    return states
+
+
+def build(
+    spec: dict[str, Any] | None = None, lights: int = 6, plan_id: str = "leave-1"
+) -> tuple[SagaRun, Registry]:
+    reg = home_registry(lights)
+    return load_saga(spec or LEAVING_HOME).build(reg, plan_id), reg
