@@ -344,7 +344,7 @@ def command_history(
             f'SELECT * FROM "{COMMAND_AUDIT.name}" WHERE device_id = ? AND ts >= ? AND ts < ? '
             "ORDER BY ts, kind_order, event_key"
         )
-        return pl.from_arrow(con.execute(query, [device_id, since, until]).to_arrow_table())
+        return pl.from_arrow(con.sql(query, params=[device_id, since, until]).to_arrow_table())
     except duckdb.CatalogException as exc:
         msg = f"{path} has no {COMMAND_AUDIT.name} table; is it the orchestrator flow's IOTFLOW_DUCKDB?"
         raise ConfigError(msg) from exc
