@@ -17,7 +17,9 @@ Guarantees:
 
 - **Validation first.** A command is checked against the twins registry
   (``commands.validation.CommandValidator``); a rejected one is audited
-  (REQUESTED, REJECTED with the reason) and never written.
+  (REQUESTED, REJECTED with the reason) and never written. A command id that
+  cannot be an audit key (empty, too long, control characters) is dropped to
+  the dead letters instead.
 - **Per-device FIFO, one at a time.** A device has at most one command in
   flight; the next is sent only once it is DONE, FAILED or EXPIRED. Queued
   commands go by priority (higher first), then arrival order.
@@ -87,6 +89,7 @@ from commands.validation import (
     DeviceAck,
     DeviceState,
     InvalidRequest,
+    check_command_id,
     state_matches,
 )
 from iotflow.durations import Duration, label
@@ -298,7 +301,7 @@ class Orchestrator:
         for coordinator in list(self.coordinators.values()):
             due = coordinator.next_timer()
             if due is not None and due <= now:
-                commands = coordinator.on_timer(now)
+                commands = coordinator.on_timer(now, self.reported_of)
                 self._from_coordinator(coordinator, commands, now, out)
         self._settle(now, out)
         return out
@@ -371,6 +374,12 @@ class Orchestrator:
 
     def _request(self, command: Command, now: datetime, out: list[Any]) -> None:
         self._count("requests")
+        problem = check_command_id(command.command_id)
+        if problem is not None:
+            # an id that cannot name a record in the audit: only a dead letter can keep it
+            self._count("invalid_requests")
+            out.append(Dropped("commands", problem, msgspec.json.encode(command), now))
+            return
         known = self.records.get(command.command_id)
         digest = _digest(command)
         if known is not None:

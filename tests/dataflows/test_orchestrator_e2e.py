@@ -1,0 +1,309 @@
+"""The orchestrator flow end to end: simulated devices over real MQTT, real Kafka and DuckDB.
+
+The flow runs as a real ``python -m bytewax.run`` subprocess. An online fleet
+(3 HVAC units, 2 locks) executes and acks commands; a second fleet holds one
+light that is offline the whole time. Requests arrive on Kafka, in one
+partition (one key), so their order is the order they were produced.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from confluent_kafka import Producer
+
+from commands.audit import KIND_ORDER
+from connectors.duckdb_store import command_history
+from connectors.kafka import producer_config, read_topic
+from connectors.mqtt import connect_client
+from infra.flowproc import FlowProcess
+from infra.simulator import Fleet, FleetConfig
+from infra.stack import StackInfo
+from iotflow.settings import Settings
+from iotflow.topics import KafkaTopics, MqttTopics
+
+CONFIG = {
+    "ack_timeout": {"mqtt": "1s"},
+    "max_attempts": 5,
+    "backoff": "200ms",
+    "jitter": 0.0,
+}
+
+
+def produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
+    producer = Producer(producer_config(bootstrap))
+    for value in values:
+        producer.produce(topic, value, key=b"one-partition")
+    assert producer.flush(10) == 0
+
+
+def iso(dt: datetime) -> str:
+    return dt.isoformat().replace("+00:00", "Z")
+
+
+def command(
+    command_id: str, device_id: str, name: str, params: dict[str, Any], ttl_s: float = 30.0
+) -> dict[str, Any]:
+    now = datetime.now(UTC)
+    return {
+        "command_id": command_id,
+        "device_id": device_id,
+        "name": name,
+        "params": params,
+        "issued_at": iso(now),
+        "expires_at": iso(now + timedelta(seconds=ttl_s)),
+    }
+
+
+def encode(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc).encode()
+
+
+class Events:
+    """The flow's Kafka outputs, read back."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.bootstrap = settings.require_kafka_bootstrap()
+        self.topics = KafkaTopics(settings.topic_prefix)
+
+    def commands(self) -> list[dict[str, Any]]:
+        """Command events in time order (the topic is partitioned by command id)."""
+        records = read_topic(self.bootstrap, self.topics.command_events)
+        found = [d for r in records if "command_id" in (d := json.loads(r.value)) and "kind" in d]
+        return sorted(found, key=lambda e: (datetime.fromisoformat(e["ts"]), KIND_ORDER[e["kind"]]))
+
+    def dead(self) -> list[dict[str, Any]]:
+        return [json.loads(r.value) for r in read_topic(self.bootstrap, self.topics.deadletter)]
+
+    def wait(self, done: Any, timeout_s: float = 60.0) -> list[dict[str, Any]]:
+        stop = threading.Event()
+        deadline = datetime.now(UTC) + timedelta(seconds=timeout_s)
+        while datetime.now(UTC) < deadline:
+            events = self.commands()
+            if done(events):
+                return events
+            stop.wait(0.3)
+        raise AssertionError(
+            f"events not complete within {timeout_s}s: {Counter((e['command_id'], e['kind']) for e in self.commands())}"
+        )
+
+
+TERMINAL = {"done", "failed", "expired", "rejected"}
+
+
+def terminal(events: list[dict[str, Any]]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for e in events:
+        if e["kind"] in TERMINAL:
+            out.setdefault(e["command_id"], []).append(e["kind"])
+    return out
+
+
+@pytest.fixture
+def flow(settings: Settings, tmp_path: Path) -> Iterator[tuple[Settings, FlowProcess]]:
+    path = tmp_path / "orchestrator.yaml"
+    path.write_text(yaml.safe_dump(CONFIG))
+    settings = settings.model_copy(
+        update={"orchestrator": path, "mqtt_client_id": f"orch-{settings.topic_prefix}"}
+    )
+    with FlowProcess.start(
+        "dataflows.orchestrator:flow", settings, log=tmp_path / "flow.log"
+    ) as proc:
+        proc.wait_online()
+        yield settings, proc
+
+
+def test_commands_are_sequenced_acked_expired_deduplicated_and_audited(
+    flow: tuple[Settings, FlowProcess], stack: StackInfo
+) -> None:
+    settings, proc = flow
+    url = settings.require_mqtt_url()
+    bootstrap = settings.require_kafka_bootstrap()
+    requests = KafkaTopics(settings.topic_prefix).command_requests
+    base = settings.mqtt_base
+    online = FleetConfig(devices={"hvac": 3, "lock": 2}, base=base, seed=1)
+    offline = FleetConfig(devices={"light": 1}, base=base, faults={"offline_rate": 1.0})
+    events = Events(settings)
+    started = datetime.now(UTC)
+    with (
+        Fleet(online, url, schedule_telemetry=False) as fleet,
+        Fleet(offline, url, schedule_telemetry=False) as dark,
+    ):
+        unlock = encode(command("dup-1", "lock-0001", "unlock", {}))
+        produce(
+            bootstrap,
+            requests,
+            [
+                encode(
+                    {
+                        "instruction_id": "cool",
+                        "target": {"devices": ["hvac-0001", "hvac-0002", "hvac-0003"]},
+                        "steps": [
+                            "set_mode cool",
+                            "set_temperature 23.5",
+                            {"command": "set_fan_speed", "params": {"speed": 2}},
+                        ],
+                    }
+                ),
+                unlock,
+                unlock,  # a replayed request
+                encode(command("off-1", "light-0001", "turn_on", {}, ttl_s=3)),
+                encode(
+                    command("off-2", "light-0001", "set_brightness", {"brightness": 40}, ttl_s=3)
+                ),
+                # bad requests
+                b"{not json",
+                b'{"command_id": "nan-1", "device_id": "hvac-0001", "name": "set_temperature",'
+                b' "params": {"setpoint": NaN}}',
+                encode(command("bad-device", "toaster-1", "turn_on", {})),
+                encode(command("bad-command", "hvac-0001", "self_destruct", {})),
+                encode(command("bad-params", "hvac-0001", "set_temperature", {"setpoint": 99})),
+                encode(command("bad-type", "hvac-0001", "set_temperature", {"setpoint": "hot"})),
+                encode(
+                    command(
+                        "far-future",
+                        "hvac-0001",
+                        "set_mode",
+                        {"mode": "off"},
+                        ttl_s=10 * 365 * 86400,
+                    )
+                ),
+                encode(command("hostile-device", "hvac-0001/#", "set_mode", {"mode": "off"})),
+                encode(command("evil\u0000id", "hvac-0002", "set_mode", {"mode": "off"})),
+                encode({"command_id": "no-fields"}),
+                unlock,  # replayed again, later
+            ],
+        )
+        cool_ids = [f"cool/{step}/hvac-000{n}" for step in range(3) for n in (1, 2, 3)]
+        wanted = [*cool_ids, "dup-1", "off-1", "off-2"]
+        got = events.wait(lambda ev: all(i in terminal(ev) for i in wanted))
+        # a redelivered ack, then an ack from the wrong device: both change nothing
+        client = connect_client(url)
+        for device in ("lock-0001", "lock-0002"):
+            ack = json.dumps({"command_id": "dup-1", "status": "done"}).encode()
+            client.publish(MqttTopics(base).ack(device), ack, qos=1).wait_for_publish(10)
+        client.disconnect()
+        client.loop_stop()
+        dead_wait = threading.Event()
+        for _ in range(100):
+            if any("'lock-0002' acked command 'dup-1'" in d["reason"] for d in events.dead()):
+                break
+            dead_wait.wait(0.3)
+        stats, dark_stats = fleet.stats, dark.stats
+    proc.stop()
+    got = events.commands()
+    ends = terminal(got)
+
+    # every command reached exactly one terminal state
+    requested = {e["command_id"] for e in got if e["kind"] == "requested"}
+    assert all(len(ends[i]) == 1 for i in requested), ends
+    assert requested == set(ends)
+
+    # the instruction: each HVAC unit got its three steps in order, and shows them
+    for n in (1, 2, 3):
+        device = f"hvac-000{n}"
+        sent = [e["command_id"] for e in got if e["kind"] == "sent" and e["device_id"] == device]
+        assert sent == [f"cool/{s}/{device}" for s in range(3)]
+        assert {
+            k: stats.devices[device].reported[k] for k in ("mode", "setpoint", "fan_speed")
+        } == {
+            "mode": "cool",
+            "setpoint": 23.5,
+            "fan_speed": 2,
+        }
+    assert all(ends[i] == ["done"] for i in cool_ids)
+
+    # duplicates: the unlock ran once, though requested three times and acked again
+    assert ends["dup-1"] == ["done"]
+    assert sum(e["command_id"] == "dup-1" and e["kind"] == "sent" for e in got) == 1
+    assert stats.duplicate_commands == 0
+    assert stats.commands_received == stats.commands_executed == 10
+    assert stats.devices["lock-0001"].reported["locked"] == 0
+
+    # the offline light: the first command was tried until it expired, the second never sent
+    off1 = [e for e in got if e["command_id"] == "off-1"]
+    assert [e["kind"] for e in off1 if e["kind"] in ("sent", "expired")][-1] == "expired"
+    sends = sum(e["kind"] == "sent" for e in off1)
+    assert sends >= 2
+    assert dark_stats.ignored_commands.get("offline") == sends
+    assert dark_stats.commands_received == 0
+    off2 = [e["kind"] for e in got if e["command_id"] == "off-2"]
+    assert off2 == ["requested", "queued", "expired"]
+    # sent and never confirmed: unknown whether it acted; never sent: certainly not
+    applied = {e["command_id"]: e["applied"] for e in got if e["kind"] == "expired"}
+    assert applied == {"off-1": None, "off-2": False}
+
+    # bad requests: rejected with a reason (audited) or dead-lettered, never sent
+    reasons = {e["command_id"]: e["reason"] for e in got if e["kind"] == "rejected"}
+    assert reasons == {
+        "bad-device": "unknown_device",
+        "bad-command": "unknown_command",
+        "bad-params": "out_of_range",
+        "bad-type": "wrong_type",
+        "far-future": "far_future_expiry",
+        "hostile-device": "bad_id",
+        "no-fields": "invalid_command",
+    }
+    dead = [d["reason"] for d in proc_dead(events)]
+    assert sum("not valid JSON" in r for r in dead) == 2  # the broken one and the NaN
+    assert any("control characters" in r for r in dead)
+    assert any("'lock-0002' acked command 'dup-1'" in r for r in dead)
+
+    # the audit: what happened to hvac-0001, one query
+    history = command_history(settings.duckdb, "hvac-0001", started, datetime.now(UTC))
+    rows = history.to_dicts()
+    for step in range(3):
+        kinds = [r["kind"] for r in rows if r["command_id"] == f"cool/{step}/hvac-0001"]
+        assert kinds == ["requested", "queued", "sent", "done"]
+    rejected = {r["command_id"]: r["reason"] for r in rows if r["kind"] == "rejected"}
+    assert rejected == {
+        "bad-command": "unknown_command",
+        "bad-params": "out_of_range",
+        "bad-type": "wrong_type",
+        "far-future": "far_future_expiry",
+    }
+    assert len(rows) == 12 + 8
+    assert history["ts"].is_sorted()
+
+
+def proc_dead(events: Events) -> list[dict[str, Any]]:
+    return events.dead()
+
+
+def test_no_retained_message_on_any_cmd_topic(stack: StackInfo) -> None:
+    """Runs after the flows above: a retained command would replay on every resubscribe."""
+    retained: list[str] = []
+    probe = f"probe-{uuid.uuid4().hex[:8]}/devices/probe/cmd"
+    seen_probe = threading.Event()
+
+    def on_message(_c: Any, _u: Any, msg: Any) -> None:
+        if msg.topic == probe:
+            seen_probe.set()
+        elif msg.retain:
+            retained.append(msg.topic)
+
+    subscribed = threading.Event()
+    client = connect_client(
+        stack.mqtt_url,
+        on_connect=lambda c: c.subscribe("+/devices/+/cmd", qos=1),
+        on_subscribe=lambda *_a: subscribed.set(),
+        on_message=on_message,
+    )
+    try:
+        assert subscribed.wait(10)
+        # retained messages come right after the SUBACK, before anything published later
+        client.publish(probe, b"probe", qos=1).wait_for_publish(10)
+        assert seen_probe.wait(10)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    assert retained == []
