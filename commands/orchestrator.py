@@ -56,6 +56,7 @@ Guarantees:
 Example::
 
     >>> from datetime import UTC, datetime, timedelta
+    >>> from iotflow.events import Ack, AckStatus
     >>> from twins.registry import simulator_registry
     >>> t = [datetime(2026, 1, 1, tzinfo=UTC)]
     >>> orch = OrchestratorConfig().build(None, simulator_registry(), lambda: t[0])
