@@ -85,7 +85,8 @@ class PropertySpec(BaseModel):
     - ``enum``: one of ``values`` (strings).
     - ``timestamp``: epoch milliseconds, an ISO 8601 string with a time zone, or an
       aware datetime; returned as epoch milliseconds.
-    - ``string``: a string of at most ``MAX_STRING_CHARS`` characters.
+    - ``string``: a string of ``min_length``..``max_length`` characters (at most
+      ``MAX_STRING_CHARS``).
 
     NaN and infinities are rejected for every type.
     """
@@ -98,6 +99,8 @@ class PropertySpec(BaseModel):
     max: float | None = None
     values: list[str] | None = None
     writable: bool = False
+    min_length: int | None = None
+    max_length: int | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -115,6 +118,15 @@ class PropertySpec(BaseModel):
                 raise ValueError(f"min/max must be finite numbers, got {bound}")
         if self.min is not None and self.max is not None and self.min > self.max:
             raise ValueError(f"min {self.min:g} is above max {self.max:g}; swap them")
+        lengths = (self.min_length, self.max_length)
+        if self.type != "string" and lengths != (None, None):
+            raise ValueError(
+                f"min_length/max_length apply to string properties, not to {self.type}"
+            )
+        if any(n is not None and not 0 <= n <= MAX_STRING_CHARS for n in lengths):
+            raise ValueError(f"min_length/max_length must be within 0..{MAX_STRING_CHARS}")
+        if None not in lengths and self.min_length > self.max_length:  # type: ignore[operator]
+            raise ValueError(f"min_length {self.min_length} is above max_length {self.max_length}")
         if self.type == "enum":
             if not self.values:
                 raise ValueError("an enum property needs values: a non-empty list of strings")
@@ -198,9 +210,16 @@ class PropertySpec(BaseModel):
                 field=where,
                 kind="wrong_type",
             )
-        if len(value) > MAX_STRING_CHARS:
+        longest = MAX_STRING_CHARS if self.max_length is None else self.max_length
+        if len(value) > longest:
             raise TwinRejected(
-                f"{where}: string of {len(value)} characters is over the limit of {MAX_STRING_CHARS}",
+                f"{where}: string of {len(value)} characters is over the limit of {longest}",
+                field=where,
+                kind="out_of_range",
+            )
+        if self.min_length is not None and len(value) < self.min_length:
+            raise TwinRejected(
+                f"{where}: string of {len(value)} characters is under the minimum of {self.min_length}",
                 field=where,
                 kind="out_of_range",
             )

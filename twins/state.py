@@ -34,7 +34,7 @@ __all__ = ["TwinChange", "TwinState"]
 _MISSING = object()
 
 
-class TwinChange(msgspec.Struct, frozen=True):
+class TwinChange(msgspec.Struct, frozen=True, gc=False):
     """A twin after one change: the value of ``{prefix}.twins`` (key: device_id, compacted).
 
     ``version`` grows by one with every change of a value, a desired value,
@@ -43,7 +43,7 @@ class TwinChange(msgspec.Struct, frozen=True):
     ``ts_ms`` is the change's event time (the reading's or desired write's
     stamp; the clock for going offline), ``recorded_ms`` when the twin step
     made it. ``changed`` names the properties whose reported or desired value
-    changed.
+    changed. Its dicts are shared with the twin's state: read them, never change them.
     """
 
     device_id: str
@@ -64,6 +64,9 @@ class TwinChange(msgspec.Struct, frozen=True):
 
 class TwinState:
     """Reported/desired cells of one device, its version and what was commanded.
+
+    ``reported``, ``r_ts``, ``desired`` and ``d_ts`` are copied on write, never
+    changed in place, so a ``TwinChange`` can share them: treat them as read-only.
 
     ``sent`` maps a property to the command sent for its current delta:
     ``[value, command_id, issued_ms, attempts, reported_inconsistent]``.
@@ -112,6 +115,8 @@ class TwinState:
         """
         changed: list[str] = []
         reported, r_ts, r_src = self.reported, self.r_ts, self.r_src
+        new_reported: dict[str, Any] | None = None
+        new_ts: dict[str, int] | None = None
         replaces = policy.reported_replaces
         skipped = 0
         for key, value in values.items():
@@ -119,46 +124,53 @@ class TwinState:
             if cur_ts is not None and not replaces(ts_ms, source, cur_ts, r_src[key]):
                 skipped += 1
                 continue
-            r_ts[key] = ts_ms
+            if new_ts is None:
+                new_ts = self.r_ts = dict(r_ts)
+            new_ts[key] = ts_ms
             r_src[key] = source
             if reported.get(key, _MISSING) != value:
-                reported[key] = value
+                if new_reported is None:
+                    new_reported = self.reported = dict(reported)
+                new_reported[key] = value
                 changed.append(key)
         if policy.follows_reported and self.desired:
             for key in values:
-                if key in self.desired and self.desired[key] != reported.get(key, _MISSING):
-                    self.desired[key] = reported[key]
-                    self.d_ts[key] = ts_ms
-                    self.d_src[key] = source
+                if key in self.desired and self.desired[key] != self.reported.get(key, _MISSING):
+                    self._set_desired(key, self.reported[key], ts_ms, source)
                     if key not in changed:
                         changed.append(key)
         self.skipped = skipped
         return changed
+
+    def _set_desired(self, key: str, value: Any, ts_ms: int, source: str) -> None:
+        # copy on write: a TwinChange made earlier shares the previous dicts
+        self.desired = {**self.desired, key: value}
+        self.d_ts = {**self.d_ts, key: ts_ms}
+        self.d_src[key] = source
 
     def apply_desired(
         self, values: dict[str, Any], ts_ms: int, source: str, policy: Policy
     ) -> list[str]:
         """Apply checked desired values (``None`` clears a property's desire); the properties that changed."""
         changed: list[str] = []
-        desired, d_ts, d_src = self.desired, self.d_ts, self.d_src
         skipped = 0
         for key, value in values.items():
-            cur_ts = d_ts.get(key)
+            cur_ts = self.d_ts.get(key)
             if cur_ts is not None and not policy.desired_replaces(
-                ts_ms, source, cur_ts, d_src[key]
+                ts_ms, source, cur_ts, self.d_src[key]
             ):
                 skipped += 1
                 continue
             if value is None:
-                if key in desired:
-                    del desired[key], d_ts[key], d_src[key]
+                if key in self.desired:
+                    self.desired = {k: v for k, v in self.desired.items() if k != key}
+                    self.d_ts = {k: v for k, v in self.d_ts.items() if k != key}
+                    del self.d_src[key]
                     changed.append(key)
                 continue
-            d_ts[key] = ts_ms
-            d_src[key] = source
-            if desired.get(key, _MISSING) != value:
-                desired[key] = value
+            if self.desired.get(key, _MISSING) != value:
                 changed.append(key)
+            self._set_desired(key, value, ts_ms, source)
         self.skipped = skipped
         return changed
 
@@ -190,7 +202,7 @@ class TwinState:
         changed: list[str],
         policy: Policy,
     ) -> TwinChange:
-        """Count a new version and describe the twin after it."""
+        """Count a new version and describe the twin after it (sharing its dicts: read-only)."""
         self.version += 1
         return TwinChange(
             device_id,
@@ -200,11 +212,11 @@ class TwinState:
             recorded_ms,
             cause,
             changed,
-            dict(self.reported),
-            dict(self.desired),
-            self.delta(policy),
-            dict(self.r_ts),
-            dict(self.d_ts),
+            self.reported,
+            self.desired,
+            self.delta(policy) if self.desired else {},
+            self.r_ts,
+            self.d_ts,
             self.online,
             self.last_seen_ms,
         )

@@ -57,7 +57,7 @@ _KINDS = ("telemetry", "state")
 _KNOWN_IDS_MAX = 1_000_000
 
 
-class Reported(msgspec.Struct, frozen=True):
+class Reported(msgspec.Struct, frozen=True, gc=False):
     """Values a device reported at ``ts_ms`` (its clock), from ``source`` (telemetry, state...)."""
 
     device_id: str
@@ -67,7 +67,7 @@ class Reported(msgspec.Struct, frozen=True):
     received_ms: int
 
 
-class DesiredChange(msgspec.Struct, frozen=True):
+class DesiredChange(msgspec.Struct, frozen=True, gc=False):
     """A desired change based on twin version ``base_version`` (None: unconditional)."""
 
     device_id: str

@@ -127,6 +127,21 @@ def test_string_limit(hvac):
     rejected(hvac.check_property, "firmware", 123, kind="wrong_type")
 
 
+def test_string_lengths():
+    spec = PropertySpec(type="string", min_length=1, max_length=3)
+    assert spec.check("abc", where="s") == "abc"
+    with pytest.raises(TwinRejected, match="under the minimum of 1"):
+        spec.check("", where="s")
+    with pytest.raises(TwinRejected, match="over the limit of 3"):
+        spec.check("abcd", where="s")
+    for bad in (
+        {"type": "int", "max_length": 3},
+        {"type": "string", "min_length": 5, "max_length": 2},
+    ):
+        with pytest.raises(ValueError):
+            PropertySpec.model_validate(bad)
+
+
 def test_unknown_property_lists_known(hvac):
     err = rejected(hvac.check_property, "colour", "red", kind="unknown_property")
     assert "colour" in err.reason and "setpoint" in err.reason

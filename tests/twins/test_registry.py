@@ -191,9 +191,14 @@ def test_load_registry_none_is_the_simulator_registry():
 def _valid_params(spec):
     params = {}
     for name, p in spec.params.items():
-        params[name] = p.values[-1] if p.type == "enum" else (p.max if p.max is not None else 1)
-        if p.type == "int":
-            params[name] = int(params[name])
+        if p.type == "enum":
+            params[name] = p.values[-1]
+        elif p.type == "string":
+            params[name] = "v1.2"
+        else:
+            params[name] = p.max if p.max is not None else 1
+            if p.type == "int":
+                params[name] = int(params[name])
     return params
 
 
