@@ -11,11 +11,55 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from infra.simulator.kinds import KINDS, DeviceKind, pattern_metrics
+from infra.simulator.kinds import DEFAULT_KINDS, KINDS, DeviceKind, pattern_metrics
 from infra.simulator.model import FleetModel, MalformedKind
 from infra.simulator.patterns import ConstantPattern, Pattern
 
-__all__ = ["CommandConfig", "FaultConfig", "FleetConfig"]
+__all__ = [
+    "CommandConfig",
+    "CommandDrop",
+    "FaultConfig",
+    "FirmwareConfig",
+    "FleetConfig",
+    "HubConfig",
+]
+
+
+def _globs(value: tuple[str, ...]) -> tuple[str, ...]:
+    if not value or any(not isinstance(g, str) or not g for g in value):
+        msg = f"devices must list device ids or globs such as 'light-*', got {value!r}"
+        raise ValueError(msg)
+    return value
+
+
+class CommandDrop(BaseModel):
+    """Devices that ignore the first deliveries of every command (a protocol timeout
+    that recovers: the sender's retry gets through)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    devices: tuple[str, ...]
+    """Device ids or globs (``hvac-*``)."""
+    first_attempts: int = Field(1, ge=1)
+    """How many deliveries of each command id go unanswered before one is taken."""
+
+    _check_devices = field_validator("devices")(_globs)
+
+
+class HubConfig(BaseModel):
+    """A hub (gateway) some devices sit behind; while it is offline they neither act
+    on commands nor send telemetry."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    devices: tuple[str, ...]
+    """Device ids or globs (``light-*``); a device belongs to the first hub that lists it."""
+    offline_after_commands: int | None = Field(None, ge=0)
+    """The hub passes this many command messages, then goes offline (once)."""
+    offline_for_s: float | None = Field(None, gt=0)
+    """How long it stays offline when it trips; None: until ``Fleet.set_hub_online``."""
+
+    _check_devices = field_validator("devices")(_globs)
 
 
 class FaultConfig(BaseModel):
@@ -33,6 +77,22 @@ class FaultConfig(BaseModel):
     """Length of the time slots (aligned to the epoch) a device is offline or online for."""
     clock_skew_ms: int = Field(0, ge=0)
     """Each device's ts is off by a fixed amount drawn uniformly in ±clock_skew_ms."""
+    command_drops: tuple[CommandDrop, ...] = ()
+    """Devices that leave the first deliveries of each command unanswered."""
+
+
+class FirmwareConfig(BaseModel):
+    """The firmware of ``node`` devices and which of them fail to update."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    version: str = Field("1.0.0", min_length=1, max_length=64)
+    """The version every node reports at start."""
+    failure_rate: float = Field(0.0, ge=0, le=1)
+    """Share of nodes (seeded draw per device) that fail every update to another version."""
+    failing: tuple[str, ...] = ()
+    """Device ids that fail every update to another version (an update to the version
+    they run succeeds: nothing to do)."""
 
 
 class CommandConfig(BaseModel):
@@ -55,7 +115,7 @@ class CommandConfig(BaseModel):
 class FleetConfig(BaseModel):
     """A fleet of simulated devices.
 
-    ``devices`` is a total split over the ``kinds`` weights (all five kinds
+    ``devices`` is a total split over the ``kinds`` weights (the five DEFAULT_KINDS
     equally by default) or a count per kind: ``{"hvac": 10, "lock": 5}``.
     ``patterns`` maps a metric (``"temperature"``) or a kind's metric
     (``"hvac.temperature"``, which wins) to the components that replace the
@@ -82,6 +142,9 @@ class FleetConfig(BaseModel):
     patterns: dict[str, list[Pattern]] = Field(default_factory=dict)
     faults: FaultConfig = Field(default_factory=FaultConfig)
     commands: CommandConfig = Field(default_factory=CommandConfig)
+    firmware: FirmwareConfig = Field(default_factory=FirmwareConfig)
+    hubs: dict[str, HubConfig] = Field(default_factory=dict)
+    """Named hubs and the devices behind them (``Fleet.set_hub_online``)."""
     base: str = "iotflow"
     qos: Literal[0, 1, 2] = 1
 
@@ -151,7 +214,7 @@ class FleetConfig(BaseModel):
         """How many devices of each kind, in kind order (largest remainder for weights)."""
         if isinstance(self.devices, dict):
             return {kind: self.devices[kind] for kind in KINDS if self.devices.get(kind)}
-        weights = self.kinds or dict.fromkeys(KINDS, 1.0)
+        weights = self.kinds or dict.fromkeys(DEFAULT_KINDS, 1.0)
         total = sum(weights.values())
         shares = {kind: self.devices * weights.get(kind, 0.0) / total for kind in KINDS}
         counts = {kind: int(share) for kind, share in shares.items()}

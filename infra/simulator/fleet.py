@@ -209,6 +209,13 @@ class Fleet:
         self._publish_all(messages)
         return messages
 
+    def set_hub_online(self, name: str, online: bool) -> None:
+        """Take hub ``name`` (``FleetConfig.hubs``) offline or bring it back: while it is
+        offline its devices answer no command and send no telemetry. KeyError for an
+        unknown hub, naming the known ones."""
+        with self._lock:
+            self._model.set_hub_online(name, online, self._now_ms())
+
     def stop(self, timeout_s: float = 10.0) -> FleetStats:
         """Stop telemetry, finish received commands, wait for broker acks, disconnect.
 

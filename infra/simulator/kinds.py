@@ -7,9 +7,14 @@
 | ``hvac`` | ``hvac-0001`` | temperature, setpoint, fan_speed | ``set_mode`` (mode), ``set_temperature`` (setpoint), ``set_fan_speed`` (speed) |
 | ``lock`` | ``lock-0001`` | locked (0/1), battery | ``lock``, ``unlock`` |
 | ``light`` | ``light-0001`` | on (0/1), brightness | ``turn_on``, ``turn_off``, ``set_brightness`` (brightness) |
+| ``security`` | ``security-0001`` | armed (0/1) | ``arm``, ``disarm`` |
+| ``notifier`` | ``notifier-0001`` | none (state: last_message) | ``notify`` (message) |
+| ``node`` | ``node-0001`` | none (state: firmware) | ``update_firmware`` (version) |
 
 Telemetry fields that are reported state (setpoint, fan_speed, locked, on,
-brightness) change only through commands; the others follow patterns.
+brightness, armed) change only through commands; the others follow patterns.
+The last three kinds exist for orchestration (sagas, rollouts) and join a
+fleet only when asked for by name: a default split covers ``DEFAULT_KINDS``.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from infra.simulator.patterns import (
 )
 
 __all__ = [
+    "DEFAULT_KINDS",
     "HVAC_MODES",
     "KINDS",
     "CommandRejected",
@@ -52,6 +58,19 @@ class DeviceKind(StrEnum):
     HVAC = "hvac"
     LOCK = "lock"
     LIGHT = "light"
+    SECURITY = "security"
+    NOTIFIER = "notifier"
+    NODE = "node"
+
+
+DEFAULT_KINDS = (
+    DeviceKind.TEMP,
+    DeviceKind.POWER,
+    DeviceKind.HVAC,
+    DeviceKind.LOCK,
+    DeviceKind.LIGHT,
+)
+"""The kinds a fleet without explicit kinds is split over."""
 
 
 class CommandRejected(Exception):
@@ -122,6 +141,25 @@ def _set_fan_speed(params: Mapping[str, Any], state: Mapping[str, Any]) -> State
 
 def _set_brightness(params: Mapping[str, Any], state: Mapping[str, Any]) -> State:
     return {"brightness": _number(params, "set_brightness", "brightness", 0, 100, integer=True)}
+
+
+_MAX_TEXT = 1000
+
+
+def _text(params: Mapping[str, Any], command: str, key: str) -> str:
+    value = params.get(key)
+    if not isinstance(value, str) or not value or len(value) > _MAX_TEXT:
+        msg = f"{command} needs params.{key}, a non-empty string of at most {_MAX_TEXT} characters; got {str(value)[:60]!r}"
+        raise CommandRejected(msg)
+    return value
+
+
+def _notify(params: Mapping[str, Any], state: Mapping[str, Any]) -> State:
+    return {"last_message": _text(params, "notify", "message")}
+
+
+def _update_firmware(params: Mapping[str, Any], state: Mapping[str, Any]) -> State:
+    return {"firmware": _text(params, "update_firmware", "version")}
 
 
 def _hvac_baseline(state: Mapping[str, Any]) -> float:
@@ -216,6 +254,26 @@ KINDS: Mapping[DeviceKind, KindSpec] = MappingProxyType(
                 "turn_off": _fixed(on=0),
                 "set_brightness": _set_brightness,
             },
+        ),
+        DeviceKind.SECURITY: _spec(
+            DeviceKind.SECURITY,
+            (),
+            state={"armed": 0},
+            state_metrics=("armed",),
+            commands={"arm": _fixed(armed=1), "disarm": _fixed(armed=0)},
+        ),
+        DeviceKind.NOTIFIER: _spec(
+            DeviceKind.NOTIFIER,
+            (),
+            state={"last_message": ""},
+            commands={"notify": _notify},
+        ),
+        # firmware starts at FleetConfig.firmware.version
+        DeviceKind.NODE: _spec(
+            DeviceKind.NODE,
+            (),
+            state={"firmware": ""},
+            commands={"update_firmware": _update_firmware},
         ),
     }
 )

@@ -13,6 +13,7 @@ calls give byte-identical payloads, whatever ran in between.
 
 from __future__ import annotations
 
+import fnmatch
 import random
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -90,6 +91,9 @@ class DeviceSnapshot:
     seq: int
     """Telemetry messages sent so far, valid or malformed; the next one carries this seq."""
     clock_skew_ms: int
+    executed: tuple[str, ...] = ()
+    """Ids of the commands it ran (acked done), oldest first, of the last
+    ``commands.remember_commands``."""
 
 
 @dataclass(frozen=True)
@@ -173,6 +177,22 @@ class _Pending:
 
 
 @dataclass
+class _Hub:
+    name: str
+    after_commands: int | None
+    offline_for_ms: int | None
+    commands: int = 0
+    offline: bool = False
+    until_ms: int | None = None
+    tripped: bool = False
+
+    def down(self, now_ms: int) -> bool:
+        if self.offline and self.until_ms is not None and now_ms >= self.until_ms:
+            self.offline, self.until_ms = False, None
+        return self.offline
+
+
+@dataclass
 class _Device:
     device_id: str
     spec: KindSpec
@@ -185,6 +205,10 @@ class _Device:
     offline: bool = False
     pending: dict[str, _Pending] = field(default_factory=dict)
     results: OrderedDict[str, Ack] = field(default_factory=OrderedDict)
+    hub: _Hub | None = None
+    drop_first: int = 0  # deliveries of each command id left unanswered (faults.command_drops)
+    deliveries: dict[str, int] = field(default_factory=dict)
+    firmware_fails: bool = False
 
     def reported(self) -> dict[str, Any]:
         return {"kind": self.spec.kind.value, **self.state}
@@ -287,6 +311,48 @@ class FleetModel:
                 self.devices[device_id] = _Device(
                     device_id, spec, metrics, skew_ms, dict(spec.initial_state)
                 )
+        self.hubs = {
+            name: _Hub(
+                name,
+                hub.offline_after_commands,
+                None if hub.offline_for_s is None else round(hub.offline_for_s * 1000),
+            )
+            for name, hub in config.hubs.items()
+        }
+        self._assign_faults(config)
+
+    def _assign_faults(self, config: FleetConfig) -> None:
+        """Hubs, command drops and firmware failures per device; unknown ids are refused."""
+        firmware = config.firmware
+        unknown = [d for d in firmware.failing if d not in self.devices]
+        if unknown:
+            msg = f"firmware.failing names devices the fleet does not have: {unknown[:5]}"
+            raise ValueError(msg)
+        failing = set(firmware.failing)
+        for device_id, device in self.devices.items():
+            if device.spec.kind is DeviceKind.NODE:
+                device.state["firmware"] = firmware.version
+                draw = self._rng(device_id, "firmware").random()
+                device.firmware_fails = device_id in failing or draw < firmware.failure_rate
+            for name, hub in config.hubs.items():
+                if any(fnmatch.fnmatchcase(device_id, g) for g in hub.devices):
+                    device.hub = self.hubs[name]
+                    break
+            for drop in config.faults.command_drops:
+                if any(fnmatch.fnmatchcase(device_id, g) for g in drop.devices):
+                    device.drop_first = drop.first_attempts
+                    break
+
+    def set_hub_online(self, name: str, online: bool, now_ms: int) -> None:
+        """Take a hub offline (until set online again) or bring it back now."""
+        hub = self.hubs.get(name)
+        if hub is None:
+            known = ", ".join(sorted(self.hubs)) or "none"
+            msg = f"unknown hub {name!r}; hubs: {known}"
+            raise KeyError(msg)
+        hub.offline, hub.until_ms = not online, None
+        if not online:
+            hub.tripped = True  # a hub taken down by hand never trips on its own afterwards
 
     def _rng(self, device_id: str, purpose: object) -> random.Random:
         return random.Random(f"{self.config.seed}/{device_id}/{purpose}")
@@ -329,7 +395,7 @@ class FleetModel:
         if self.origin_ms is None:
             self.origin_ms = now_ms
         origin_ms = self.origin_ms
-        if self._is_offline(device, now_ms):
+        if self._is_offline(device, now_ms) or (device.hub is not None and device.hub.down(now_ms)):
             self.counters.offline_skips += 1
             return None
         faults = self.config.faults
@@ -366,8 +432,11 @@ class FleetModel:
         ``accepted`` at once when ``commands.send_accepted`` is set, and runs
         at the follow-up. A repeated command_id runs nothing: it is re-acked
         at its follow-up, or together with the first answer while that is
-        still pending. Commands for unknown or offline devices are counted in
-        ``ignored_commands``.
+        still pending. Commands for unknown or offline devices, for devices
+        behind a hub that is (or with this message goes) offline, and the
+        deliveries a ``faults.command_drops`` device leaves unanswered are
+        counted in ``ignored_commands`` (``unknown device``, ``offline``,
+        ``hub offline``, ``dropped``) and get no answer.
         """
         device = self.devices.get(device_id)
         if device is None:
@@ -375,6 +444,9 @@ class FleetModel:
             return CommandIntake([])
         if self._is_offline(device, now_ms):
             self.ignore("offline")
+            return CommandIntake([])
+        if device.hub is not None and self._hub_drops(device.hub, now_ms):
+            self.ignore("hub offline")
             return CommandIntake([])
         self.counters.commands_received += 1
         behaviour = self.config.commands
@@ -388,6 +460,11 @@ class FleetModel:
             ack = Ack(exc.command_id, AckStatus.FAILED, device.reported(), str(exc))
             return CommandIntake([self._ack_out(device, ack)])
         command_id = command.command_id
+        if device.drop_first:
+            seen = device.deliveries[command_id] = device.deliveries.get(command_id, 0) + 1
+            if seen <= device.drop_first:
+                self.ignore("dropped")
+                return CommandIntake([])
         pending = device.pending.get(command_id)
         if pending is not None or command_id in device.results:
             self.counters.duplicate_commands += 1
@@ -405,6 +482,18 @@ class FleetModel:
             outgoing.append(self._ack_out(device, accepted))
         return CommandIntake(outgoing, FollowUp(device_id, command_id, delay_ms))
 
+    def _hub_drops(self, hub: _Hub, now_ms: int) -> bool:
+        """Whether a command message for a device behind ``hub`` is lost (it is, or goes, offline)."""
+        if hub.down(now_ms):
+            return True
+        hub.commands += 1
+        if hub.after_commands is not None and not hub.tripped and hub.commands > hub.after_commands:
+            hub.tripped = hub.offline = True
+            if hub.offline_for_ms is not None:
+                hub.until_ms = now_ms + hub.offline_for_ms
+            return True
+        return False
+
     def follow_up(self, device_id: str, command_id: str, now_ms: int) -> list[Outgoing]:
         """Run a pending command (ack, and its new state retained) or re-ack a finished one.
 
@@ -413,6 +502,11 @@ class FleetModel:
         acked ``failed`` with the reason and leave the state unchanged.
         """
         device = self.devices[device_id]
+        if device.hub is not None and device.hub.down(now_ms):
+            # the hub went down between receipt and execution: the command is lost with it
+            if device.pending.pop(command_id, None) is not None:
+                self.ignore("hub offline")
+            return []
         pending = device.pending.pop(command_id, None)
         if pending is None:
             earlier = device.results.get(command_id)
@@ -453,6 +547,10 @@ class FleetModel:
             return failed(str(exc))
         if pending.fails:
             return failed("simulated failure (commands.ack_failure_rate)")
+        if device.firmware_fails and changes.get("firmware", device.state.get("firmware")) != (
+            device.state.get("firmware")
+        ):
+            return failed(f"firmware {changes['firmware']} failed to install (firmware.failing)")
         device.state.update(changes)
         self.counters.commands_executed += 1
         return Ack(command.command_id, AckStatus.DONE, device.reported())
@@ -481,6 +579,7 @@ class FleetModel:
                 None if device.last_telemetry is None else dict(device.last_telemetry),
                 device.seq,
                 device.clock_skew_ms,
+                tuple(cid for cid, ack in device.results.items() if ack.status == AckStatus.DONE),
             )
             for device_id, device in self.devices.items()
         }

@@ -554,3 +554,197 @@ def test_offline_device_ignores_commands() -> None:
     assert stats.ignored_commands == {"offline": 1}
     assert stats.devices[online[0]].reported["on"] == 1
     assert stats.devices[offline[0]].reported["on"] == 0
+
+
+# -- kinds and faults for orchestration: security, notifier, node firmware, hubs, drops -----
+
+
+def intake(model: Any, device_id: str, payload: bytes, at_ms: int = T0) -> list[dict[str, Any]]:
+    """Receive a command and run its follow-up at once; the acks as dicts."""
+    got = model.receive_command(device_id, payload, at_ms)
+    out = list(got.outgoing)
+    if got.follow_up is not None:
+        out += model.follow_up(device_id, got.follow_up.command_id, at_ms + 1)
+    return [msgspec.json.decode(o.payload) for o in out if o.topic.endswith("/ack")]
+
+
+def test_orchestration_kinds_join_only_when_named() -> None:
+    assert set(FleetConfig(devices=10).device_counts()) == {
+        "temp",
+        "power",
+        "hvac",
+        "lock",
+        "light",
+    }
+    model = FleetConfig(devices={"security": 1, "notifier": 1, "node": 2}).build()
+    assert list(model.devices) == ["security-0001", "notifier-0001", "node-0001", "node-0002"]
+    assert [a["status"] for a in intake(model, "security-0001", command("a", "x", "arm"))] == [
+        "done"
+    ]
+    assert model.stats().devices["security-0001"].reported == {"kind": "security", "armed": 1}
+    assert msgspec.json.decode(model.telemetry("security-0001", T0).payload)["armed"] == 1
+    intake(model, "security-0001", command("b", "x", "disarm"))
+    assert model.stats().devices["security-0001"].reported["armed"] == 0
+
+
+def test_notify_runs_once_per_command_id() -> None:
+    model = FleetConfig(devices={"notifier": 1}).build()
+    msg = command("n1", "notifier-0001", "notify", message="house secured")
+    assert [a["status"] for a in intake(model, "notifier-0001", msg)] == ["done"]
+    assert [a["status"] for a in intake(model, "notifier-0001", msg)] == ["done"]  # re-acked
+    device = model.stats().devices["notifier-0001"]
+    assert device.executed == ("n1",)
+    assert device.reported["last_message"] == "house secured"
+    bad = intake(model, "notifier-0001", command("n2", "notifier-0001", "notify", message=""))
+    assert bad[0]["status"] == "failed" and "non-empty string" in bad[0]["reason"]
+    huge = intake(model, "notifier-0001", command("n3", "x", "notify", message="x" * 5000))
+    assert huge[0]["status"] == "failed"
+
+
+def test_firmware_updates_fail_on_the_failing_nodes_only_to_another_version() -> None:
+    config = FleetConfig(
+        devices={"node": 20},
+        firmware={"version": "1.0", "failing": ["node-0003"], "failure_rate": 0.25},
+    )
+    model = config.build()
+    assert model.stats().devices["node-0001"].reported == {"kind": "node", "firmware": "1.0"}
+    statuses = {
+        d: intake(model, d, command(f"u-{d}", d, "update_firmware", version="2.0"))[0]["status"]
+        for d in model.devices
+    }
+    failing = {d for d, s in statuses.items() if s == "failed"}
+    assert "node-0003" in failing and 2 <= len(failing) <= 12
+    assert failing == {d for d in model.devices if model.devices[d].firmware_fails}
+    assert config.build().devices.keys() == model.devices.keys()  # the draw is seeded
+    assert {d for d in model.devices if config.build().devices[d].firmware_fails} == failing
+    for d in model.devices:
+        want = "1.0" if d in failing else "2.0"
+        assert model.stats().devices[d].reported["firmware"] == want
+    # back to the version it runs: nothing to install, succeeds everywhere
+    assert (
+        intake(model, "node-0003", command("r", "x", "update_firmware", version="1.0"))[0]["status"]
+        == "done"
+    )
+    with pytest.raises(
+        ValueError, match=r"firmware\.failing names devices the fleet does not have"
+    ):
+        FleetConfig(devices={"node": 2}, firmware={"failing": ["node-0009"]}).build()
+
+
+def test_hub_goes_offline_after_its_commands_and_comes_back() -> None:
+    config = FleetConfig(
+        devices={"light": 6, "lock": 1},
+        hubs={
+            "lighting": {"devices": ["light-*"], "offline_after_commands": 3, "offline_for_s": 10}
+        },
+    )
+    model = config.build()
+    answered = [
+        bool(intake(model, f"light-000{i}", command(f"c{i}", "x", "turn_on"), T0 + i))
+        for i in range(1, 7)
+    ]
+    assert answered == [True, True, True, False, False, False]
+    assert model.stats().ignored_commands["hub offline"] == 3
+    assert model.telemetry("light-0001", T0 + 100) is None  # silent while offline
+    assert intake(model, "lock-0001", command("l", "x", "unlock"), T0 + 100)  # not behind the hub
+    later = T0 + 10_004
+    assert intake(model, "light-0006", command("c6", "x", "turn_on"), later)[0]["status"] == "done"
+    assert model.telemetry("light-0001", later) is not None
+    assert intake(model, "light-0005", command("c7", "x", "turn_on"), later + 1)  # trips once only
+
+
+def test_hub_by_hand_and_lost_follow_ups() -> None:
+    model = FleetConfig(
+        devices={"light": 2}, hubs={"lighting": {"devices": ["light-0001"]}}
+    ).build()
+    got = model.receive_command("light-0001", command("c1", "x", "turn_on"), T0)
+    model.set_hub_online("lighting", False, T0 + 1)
+    assert (
+        model.follow_up("light-0001", got.follow_up.command_id, T0 + 2) == []
+    )  # lost with the hub
+    assert intake(
+        model, "light-0002", command("c2", "x", "turn_on"), T0 + 3
+    )  # another hub's device
+    model.set_hub_online("lighting", True, T0 + 4)
+    assert intake(model, "light-0001", command("c1", "x", "turn_on"), T0 + 5)[0]["status"] == "done"
+    with pytest.raises(KeyError, match="unknown hub 'heating'; hubs: lighting"):
+        model.set_hub_online("heating", False, T0)
+
+
+def test_command_drops_leave_first_deliveries_unanswered() -> None:
+    model = FleetConfig(
+        devices={"hvac": 2},
+        faults={"command_drops": [{"devices": ["hvac-0001"], "first_attempts": 2}]},
+    ).build()
+    msg = command("t1", "hvac-0001", "set_temperature", setpoint=17)
+    assert [intake(model, "hvac-0001", msg) for _ in range(4)] == [
+        [],
+        [],
+        [
+            {
+                "command_id": "t1",
+                "status": "done",
+                "reported": {"kind": "hvac", "mode": "auto", "setpoint": 17.0, "fan_speed": 1},
+                "reason": None,
+            }
+        ],
+        [
+            {
+                "command_id": "t1",
+                "status": "done",
+                "reported": {"kind": "hvac", "mode": "auto", "setpoint": 17.0, "fan_speed": 1},
+                "reason": None,
+            }
+        ],
+    ]
+    assert model.stats().devices["hvac-0001"].executed == ("t1",)
+    assert model.stats().ignored_commands == {"dropped": 2}
+    assert intake(model, "hvac-0002", command("t2", "x", "set_temperature", setpoint=17))
+
+
+@pytest.mark.parametrize(
+    ("config", "where"),
+    [
+        ({"hubs": {"h": {"devices": []}}}, ("hubs", "h", "devices")),
+        (
+            {"hubs": {"h": {"devices": ["light-*"], "offline_for_s": 0}}},
+            ("hubs", "h", "offline_for_s"),
+        ),
+        (
+            {"faults": {"command_drops": [{"devices": ["x"], "first_attempts": 0}]}},
+            ("faults", "command_drops", 0, "first_attempts"),
+        ),
+        ({"firmware": {"version": ""}}, ("firmware", "version")),
+        ({"firmware": {"failure_rate": 2}}, ("firmware", "failure_rate")),
+    ],
+)
+def test_bad_orchestration_faults_name_the_field(
+    config: dict[str, Any], where: tuple[Any, ...]
+) -> None:
+    with pytest.raises(ValidationError) as info:
+        FleetConfig.model_validate({"devices": {"light": 1}, **config})
+    assert info.value.errors()[0]["loc"] == where
+
+
+def test_hub_offline_over_mqtt(
+    stack: StackInfo, names: Any, record: Callable[[list[str]], Recorder]
+) -> None:
+    topics = MqttTopics(names.mqtt_base)
+    config = FleetConfig(
+        devices={"light": 2},
+        base=names.mqtt_base,
+        commands={"ack_latency_ms": 0},
+        hubs={"lighting": {"devices": ["light-*"]}},
+    )
+    recorder = record([topics.ack()])
+    with Fleet(config, stack.mqtt_url, schedule_telemetry=False) as fleet:
+        fleet.set_hub_online("lighting", False)
+        recorder.send(topics.cmd("light-0001"), command("c1", "light-0001", "turn_on"))
+        deadline = time.monotonic() + 5
+        while not fleet.stats.ignored_commands and time.monotonic() < deadline:
+            time.sleep(0.01)  # until the fleet has heard (and lost) c1
+        fleet.set_hub_online("lighting", True)
+        recorder.send(topics.cmd("light-0002"), command("c2", "light-0002", "turn_on"))
+        (ack,) = recorder.wait_for(1)
+        assert ack.json()["command_id"] == "c2"
+    assert fleet.stats.ignored_commands == {"hub offline": 1}
