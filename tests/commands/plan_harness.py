@@ -11,6 +11,7 @@ ordering, idempotency and the final state.
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,8 +19,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from commands.coordinator import OUTCOME_KINDS, PlanEvent
+from commands.orchestrator import OrchestratorConfig, StartCoordinator, Write
 from commands.saga import SagaRun, load_saga
-from iotflow.events import Command, CommandEvent, CommandEventKind
+from commands.validation import DeviceAck, DeviceState
+from iotflow.events import Ack, AckStatus, Command, CommandEvent, CommandEventKind
 from twins.registry import Registry, simulator_registry
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
@@ -206,3 +209,101 @@ def build(
 ) -> tuple[SagaRun, Registry]:
     reg = home_registry(lights)
     return load_saga(spec or LEAVING_HOME).build(reg, plan_id), reg
+
+
+# -- coordinators hosted by the real orchestrator, with fake devices -------------------------
+
+# What a device does with one delivery: ACK (act, ack done), NACK (refuse, ack failed),
+# SILENT (nothing), MUTE (act, no answer), STATE (act, publish its state, no ack),
+# SLOW (act, ack done after 3 s: maybe after the orchestrator gave up).
+ACK, NACK, SILENT, MUTE, STATE, SLOW = "ack", "nack", "silent", "mute", "state", "slow"
+
+
+@dataclass
+class HostedLoop:
+    """Runs coordinators inside ``commands.orchestrator.Orchestrator`` on a manual clock.
+
+    Devices act on each command id at most once (a re-send is re-acked, as
+    the simulator does) and answer after ``latency_s``. Every ``Write`` is
+    checked against its command's expiry when it is emitted.
+    """
+
+    registry: Registry
+    states: dict[str, dict[str, Any]]
+    behaviour: Callable[[Command, int], str] = lambda command, attempt: ACK
+    latency_s: float = 0.05
+    config: dict[str, Any] = field(
+        default_factory=lambda: {
+            "ack_timeout": {"mqtt": "1s"},
+            "max_attempts": 3,
+            "backoff": "200ms",
+        }
+    )
+    now: datetime = T0
+    writes: list[Any] = field(default_factory=list)
+    events: list[Any] = field(default_factory=list)
+    acted: dict[str, list[str]] = field(default_factory=dict)  # device -> command ids acted on
+    _pending: list[tuple[datetime, int, Any]] = field(default_factory=list)
+    _seq: int = 0
+
+    def __post_init__(self) -> None:
+        self.orchestrator = OrchestratorConfig.model_validate(self.config).build(
+            None, self.registry, lambda: self.now
+        )
+        for device_id, state in self.states.items():
+            self._take(self.orchestrator.on_batch(DeviceState(device_id, dict(state))))
+
+    def host(self, coordinator: Any) -> None:
+        self._take(self.orchestrator.on_batch(StartCoordinator(coordinator)))
+
+    def run(self, coordinator: Any, *, max_steps: int = 200_000) -> None:
+        for _ in range(max_steps):
+            if coordinator.finished and not self._pending:
+                return
+            due = self.orchestrator.next_timer()
+            device_due = self._pending[0][0] if self._pending else None
+            if due is None and device_due is None:
+                return
+            if device_due is not None and (due is None or device_due <= due):
+                self.now = max(self.now, device_due)
+                _, _, item = heapq.heappop(self._pending)
+                self._take(self.orchestrator.on_batch(item))
+            else:
+                self.now = max(self.now, due)
+                self._take(self.orchestrator.on_timer())
+        raise AssertionError("the hosted coordinator did not finish")
+
+    def _take(self, out: list[Any]) -> None:
+        for item in out:
+            if not isinstance(item, Write):
+                self.events.append(item)
+                continue
+            command = item.command
+            assert self.now < command.expires_at, f"{command.command_id} written after expiry"
+            self.writes.append(item)
+            device = command.device_id
+            acted = self.acted.setdefault(device, [])
+            if command.command_id in acted:  # a re-send of what it already did: re-ack
+                what = ACK
+            else:
+                what = self.behaviour(command, item.attempt)
+                if what in (ACK, MUTE, STATE, SLOW):
+                    acted.append(command.command_id)
+                    model = self.registry.model_of(device)
+                    state = self.states.setdefault(device, {})
+                    state.update(model.commands[command.name].expected_state(command.params))
+            reply: Any = None
+            delay = self.latency_s
+            state = dict(self.states.get(device, {}))
+            if what in (ACK, SLOW):
+                reply = DeviceAck(device, Ack(command.command_id, AckStatus.DONE, state))
+                delay = 3.0 if what == SLOW else delay
+            elif what == NACK:
+                reply = DeviceAck(device, Ack(command.command_id, AckStatus.FAILED, state, "no"))
+            elif what == STATE:
+                reply = DeviceState(device, state)
+            if reply is not None:
+                self._seq += 1
+                heapq.heappush(
+                    self._pending, (self.now + timedelta(seconds=delay), self._seq, reply)
+                )

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from plan_harness import (
+    ACK,
     DONE,
     DROPPED,
     EXPIRED,
@@ -17,14 +18,20 @@ from plan_harness import (
     LATE,
     LEAVING_HOME,
     LOST,
+    MUTE,
+    NACK,
+    SILENT,
+    SLOW,
+    STATE,
     T0,
     DeviceLoop,
+    HostedLoop,
     build,
     home_registry,
     home_states,
 )
 
-from commands.coordinator import Outcome, PlanEventKind, restore_coordinator
+from commands.coordinator import Outcome, PlanEvent, PlanEventKind, restore_coordinator
 from commands.plans import PlanState, StepStatus
 from commands.saga import SagaRun, load_saga
 from iotflow.errors import ConfigError
@@ -407,3 +414,95 @@ def test_random_sequences_end_all_done_or_all_compensated(
             forward_applied = any(c.command_id == dev.command_id for c in loop.applied)
             if forward_applied and saga.state is PlanState.COMPENSATED and dev.undo:
                 assert compensated
+
+
+# -- hosted by the real orchestrator: acks, timeouts, retries, expiry ---------------------------
+
+DEVICE_ANSWERS = st.sampled_from([ACK, ACK, ACK, ACK, NACK, SILENT, MUTE, STATE, SLOW])
+
+
+def hosted_saga(lights: int, script: list[str]) -> tuple[SagaRun, HostedLoop]:
+    saga, reg = build(lights=lights)
+    answers = list(script)
+
+    def behaviour(command: Command, attempt: int) -> str:
+        return answers.pop(0) if answers else ACK  # devices recover eventually
+
+    loop = HostedLoop(reg, home_states(lights), behaviour=behaviour)
+    loop.host(saga)
+    return saga, loop
+
+
+def test_hosted_all_succeed_and_the_audit_has_plan_events() -> None:
+    saga, loop = hosted_saga(3, [])
+    loop.run(saga)
+    assert saga.state is PlanState.DONE
+    plan_events = [e for e in loop.events if isinstance(e, PlanEvent)]
+    assert plan_events[0].kind is PlanEventKind.STARTED
+    assert plan_events[-1].kind is PlanEventKind.DONE
+    assert loop.orchestrator.coordinators == {}  # dropped once finished
+
+
+def test_hosted_timeout_recovers_within_the_retries() -> None:
+    # the thermostat misses the first delivery; the orchestrator's re-send gets through
+    saga, loop = hosted_saga(2, [ACK, ACK, SILENT])
+    loop.run(saga)
+    assert saga.state is PlanState.DONE
+    sends = [w.attempt for w in loop.writes if w.command.device_id == "hvac-0001"]
+    assert sends == [1, 2]
+    assert loop.acted["hvac-0001"] == ["leave-1/thermostat_away/hvac-0001"]
+
+
+def test_hosted_silent_light_rolls_everything_back() -> None:
+    saga, loop = hosted_saga(3, [])
+    # light-0002 hears nothing until the rollback (its hub is back by then)
+    loop.behaviour = lambda c, attempt: (
+        SILENT if c.device_id == "light-0002" and "/undo/" not in c.command_id else ACK
+    )
+    loop.run(saga)
+    sends = [
+        w.attempt for w in loop.writes if w.command.command_id == "leave-1/lights_off/light-0002"
+    ]
+    assert sends == [1, 2, 3]  # tried max_attempts times, then failed
+    assert saga.state is PlanState.COMPENSATED
+    assert {d: s for d, s in loop.states.items() if d != "notifier-0001"} == {
+        d: s for d, s in home_states(3).items() if d != "notifier-0001"
+    }
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(script=st.lists(DEVICE_ANSWERS, max_size=40), lights=st.integers(1, 4))
+def test_hosted_random_device_answers_end_all_done_or_all_compensated(
+    script: list[str], lights: int
+) -> None:
+    saga, loop = hosted_saga(lights, script)
+    loop.run(saga)
+    assert saga.state in (PlanState.DONE, PlanState.COMPENSATED)
+    initial = home_states(lights)
+    if saga.state is PlanState.COMPENSATED:
+        for device, state in loop.states.items():
+            if device != "notifier-0001":
+                assert state == initial[device], device
+    else:
+        assert all(s["locked"] == 1 for d, s in loop.states.items() if d.startswith("lock"))
+        assert all(s["on"] == 0 for d, s in loop.states.items() if d.startswith("light"))
+        assert loop.states["security-0001"] == {"armed": 1}
+    # nothing written at or after its expiry (HostedLoop asserts it on every write)
+    # nothing applied twice: each forward action once at most, each command id once per device
+    for device, ids in loop.acted.items():
+        assert len(ids) == len(set(ids)), device
+        forward = [i for i in ids if "/undo/" not in i]
+        assert len(forward) == len(set(forward))
+    # each (step, device) got one forward command id, whatever the retries
+    forward_ids = {
+        w.command.command_id for w in loop.writes if "/undo/" not in w.command.command_id
+    }
+    assert len(forward_ids) == len({tuple(i.split("/")[1:3]) for i in forward_ids})
+    # compensations step by step in reverse start order
+    undo_steps: list[str] = []
+    for w in loop.writes:
+        if "/undo/" in w.command.command_id:
+            step = w.command.command_id.split("/")[1]
+            if step not in undo_steps:
+                undo_steps.append(step)
+    assert undo_steps == [s for s in reversed(saga.started_steps()) if s in undo_steps]
