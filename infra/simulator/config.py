@@ -143,6 +143,10 @@ class FleetConfig(BaseModel):
     faults: FaultConfig = Field(default_factory=FaultConfig)
     commands: CommandConfig = Field(default_factory=CommandConfig)
     firmware: FirmwareConfig = Field(default_factory=FirmwareConfig)
+    initial_state: dict[str, dict[str, int | float | str]] = Field(default_factory=dict)
+    """Device id or glob -> reported properties to start with instead of the kind's
+    defaults (``{"light-000[1-5]": {"on": 1, "brightness": 40}}``); the first glob
+    that matches a device wins."""
     hubs: dict[str, HubConfig] = Field(default_factory=dict)
     """Named hubs and the devices behind them (``Fleet.set_hub_online``)."""
     base: str = "iotflow"

@@ -329,7 +329,12 @@ class FleetModel:
             msg = f"firmware.failing names devices the fleet does not have: {unknown[:5]}"
             raise ValueError(msg)
         failing = set(firmware.failing)
+        for glob in config.initial_state:
+            if not any(fnmatch.fnmatchcase(d, glob) for d in self.devices):
+                msg = f"initial_state {glob!r} matches no device of the fleet"
+                raise ValueError(msg)
         for device_id, device in self.devices.items():
+            self._initial_state(config, device)
             if device.spec.kind is DeviceKind.NODE:
                 device.state["firmware"] = firmware.version
                 draw = self._rng(device_id, "firmware").random()
@@ -342,6 +347,25 @@ class FleetModel:
                 if any(fnmatch.fnmatchcase(device_id, g) for g in drop.devices):
                     device.drop_first = drop.first_attempts
                     break
+
+    @staticmethod
+    def _initial_state(config: FleetConfig, device: _Device) -> None:
+        for glob, changes in config.initial_state.items():
+            if not fnmatch.fnmatchcase(device.device_id, glob):
+                continue
+            for prop, given in changes.items():
+                have = device.state.get(prop)
+                value = float(given) if isinstance(have, float) and type(given) is int else given
+                if have is None or type(have) is not type(value):
+                    kind = device.spec.kind.value
+                    known = ", ".join(f"{k} ({type(v).__name__})" for k, v in device.state.items())
+                    msg = (
+                        f"initial_state {glob!r}: {kind} device {device.device_id} has no "
+                        f"{prop} of type {type(value).__name__}; its state: {known or 'none'}"
+                    )
+                    raise ValueError(msg)
+                device.state[prop] = value
+            return
 
     def set_hub_online(self, name: str, online: bool, now_ms: int) -> None:
         """Take a hub offline (until set online again) or bring it back now."""

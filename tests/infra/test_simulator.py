@@ -748,3 +748,21 @@ def test_hub_offline_over_mqtt(
         (ack,) = recorder.wait_for(1)
         assert ack.json()["command_id"] == "c2"
     assert fleet.stats.ignored_commands == {"hub offline": 1}
+
+
+def test_initial_state_overrides_by_glob() -> None:
+    model = FleetConfig(
+        devices={"light": 3, "hvac": 1},
+        initial_state={"light-000[12]": {"on": 1, "brightness": 40}, "hvac-*": {"setpoint": 22}},
+    ).build()
+    states = {d: s.reported for d, s in model.stats().devices.items()}
+    assert states["light-0001"] == {"kind": "light", "on": 1, "brightness": 40}
+    assert states["light-0003"] == {"kind": "light", "on": 0, "brightness": 100}
+    assert states["hvac-0001"]["setpoint"] == 22.0
+    for bad, message in [
+        ({"light-*": {"on": "x"}}, "has no on of type str"),
+        ({"door-*": {"on": 1}}, "matches no device"),
+        ({"light-*": {"colour": 1}}, "has no colour"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            FleetConfig(devices={"light": 1}, initial_state=bad).build()
