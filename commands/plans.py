@@ -81,6 +81,7 @@ __all__ = [
     "load_plan",
     "plan_from_request",
     "request_parts",
+    "run_id_problem",
     "topological_order",
 ]
 
@@ -376,6 +377,16 @@ class PlanSpec(BaseModel):
         return PlanRun(self.expand(registry, plan_id))
 
 
+def run_id_problem(run_id: object) -> str | None:
+    """Why ``run_id`` cannot name a run (it prefixes command ids), or None when it can."""
+    if isinstance(run_id, str) and _PLAN_ID.fullmatch(run_id):
+        return None
+    return (
+        f"run id {str(run_id)[:70]!r} must be 1..128 letters, digits or _.:@- "
+        "(no '/', '+', '#', spaces), starting with a letter or digit"
+    )
+
+
 def request_parts(spec: Mapping[str, Any], what: str) -> tuple[str, dict[str, Any]]:
     """Split a coordinator request ``{"type": ..., "id": run id, **declaration}``.
 
@@ -385,7 +396,7 @@ def request_parts(spec: Mapping[str, Any], what: str) -> tuple[str, dict[str, An
     if not isinstance(spec, Mapping):
         raise ConfigError(f"{what} request must be an object, got {type(spec).__name__}")
     run_id = spec.get("id")
-    if not isinstance(run_id, str) or not _PLAN_ID.fullmatch(run_id):
+    if run_id_problem(run_id) is not None:
         raise ConfigError(
             f"{what} request needs an id naming this run (1..128 letters, digits or _.:@-, "
             f"e.g. 'leaving-home-2026-01-01'), got {str(run_id)[:70]!r}"

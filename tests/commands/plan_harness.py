@@ -122,27 +122,9 @@ class DeviceLoop:
 
 # -- a home for the leaving-home saga ------------------------------------------------------
 
-SECURITY = {
-    "properties": {"armed": {"type": "int", "min": 0, "max": 1, "writable": True}},
-    "commands": {"arm": {"sets": {"armed": 1}}, "disarm": {"sets": {"armed": 0}}},
-}
-NOTIFIER = {
-    "properties": {"last_message": {"type": "string"}},
-    "commands": {
-        "notify": {
-            "params": {"message": {"type": "string"}},
-            "sets": {"last_message": "params.message"},
-        }
-    },
-}
-
 
 def home_registry(lights: int = 6, doors: int = 2) -> Registry:
     reg = simulator_registry()
-    reg.define_model("security", SECURITY)
-    reg.define_model("notifier", NOTIFIER)
-    reg.add_pattern("security-*", "security")
-    reg.add_pattern("notifier-*", "notifier")
     reg.add_group("doors", [f"lock-{i:04d}" for i in range(1, doors + 1)])
     reg.add_group("lights", [f"light-{i:04d}" for i in range(1, lights + 1)])
     return reg

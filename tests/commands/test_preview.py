@@ -15,16 +15,6 @@ from commands.saga import load_saga
 from iotflow.errors import ConfigError
 from twins.behaviours import SIMULATOR_BEHAVIOURS
 
-NODE = {
-    "properties": {"firmware": {"type": "string", "writable": True}},
-    "commands": {
-        "update_firmware": {
-            "params": {"version": {"type": "string"}},
-            "sets": {"firmware": "params.version"},
-        }
-    },
-}
-
 
 def test_saga_preview_lists_writes_in_order_with_predicted_state_and_the_undo_plan() -> None:
     reg = home_registry(lights=4)
@@ -97,8 +87,6 @@ def test_conditions_and_notes_show_up() -> None:
 
 def test_rollout_preview_shows_waves_and_the_roll_back() -> None:
     reg = home_registry()
-    reg.define_model("node", NODE)
-    reg.add_pattern("node-*", "node")
     devices = [f"node-{i:05d}" for i in range(1, 41)]
     spec = load_rollout(
         {

@@ -15,24 +15,7 @@ from commands.coordinator import PlanEventKind, coordinator_builders, restore_co
 from commands.rollout import RolloutRun, RolloutState, load_rollout
 from iotflow.errors import ConfigError
 from iotflow.events import Command, CommandEvent, CommandEventKind
-from twins.registry import Registry, simulator_registry
-
-NODE = {
-    "properties": {"firmware": {"type": "string", "writable": True}},
-    "commands": {
-        "update_firmware": {
-            "params": {"version": {"type": "string"}},
-            "sets": {"firmware": "params.version"},
-        }
-    },
-}
-
-
-def fleet_registry() -> Registry:
-    reg = simulator_registry()
-    reg.define_model("node", NODE)
-    reg.add_pattern("node-*", "node")
-    return reg
+from twins.registry import simulator_registry
 
 
 def node_ids(n: int) -> list[str]:
@@ -40,7 +23,7 @@ def node_ids(n: int) -> list[str]:
 
 
 def rollout(n: int, **extra: Any) -> tuple[RolloutRun, DeviceLoop]:
-    reg = fleet_registry()
+    reg = simulator_registry()
     spec = {
         "name": "fw2",
         "target": {"devices": node_ids(n)},
@@ -322,7 +305,7 @@ def test_expansion_checks_the_registry(change: dict, message: str) -> None:
         "params": {"version": "2"},
     }
     with pytest.raises(ConfigError, match=message):
-        load_rollout({**base, **change}).build(fleet_registry(), "r-1")
+        load_rollout({**base, **change}).build(simulator_registry(), "r-1")
 
 
 def test_request_builder_needs_a_run_id() -> None:
@@ -335,8 +318,8 @@ def test_request_builder_needs_a_run_id() -> None:
         "params": {"version": "2"},
     }
     with pytest.raises(ConfigError, match="needs an id naming this run"):
-        build(spec, fleet_registry(), T0)
-    run = build({**spec, "id": "r-7"}, fleet_registry(), T0)
+        build(spec, simulator_registry(), T0)
+    run = build({**spec, "id": "r-7"}, simulator_registry(), T0)
     assert run.coordinator_id == "r-7"
     assert set(coordinator_builders()) == {"plan", "saga", "rollout"}
 
