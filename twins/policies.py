@@ -87,9 +87,15 @@ class _PolicyBase(BaseModel):
             raise ValueError(f"must be positive, got {value}")
         return value
 
+    _skew_ms: int = PrivateAttr(0)
+
+    def model_post_init(self, context: Any) -> None:
+        self._skew_ms = round(self.skew_tolerance.total_seconds() * 1000)
+
     @property
     def skew_ms(self) -> int:
-        return round(self.skew_tolerance.total_seconds() * 1000)
+        """``skew_tolerance`` in milliseconds."""
+        return self._skew_ms
 
     @property
     def fingerprint(self) -> str:
@@ -160,6 +166,7 @@ class SourcePriority(_PolicyBase):
     _ranks: dict[str, int] = PrivateAttr(default_factory=dict)
 
     def model_post_init(self, context: Any) -> None:
+        super().model_post_init(context)
         self._ranks.update({s: len(self.priorities) - i for i, s in enumerate(self.priorities)})
 
     def _rank(self, source: str) -> int:

@@ -1,6 +1,6 @@
 """One twin's state: reported and desired values, per-property timestamps and sources, version, delta.
 
-``TwinState`` is plain data (``to_dict``/``from_dict`` round-trip exactly) and
+``TwinState`` is plain data (``snapshot``/``restore`` round-trip exactly) and
 holds no policy: every method that resolves a race takes the group's policy
 (``twins.policies``). Values arrive already checked against the twin model.
 ``TwinChange`` is what the twin looks like after one change, as published on
@@ -221,36 +221,34 @@ class TwinState:
             self.last_seen_ms,
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data (copies), for snapshots."""
-        return {
-            "model": self.model,
-            "version": self.version,
-            "reported": dict(self.reported),
-            "r_ts": dict(self.r_ts),
-            "r_src": dict(self.r_src),
-            "desired": dict(self.desired),
-            "d_ts": dict(self.d_ts),
-            "d_src": dict(self.d_src),
-            "online": self.online,
-            "last_seen_ms": self.last_seen_ms,
-            "sent": {k: list(v) for k, v in self.sent.items()},
-            "due_s": self.due_s,
-        }
+    def snapshot(self) -> list[Any]:
+        """Plain data (a list, lean: one per twin at every epoch) for ``restore``.
+
+        The copied-on-write dicts are shared, the others copied.
+        """
+        return [
+            self.model,
+            self.version,
+            self.reported,
+            self.r_ts,
+            dict(self.r_src),
+            self.desired,
+            self.d_ts,
+            dict(self.d_src),
+            self.online,
+            self.last_seen_ms,
+            {k: list(v) for k, v in self.sent.items()} if self.sent else {},
+        ]
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TwinState:
-        """The state ``to_dict`` gave (copied, so the snapshot stays untouched)."""
-        twin = cls(data["model"])
-        twin.version = data["version"]
-        twin.reported = dict(data["reported"])
-        twin.r_ts = dict(data["r_ts"])
-        twin.r_src = dict(data["r_src"])
-        twin.desired = dict(data["desired"])
-        twin.d_ts = dict(data["d_ts"])
-        twin.d_src = dict(data["d_src"])
-        twin.online = data["online"]
-        twin.last_seen_ms = data["last_seen_ms"]
-        twin.sent = {k: list(v) for k, v in data["sent"].items()}
-        twin.due_s = data["due_s"]
+    def restore(cls, data: list[Any]) -> TwinState:
+        """The twin a ``snapshot`` describes (copied, so the snapshot stays untouched)."""
+        model, version, reported, r_ts, r_src, desired, d_ts, d_src, online, seen, sent = data
+        twin = cls(model)
+        twin.version = version
+        twin.reported, twin.r_ts, twin.r_src = dict(reported), dict(r_ts), dict(r_src)
+        twin.desired, twin.d_ts, twin.d_src = dict(desired), dict(d_ts), dict(d_src)
+        twin.online = online
+        twin.last_seen_ms = seen
+        twin.sent = {k: list(v) for k, v in sent.items()}
         return twin

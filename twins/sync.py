@@ -138,9 +138,10 @@ class TwinSync:
         self._now = now
         self.fingerprint = sync_fingerprint(registry)
         self._infos = {name: _ModelInfo(model) for name, model in registry.models.items()}
-        self._policy: dict[str, Policy] = {}
+        self._policy: dict[str, tuple[Policy, int]] = {}  # device -> (policy, skew ms)
         self.twins: dict[str, TwinState] = {}
-        self.counters: dict[str, int] = {}
+        self._counts: dict[str, int] = {}
+        self._changes = 0  # the one count on the per-update path, kept apart
         # staleness: whole second -> devices due then; a heap of the seconds
         self._due: dict[int, set[str]] = {}
         self._due_heap: list[int] = []
@@ -195,7 +196,7 @@ class TwinSync:
         return {
             "fingerprint": self.fingerprint,
             "counters": dict(self.counters),
-            "twins": {d: t.to_dict() for d, t in self.twins.items()},
+            "twins": {d: t.snapshot() for d, t in self.twins.items()},
             "heal": list(self._heal),
         }
 
@@ -205,8 +206,17 @@ class TwinSync:
         """The live state of a device's twin (None when it has none yet)."""
         return self.twins.get(device_id)
 
+    @property
+    def counters(self) -> dict[str, int]:
+        """Counts by kind: ``changes``, ``commands``, ``online``, ``offline``, ``superseded``,
+        ``healed``, ``inconsistent``, ``rejected.<kind>``, ``dropped_on_resume``."""
+        counts = dict(self._counts)
+        if self._changes:
+            counts["changes"] = self._changes
+        return counts
+
     def _count(self, kind: str, n: int = 1) -> None:
-        self.counters[kind] = self.counters.get(kind, 0) + n
+        self._counts[kind] = self._counts.get(kind, 0) + n
 
     # -- updates -------------------------------------------------------------------
 
@@ -224,11 +234,13 @@ class TwinSync:
         twin = self.twins[device_id] = TwinState(device.model)
         return twin
 
+    def _resolve_policy(self, device_id: str) -> tuple[Policy, int]:
+        policy = self.registry.policy_of(device_id)
+        found = self._policy[device_id] = (policy, policy.skew_ms)
+        return found
+
     def _policy_of(self, device_id: str) -> Policy:
-        policy = self._policy.get(device_id)
-        if policy is None:
-            policy = self._policy[device_id] = self.registry.policy_of(device_id)
-        return policy
+        return (self._policy.get(device_id) or self._resolve_policy(device_id))[0]
 
     def _reject(
         self,
@@ -249,34 +261,35 @@ class TwinSync:
 
     def _reported(self, update: Reported, now_ms: int, out: TwinOut) -> None:
         device_id = update.device_id
-        twin = self._twin_of(device_id, update.source, update.received_ms, out, update)
+        twin = self.twins.get(device_id)
         if twin is None:
-            return
-        policy = self._policy_of(device_id)
-        ts_ms = update.ts_ms
-        if ts_ms - update.received_ms > policy.skew_ms:
-            ahead = ts_ms - update.received_ms
+            twin = self._twin_of(device_id, update.source, update.received_ms, out, update)
+            if twin is None:
+                return
+        policy, skew_ms = self._policy.get(device_id) or self._resolve_policy(device_id)
+        ts_ms, received_ms = update.ts_ms, update.received_ms
+        if ts_ms - received_ms > skew_ms:
             self._reject(
                 out,
                 "future_timestamp",
-                f"device {device_id!r}: reading stamped {ahead} ms after it was received; "
-                f"the skew tolerance is {policy.skew_ms} ms (check the device clock)",
+                f"device {device_id!r}: reading stamped {ts_ms - received_ms} ms after it was "
+                f"received; the skew tolerance is {policy.skew_ms} ms (check the device clock)",
                 update.source,
-                update.received_ms,
+                received_ms,
                 device_id,
                 update,
             )
             return
         info = self._infos[twin.model]
-        fast, specs = info.fast, info.specs
+        fast = info.fast
         clean: dict[str, Any] = {}
         problems: list[TwinRejected] | None = None
         for key, value in update.values.items():
             bounds = fast.get(key)
             if bounds is not None and type(value) is float and bounds[0] <= value <= bounds[1]:
-                clean[key] = value
+                clean[key] = value  # the common case: a finite float in range
                 continue
-            spec = specs.get(key)
+            spec = info.specs.get(key)
             try:
                 if spec is None:
                     if key in info.telemetry:
@@ -288,23 +301,12 @@ class TwinSync:
                 problems = problems or []
                 problems.append(exc)
         if problems:
-            for exc in problems:
-                self._count(f"rejected.{exc.kind}")
-            reason = f"device {device_id!r}: " + "; ".join(e.reason for e in problems)
-            bad = {e.field: update.values.get(e.field or "") for e in problems}
-            out.rejections.append(
-                TwinRejection(
-                    problems[0].kind,
-                    reason,
-                    update.source,
-                    update.received_ms,
-                    device_id,
-                    None,
-                    _encode(bad),
-                )
-            )
+            self._reject_fields(update, problems, out)
         before = twin.delta(policy) if twin.desired else None
-        self._seen(device_id, twin, update.received_ms, info)
+        if twin.last_seen_ms is None or received_ms > twin.last_seen_ms:
+            twin.last_seen_ms = received_ms
+        if twin.due_s is None and info.heartbeat_ms is not None:
+            self._file(device_id, twin, info.heartbeat_ms)
         changed = twin.apply_reported(clean, ts_ms, update.source, policy) if clean else []
         if twin.skipped:
             self._count("superseded", twin.skipped)
@@ -312,9 +314,49 @@ class TwinSync:
             twin.online = True
             self._count("online")
             self._emit(device_id, twin, ts_ms, now_ms, "online", changed, policy, out, before or {})
+        elif before is None and not twin.sent:
+            if changed:  # no desire, nothing commanded: only the new version goes out
+                twin.version += 1
+                self._changes += 1
+                out.changes.append(
+                    TwinChange(
+                        device_id,
+                        twin.model,
+                        twin.version,
+                        ts_ms,
+                        now_ms,
+                        "reported",
+                        changed,
+                        twin.reported,
+                        twin.desired,
+                        {},
+                        twin.r_ts,
+                        twin.d_ts,
+                        True,
+                        twin.last_seen_ms,
+                    )
+                )
         elif changed or (before is not None and twin.delta(policy) != before):
             # a reading that repeats a value can still end a desire (latest_timestamp)
             self._emit(device_id, twin, ts_ms, now_ms, "reported", changed, policy, out)
+
+    def _reject_fields(self, update: Reported, problems: list[TwinRejected], out: TwinOut) -> None:
+        """One rejection for a reading's bad fields (its good ones were kept), counted per field."""
+        for exc in problems:
+            self._count(f"rejected.{exc.kind}")
+        reason = f"device {update.device_id!r}: " + "; ".join(e.reason for e in problems)
+        bad = {e.field: update.values.get(e.field or "") for e in problems}
+        out.rejections.append(
+            TwinRejection(
+                problems[0].kind,
+                reason,
+                update.source,
+                update.received_ms,
+                update.device_id,
+                None,
+                _encode(bad),
+            )
+        )
 
     def _desired(self, update: DesiredChange, now_ms: int, out: TwinOut) -> None:
         device_id = update.device_id
@@ -379,24 +421,20 @@ class TwinSync:
 
     # -- changes, commands, timers -------------------------------------------------
 
-    def _seen(self, device_id: str, twin: TwinState, received_ms: int, info: _ModelInfo) -> None:
-        if twin.last_seen_ms is None or received_ms > twin.last_seen_ms:
-            twin.last_seen_ms = received_ms
-        hb = info.heartbeat_ms
-        if hb is None:
-            return
-        second = -(-(twin.last_seen_ms + hb) // 1000)  # ceil: checked when surely past
-        if second != twin.due_s:
-            if twin.due_s is not None:
-                old = self._due.get(twin.due_s)
-                if old is not None:
-                    old.discard(device_id)
-            bucket = self._due.get(second)
-            if bucket is None:
-                bucket = self._due[second] = set()
-                heapq.heappush(self._due_heap, second)
-            bucket.add(device_id)
-            twin.due_s = second
+    def _file(self, device_id: str, twin: TwinState, heartbeat_ms: int) -> None:
+        """File the device's staleness check at the whole second its heartbeat runs out.
+
+        Lazily: a reading does not move the check; the check, when due, files
+        the device again if it was heard from meanwhile. So a device is
+        refiled at most once per heartbeat, not once per reading.
+        """
+        second = -(-(twin.last_seen_ms + heartbeat_ms) // 1000)  # type: ignore[operator]
+        bucket = self._due.get(second)
+        if bucket is None:
+            bucket = self._due[second] = set()
+            heapq.heappush(self._due_heap, second)
+        bucket.add(device_id)
+        twin.due_s = second
 
     def _emit(
         self,
@@ -412,7 +450,7 @@ class TwinSync:
     ) -> None:
         change = twin.change(device_id, ts_ms, now_ms, cause, changed, policy)
         out.changes.append(change)
-        self._count("changes")
+        self._changes += 1
         delta = change.delta
         sent = twin.sent
         if sent:
@@ -469,17 +507,16 @@ class TwinSync:
 
     def _check_stale(self, device_id: str, now_ms: int, out: TwinOut) -> None:
         twin = self.twins.get(device_id)
-        if twin is None or not twin.online or twin.last_seen_ms is None:
+        if twin is None:
             return
+        twin.due_s = None
         hb = self._infos[twin.model].heartbeat_ms
-        if hb is None:
+        if not twin.online or twin.last_seen_ms is None or hb is None:
             return
         if twin.last_seen_ms + hb > now_ms:  # heard from since it was filed: file again
-            twin.due_s = None
-            self._seen(device_id, twin, twin.last_seen_ms, self._infos[twin.model])
+            self._file(device_id, twin, hb)
             return
         twin.online = False
-        twin.due_s = None
         twin.sent.clear()  # it may have missed them: the whole delta goes again on reconnect
         self._count("offline")
         self._emit(device_id, twin, now_ms, now_ms, "offline", [], self._policy_of(device_id), out)
@@ -541,17 +578,19 @@ class TwinSync:
                 "the previous registry file"
             )
             raise ConfigError(msg)
-        self.counters = dict(state["counters"])
+        self._counts = dict(state["counters"])
+        self._changes = self._counts.pop("changes", 0)
         for device_id, data in state["twins"].items():
-            twin = TwinState.from_dict(data)
+            twin = TwinState.restore(data)
             device = self.registry._lookup(device_id)
             if device is None or device.model != twin.model:
                 self._count("dropped_on_resume")
                 continue
             self.twins[device_id] = twin
-            if twin.online and twin.last_seen_ms is not None:
-                twin.due_s = None
-                self._seen(device_id, twin, twin.last_seen_ms, self._infos[twin.model])
+            twin.due_s = None
+            heartbeat_ms = self._infos[twin.model].heartbeat_ms
+            if twin.online and twin.last_seen_ms is not None and heartbeat_ms is not None:
+                self._file(device_id, twin, heartbeat_ms)
         self._heal = [tuple(item) for item in state["heal"] if item[1] in self.twins]  # type: ignore[misc]
         heapq.heapify(self._heal)
 

@@ -53,6 +53,7 @@ DESIRED_SOURCE = "twins.desired"
 """The ``source`` of rejections of desired changes (and of dead letters made from them)."""
 # Epoch milliseconds before 2000-01-01 are almost always epoch seconds sent by mistake.
 _MIN_TS_MS = 946_684_800_000
+_MAX_TS_MS = 10**16
 _KINDS = ("telemetry", "state")
 _KNOWN_IDS_MAX = 1_000_000
 
@@ -112,7 +113,7 @@ def parse_ts_ms(raw: object, received_ms: int) -> int | str:
     if isinstance(raw, bool):
         return "ts must be epoch milliseconds or an ISO 8601 string, got a boolean"
     if isinstance(raw, int | float):
-        if not math.isfinite(raw) or abs(raw) > 1e16:
+        if not math.isfinite(raw) or abs(raw) > _MAX_TS_MS:
             return f"ts {raw!r} is not a plausible epoch milliseconds value"
         ts_ms = int(raw)
     elif isinstance(raw, str):
@@ -222,7 +223,9 @@ class UpdateDecoder:
                         )
                     )
                     continue
-                ts = parse_ts_ms(item.pop("ts", None), received_ms)
+                ts = item.pop("ts", None)
+                if type(ts) is not int or ts < _MIN_TS_MS or ts > _MAX_TS_MS:
+                    ts = parse_ts_ms(ts, received_ms)
                 if type(ts) is str:
                     bad.append(self._reject(msg, device_id, "bad_ts", where + ts))
                     continue
