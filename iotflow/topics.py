@@ -98,3 +98,8 @@ class KafkaTopics:
     @property
     def edge_uplink(self) -> str:
         return f"{self.prefix}.edge.uplink"
+
+    @property
+    def edge_definitions(self) -> str:
+        """Versioned workflow definitions the cloud publishes for edge gateways."""
+        return f"{self.prefix}.edge.definitions"
