@@ -116,6 +116,8 @@ def twin_step(
     cache: dict[str, str] = {}
 
     def split(batch: list[Reported | DesiredChange]) -> list[tuple[str, list[Any]]]:
+        if shards == 1:
+            return [("0", batch)]
         parts: dict[str, list[Any]] = {}
         for update in batch:
             device_id = update.device_id

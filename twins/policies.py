@@ -72,6 +72,8 @@ class _PolicyBase(BaseModel):
 
     follows_reported: ClassVar[bool] = False
     """True when a reported value that contradicts the desired one replaces it."""
+    by_arrival: ClassVar[bool] = False
+    """True when every write replaces the cell (arrival order; no comparison needed)."""
 
     @field_validator("skew_tolerance")
     @classmethod
@@ -193,6 +195,7 @@ class DesiredWins(_PolicyBase):
     """
 
     policy: Literal["desired_wins"] = "desired_wins"
+    by_arrival: ClassVar[bool] = True
 
     def reported_replaces(self, new_ts: int, new_src: str, cur_ts: int, cur_src: str) -> bool:
         return True
@@ -217,6 +220,7 @@ class ReportedWins(_PolicyBase):
 
     policy: Literal["reported_wins"] = "reported_wins"
     follows_reported: ClassVar[bool] = True
+    by_arrival: ClassVar[bool] = True
 
     def reported_replaces(self, new_ts: int, new_src: str, cur_ts: int, cur_src: str) -> bool:
         return True

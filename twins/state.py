@@ -117,13 +117,14 @@ class TwinState:
         reported, r_ts, r_src = self.reported, self.r_ts, self.r_src
         new_reported: dict[str, Any] | None = None
         new_ts: dict[str, int] | None = None
-        replaces = policy.reported_replaces
+        replaces = None if policy.by_arrival else policy.reported_replaces
         skipped = 0
         for key, value in values.items():
-            cur_ts = r_ts.get(key)
-            if cur_ts is not None and not replaces(ts_ms, source, cur_ts, r_src[key]):
-                skipped += 1
-                continue
+            if replaces is not None:
+                cur_ts = r_ts.get(key)
+                if cur_ts is not None and not replaces(ts_ms, source, cur_ts, r_src[key]):
+                    skipped += 1
+                    continue
             if new_ts is None:
                 new_ts = self.r_ts = dict(r_ts)
             new_ts[key] = ts_ms

@@ -192,7 +192,12 @@ class UpdateDecoder:
             except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
                 bad.append(self._reject(msg, device_id, "invalid_json", f"invalid JSON: {exc}"))
                 continue
-            if type(doc) is dict:
+            if type(doc) is dict:  # the common case: one reading, its ts a plausible int
+                ts = doc.pop("ts", None)
+                if type(ts) is int and _MIN_TS_MS <= ts <= _MAX_TS_MS and doc:
+                    ok.append(Reported(device_id, ts, doc, kind, received_ms))
+                    continue
+                doc["ts"] = ts  # judged below, with the reasons
                 items: list[Any] = [doc]
             elif type(doc) is list and doc and kind == "telemetry":
                 items = doc
