@@ -31,13 +31,15 @@ Outputs:
   rejected: no writer);
 - ``{prefix}.commands.events``: every command and coordinator transition, keyed
   by command id or plan id;
-- DuckDB ``command_audit``: the same transitions, upserted on their natural key;
+- DuckDB ``command_audit``: the same transitions, upserted on their natural key in
+  batches (within ``AUDIT_FLUSH`` of the event);
 - ``{prefix}.deadletter``: requests and device messages that could not be used.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -49,7 +51,7 @@ from bytewax.inputs import Source
 
 from commands.audit import audit_row, encode_event, record_key
 from commands.coordinator import PlanEvent, coordinator_builders
-from commands.orchestrator import Dropped, OrchestratorConfig, Write
+from commands.orchestrator import Dropped, Orchestrator, OrchestratorConfig, Write
 from commands.validation import (
     DeviceAck,
     DeviceState,
@@ -57,7 +59,14 @@ from commands.validation import (
     decode_device_message,
     decode_request,
 )
-from commands.writers import HttpWriter, KafkaCommand, KafkaWriter, MqttCommand, MqttWriter
+from commands.writers import (
+    HttpCall,
+    HttpWriter,
+    KafkaCommand,
+    KafkaWriter,
+    MqttCommand,
+    MqttWriter,
+)
 from connectors.bridge import ingest_topic, topic_matcher, unwrap_records
 from connectors.command_writers import HttpSink
 from connectors.decode import dead_letter
@@ -73,10 +82,19 @@ from iotflow.topics import KafkaTopics, MqttTopics
 from operators.steps import LogicStep
 from twins.registry import Registry, load_registry
 
-__all__ = ["CLIENT_ID", "audit_rows", "build_flow", "device_command_topic", "load_config"]
+__all__ = [
+    "AUDIT_FLUSH",
+    "CLIENT_ID",
+    "audit_rows",
+    "build_flow",
+    "device_command_topic",
+    "load_config",
+]
 
 CLIENT_ID = "iotflow-orchestrator"
 """The flow's stable MQTT client id (its persistent session and its last will)."""
+AUDIT_FLUSH = timedelta(seconds=1)
+"""How long an event may wait before its ``command_audit`` row is written."""
 
 _encode = msgspec.json.encode
 
@@ -98,9 +116,10 @@ def device_command_topic(prefix: str) -> str:
     return f"{prefix}.commands.device"
 
 
-def audit_rows(events: list[Any]) -> pa.Table:
-    """Command and plan events as an Arrow table in the ``command_audit`` layout."""
-    return pa.Table.from_pylist([audit_row(e) for e in events], schema=COMMAND_AUDIT.schema)
+def audit_rows(collected: list[list[list[Any]]]) -> pa.Table:
+    """Collected batches of command and plan events as an Arrow table (``command_audit``)."""
+    rows = [audit_row(e) for batches in collected for batch in batches for e in batch]
+    return pa.Table.from_pylist(rows, schema=COMMAND_AUDIT.schema)
 
 
 def _device_input(
@@ -142,13 +161,90 @@ def _device_input(
     )
 
 
-def _request_letter(item: Dropped) -> DeadLetter:
-    return dead_letter(item.source, item.reason, item.payload, to_ms(item.ts))
+class _Batched:
+    """The orchestrator fed a list of inputs at a time; one list of outputs per list.
+
+    Bytewax's per-item cost dominates at hundreds of commands per second, so
+    items travel the flow in the lists its sources already deliver.
+    """
+
+    def __init__(self, logic: Orchestrator) -> None:
+        self.logic = logic
+
+    def on_batch(self, items: list[Any]) -> list[list[Any]]:
+        out: list[Any] = []
+        for item in items:
+            out.extend(self.logic.on_batch(item))
+        return [out] if out else []
+
+    def on_timer(self) -> list[list[Any]]:
+        out = self.logic.on_timer()
+        return [out] if out else []
+
+    def next_timer(self) -> datetime | None:
+        return self.logic.next_timer()
+
+    def snapshot(self) -> dict[str, Any]:
+        return self.logic.snapshot()
 
 
-def _device_letter(item: InvalidDeviceMessage) -> DeadLetter:
-    msg = item.message
-    return dead_letter("devices", item.reason, msg.payload, msg.received_ms, msg.topic)
+@dataclass
+class _Routed:
+    """One orchestrator output list, sorted for the sinks."""
+
+    mqtt: list[MqttMessage] = field(default_factory=list)
+    http: list[HttpCall] = field(default_factory=list)
+    kafka: list[Any] = field(default_factory=list)
+    events: list[Any] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Router:
+    """Encodes writes with their protocol's writer; events and dead letters as Kafka records."""
+
+    topics: KafkaTopics
+    writers: dict[str, Any]
+    now: Callable[[], datetime]
+
+    def route(self, batch: list[Any]) -> _Routed:
+        routed = _Routed()
+        now = self.now()
+        for item in batch:
+            if isinstance(item, CommandEvent | PlanEvent):
+                routed.events.append(item)
+                routed.kafka.append(
+                    message(self.topics.command_events, record_key(item), encode_event(item))
+                )
+                continue
+            if isinstance(item, Write):
+                item = self.writers[item.protocol].encode(item, now)
+            if isinstance(item, Dropped):
+                letter = dead_letter(item.source, item.reason, item.payload, to_ms(item.ts))
+                routed.kafka.append(self.dead(letter))
+            elif isinstance(item, MqttCommand):
+                routed.mqtt.append(
+                    MqttMessage(item.topic, item.payload, item.qos, item.retain, item.expiry_s)
+                )
+            elif isinstance(item, KafkaCommand):
+                routed.kafka.append(message(item.topic, item.key, item.value))
+            elif isinstance(item, HttpCall):
+                routed.http.append(item)
+        return routed
+
+    def dead(self, letter: DeadLetter) -> Any:
+        return message(self.topics.deadletter, letter.topic or letter.source, _encode(letter))
+
+
+def _decode_devices(batch: list[DeviceMessage], base: MqttTopics) -> tuple[list[Any], list[Any]]:
+    ok: list[Any] = []
+    bad: list[Any] = []
+    for msg in batch:
+        item = decode_device_message(msg, base)
+        if isinstance(item, DeviceAck | DeviceState):
+            ok.append(item)
+        elif isinstance(item, InvalidDeviceMessage):
+            bad.append(dead_letter("devices", item.reason, msg.payload, msg.received_ms, msg.topic))
+    return ok, bad
 
 
 def build_flow(
@@ -179,117 +275,65 @@ def build_flow(
     base = MqttTopics(settings.mqtt_base)
     bootstrap = settings.require_kafka_bootstrap()
     builders = coordinator_builders()
+    known = {
+        "mqtt": MqttWriter(settings.mqtt_base),
+        "kafka": KafkaWriter(device_command_topic(settings.topic_prefix)),
+        "http": HttpWriter(settings.http_style),
+    }
+    unknown = sorted(set(config.ack_timeout) - set(known))
+    if unknown:
+        msg = (
+            f"orchestrator ack_timeout names protocols without a writer: {', '.join(unknown)}; "
+            f"writers: {', '.join(known)}"
+        )
+        raise ConfigError(msg)
+    router = _Router(topics, {p: known[p] for p in config.ack_timeout}, now)
 
     flow = Dataflow("orchestrator")
     raw = op.input("requests", flow, requests or KafkaInput(bootstrap, [topics.command_requests]))
-    decoded_requests = op.filter_map("decode_requests", raw, lambda rec: decode_request(rec.value))
+    decoded_requests = op.flat_map_batch(
+        "decode_requests",
+        raw,
+        lambda recs: [[d for rec in recs if (d := decode_request(rec.value)) is not None]],
+    )
     batches, ingest_dead = _device_input(flow, settings, base, devices)
-    decoded_devices = op.flat_map(
-        "decode_devices",
-        batches,
-        lambda batch: [d for m in batch if (d := decode_device_message(m, base)) is not None],
+    decoded_devices = op.map("decode_devices", batches, lambda b: _decode_devices(b, base))
+    inputs = op.filter(
+        "nonempty",
+        op.merge(
+            "inputs", decoded_requests, op.map("device_items", decoded_devices, lambda d: d[0])
+        ),
+        bool,
     )
-    device_split = op.branch(
-        "device_ok", decoded_devices, lambda d: isinstance(d, DeviceAck | DeviceState)
-    )
-    inputs = op.merge("inputs", decoded_requests, device_split.trues)
-    keyed = op.key_on("one_orchestrator", inputs, lambda _item: "orchestrator")
+    keyed = op.key_on("one_orchestrator", inputs, lambda _items: "orchestrator")
     decided = op.stateful_batch(
         "orchestrate",
         keyed,
-        lambda state: LogicStep(config.build(state, registry, now, builders=builders)),
+        lambda state: LogicStep(_Batched(config.build(state, registry, now, builders=builders))),
     )
-    items = op.key_rm("unkey", decided)
-    writes = op.filter("writes", items, lambda i: isinstance(i, Write))
-    events = op.filter("events", items, lambda i: isinstance(i, CommandEvent | PlanEvent))
-    dropped: Stream[Any] = op.filter("dropped", items, lambda i: isinstance(i, Dropped))
+    routed = op.map("route", op.key_rm("unkey", decided), router.route)
 
-    kafka_out: list[Stream[Any]] = []
-    mqtt_writer = MqttWriter(settings.mqtt_base)
-    mqtt_encoded = op.map(
-        "mqtt_encode",
-        op.filter("mqtt_writes", writes, lambda w: w.protocol == mqtt_writer.protocol),
-        lambda w: mqtt_writer.encode(w, now()),
-    )
     op.output(
         "mqtt_commands",
-        op.filter_map(
-            "mqtt_messages",
-            mqtt_encoded,
-            lambda m: (
-                MqttMessage(m.topic, m.payload, m.qos, m.retain, m.expiry_s)
-                if isinstance(m, MqttCommand)
-                else None
-            ),
-        ),
+        op.flat_map("mqtt_items", routed, lambda r: r.mqtt),
         MqttSink(settings.require_mqtt_url(), client_id=f"{CLIENT_ID}-cmd"),
     )
-    dropped = op.merge(
-        "dropped_mqtt",
-        dropped,
-        op.filter("mqtt_late", mqtt_encoded, lambda m: isinstance(m, Dropped)),
-    )
-    if "kafka" in config.ack_timeout:
-        kafka_writer = KafkaWriter(device_command_topic(settings.topic_prefix))
-        kafka_encoded = op.map(
-            "kafka_encode",
-            op.filter("kafka_writes", writes, lambda w: w.protocol == kafka_writer.protocol),
-            lambda w: kafka_writer.encode(w, now()),
-        )
-        kafka_out.append(
-            op.filter_map(
-                "kafka_commands",
-                kafka_encoded,
-                lambda m: message(m.topic, m.key, m.value) if isinstance(m, KafkaCommand) else None,
-            )
-        )
-        dropped = op.merge(
-            "dropped_kafka",
-            dropped,
-            op.filter("kafka_late", kafka_encoded, lambda m: isinstance(m, Dropped)),
-        )
     if "http" in config.ack_timeout:
-        http_writer = HttpWriter(settings.http_style)
-        http_encoded = op.map(
-            "http_encode",
-            op.filter("http_writes", writes, lambda w: w.protocol == http_writer.protocol),
-            lambda w: http_writer.encode(w, now()),
-        )
         op.output(
             "http_commands",
-            op.filter("http_calls", http_encoded, lambda m: not isinstance(m, Dropped)),
+            op.flat_map("http_items", routed, lambda r: r.http),
             HttpSink.from_settings(settings, now=now),
         )
-        dropped = op.merge(
-            "dropped_http",
-            dropped,
-            op.filter("http_late", http_encoded, lambda m: isinstance(m, Dropped)),
-        )
-
-    letters = op.merge(
-        "letters",
-        op.map("request_letters", dropped, _request_letter),
-        op.map("device_letters", device_split.falses, _device_letter),
-    )
+    device_dead = op.flat_map("device_dead", decoded_devices, lambda d: d[1])
     if ingest_dead is not None:
-        letters = op.merge("letters_all", letters, ingest_dead)
-    kafka_out.append(
-        op.map(
-            "event_msgs",
-            events,
-            lambda e: message(topics.command_events, record_key(e), encode_event(e)),
-        )
-    )
-    kafka_out.append(
-        op.map(
-            "dead_msgs",
-            letters,
-            lambda d: message(topics.deadletter, d.topic or d.source, _encode(d)),
-        )
-    )
+        device_dead = op.merge("device_dead_all", device_dead, ingest_dead)
     op.output(
         "kafka",
-        op.merge("to_kafka", *kafka_out),
+        op.merge(
+            "to_kafka",
+            op.flat_map("kafka_items", routed, lambda r: r.kafka),
+            op.map("device_letters", device_dead, router.dead),
+        ),
         KafkaOutput(
             bootstrap,
             [
@@ -300,11 +344,19 @@ def build_flow(
             ],
         ),
     )
-    op.output(
-        "duckdb",
-        op.map("audit", events, lambda e: (COMMAND_AUDIT.name, e)),
-        DuckDBSink(settings.duckdb, COMMAND_AUDIT, audit_rows),
+    # A DuckDB upsert costs ~10 ms however small (its commit), on the worker that also
+    # handles acks: write the audit in batches, at least once a second.
+    audit = op.collect(
+        "audit_batches",
+        op.filter_map(
+            "audit_events",
+            routed,
+            lambda r: (COMMAND_AUDIT.name, r.events) if r.events else None,
+        ),
+        AUDIT_FLUSH,
+        max_size=1000,
     )
+    op.output("duckdb", audit, DuckDBSink(settings.duckdb, COMMAND_AUDIT, audit_rows))
     return flow
 
 
