@@ -420,10 +420,7 @@ def state_matches(expected: Mapping[str, Any], reported: Mapping[str, Any]) -> b
         if name not in reported:
             return False
         have = reported[name]
-        if isinstance(want, bool) or isinstance(have, bool):
-            if have != want:
-                return False
-        elif isinstance(want, int | float) and isinstance(have, int | float):
+        if isinstance(want, int | float) and isinstance(have, int | float):
             if not math.isclose(want, have, rel_tol=1e-9, abs_tol=1e-9):
                 return False
         elif have != want:
