@@ -1,0 +1,123 @@
+"""HttpSink against a real HTTP server standing in for a device API (the device is the mock)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from commands.writers import HttpCall
+from connectors.command_writers import HttpSink
+from iotflow.errors import ConfigError
+from iotflow.settings import Settings
+
+TOKEN = "s3cret-token-value"
+
+
+class DeviceApi:
+    """A device REST API on a loopback port: records calls, answers with a chosen status."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+        self.status = 200
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", 0))
+                api.calls.append(
+                    {
+                        "path": self.path,
+                        "auth": self.headers.get("Authorization"),
+                        "body": json.loads(self.rfile.read(length)),
+                    }
+                )
+                self.send_response(api.status)
+                self.end_headers()
+                self.wfile.write(b'{"ok": true}')
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/api"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def api() -> Iterator[DeviceApi]:
+    server = DeviceApi()
+    yield server
+    server.close()
+
+
+def call(command_id: str, ttl_s: float = 30.0) -> HttpCall:
+    return HttpCall(
+        "POST",
+        "/devices/lock-1/commands",
+        {"command_id": command_id, "name": "unlock", "params": {}},
+        command_id,
+        "lock-1",
+        datetime.now(UTC) + timedelta(seconds=ttl_s),
+    )
+
+
+def test_calls_reach_the_api_with_the_token_and_expired_ones_do_not(
+    api: DeviceApi, caplog: pytest.LogCaptureFixture
+) -> None:
+    sink = HttpSink(api.url, token=TOKEN)
+    part = sink.build("http", 0, 1)
+    caplog.set_level(logging.DEBUG)
+    try:
+        part.write_batch([call("c1"), call("stale", ttl_s=-1), call("c2")])
+        api.status = 500
+        part.write_batch([call("c3")])
+    finally:
+        part.close()
+    assert [c["body"]["command_id"] for c in api.calls] == ["c1", "c2", "c3"]
+    assert {c["path"] for c in api.calls} == {"/api/devices/lock-1/commands"}
+    assert {c["auth"] for c in api.calls} == {f"Bearer {TOKEN}"}
+    stats = sink.partitions_stats[0]
+    assert (stats.sent, stats.failed, stats.expired, stats.statuses) == (2, 1, 1, {200: 2, 500: 1})
+    assert "stale" in caplog.text and "expired" in caplog.text
+    assert "answered 500" in caplog.text
+    assert TOKEN not in caplog.text
+    assert TOKEN not in repr(sink)
+
+
+def test_an_unreachable_api_is_logged_and_does_not_stop_the_flow(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sink = HttpSink("http://127.0.0.1:9/", token=TOKEN, timeout_s=1.0)
+    part = sink.build("http", 0, 1)
+    try:
+        part.write_batch([call("c1")])
+    finally:
+        part.close()
+    assert sink.partitions_stats[0].failed == 1
+    assert "ConnectError" in caplog.text
+    assert TOKEN not in caplog.text
+
+
+def test_bad_settings_are_named() -> None:
+    with pytest.raises(ConfigError, match="IOTFLOW_HTTP_URL is not set"):
+        HttpSink.from_settings(Settings(_env_file=None))
+    with pytest.raises(ConfigError, match="must look like http"):
+        HttpSink("ftp://x")
+    with pytest.raises(ConfigError, match="timeout"):
+        HttpSink("http://x", timeout_s=0)
+    sink = HttpSink.from_settings(
+        Settings(_env_file=None, http_url="http://u:pw@ha.local:8123", http_token=TOKEN)
+    )
+    assert repr(sink) == "HttpSink('http://u:***@ha.local:8123', token=***)"
