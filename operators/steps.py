@@ -7,7 +7,6 @@ streams.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -16,11 +15,11 @@ from typing import Any
 import bytewax.operators as op
 import polars as pl
 from bytewax.dataflow import Stream, operator
-from bytewax.operators import StatefulBatchLogic
 
 from iotflow.events import Reading, WindowResult
 from iotflow.frame import DEVICE
 from operators.aggregation import Aggregation, LateFrame, WindowAggregator
+from operators.logic_step import LogicStep, shard_of
 from operators.windows import LateReading, TumblingWindow
 
 __all__ = [
@@ -38,52 +37,12 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def shard_of(key: str, shards: int) -> str:
-    """A stable shard name for a key (crc32, the same in every process)."""
-    return str(zlib.crc32(key.encode()) % shards)
-
-
 @dataclass(frozen=True)
 class WindowOut:
     """Window results downstream; late readings on their own stream."""
 
     down: Stream[WindowResult]
     late: Stream[LateReading]
-
-
-class LogicStep(StatefulBatchLogic[Any, Any, Any]):
-    """Adapts a pure logic object to ``stateful_batch``.
-
-    The object speaks the project's vocabulary: ``on_batch(item) -> list``,
-    ``snapshot()``, and optionally ``on_timer() -> list``, ``on_eof() -> list``
-    and ``next_timer() -> datetime | None`` (logic without timers leaves them out).
-    Each value Bytewax hands over goes to ``on_batch`` in order; the state is
-    always retained.
-    """
-
-    def __init__(self, logic: Any) -> None:
-        self._logic = logic
-        self._on_timer = getattr(logic, "on_timer", None)
-        self._on_eof = getattr(logic, "on_eof", None)
-        self._next_timer = getattr(logic, "next_timer", None)
-
-    def on_batch(self, values: list[Any]) -> tuple[list[Any], bool]:
-        emits: list[Any] = []
-        for value in values:
-            emits.extend(self._logic.on_batch(value))
-        return emits, StatefulBatchLogic.RETAIN
-
-    def on_notify(self) -> tuple[list[Any], bool]:
-        return (self._on_timer() if self._on_timer else []), StatefulBatchLogic.RETAIN
-
-    def on_eof(self) -> tuple[list[Any], bool]:
-        return (self._on_eof() if self._on_eof else []), StatefulBatchLogic.RETAIN
-
-    def notify_at(self) -> datetime | None:
-        return self._next_timer() if self._next_timer else None
-
-    def snapshot(self) -> Any:
-        return self._logic.snapshot()
 
 
 @operator
