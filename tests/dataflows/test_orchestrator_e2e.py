@@ -14,12 +14,14 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from confluent_kafka import Producer
+from pydantic import SecretStr
 
 from commands.audit import KIND_ORDER
 from connectors.duckdb_store import command_history
@@ -30,6 +32,7 @@ from infra.simulator import Fleet, FleetConfig
 from infra.stack import StackInfo
 from iotflow.settings import Settings
 from iotflow.topics import KafkaTopics, MqttTopics
+from twins.registry import simulator_registry
 
 CONFIG = {
     "ack_timeout": {"mqtt": "1s"},
@@ -277,6 +280,181 @@ def test_commands_are_sequenced_acked_expired_deduplicated_and_audited(
 
 def proc_dead(events: Events) -> list[dict[str, Any]]:
     return events.dead()
+
+
+class HomeAssistant:
+    """A Home Assistant-style service API on loopback: records each call with its token."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", 0))
+                api.calls.append(
+                    {
+                        "path": self.path,
+                        "auth": self.headers.get("Authorization"),
+                        "body": json.loads(self.rfile.read(length)),
+                    }
+                )
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"[]")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_kafka_and_http_writers_deliver_and_devices_confirm(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A lock behind a Kafka gateway and a light behind a Home Assistant: both DONE."""
+    token = "ha-long-lived-token"
+    registry = simulator_registry().to_dict()
+    registry["devices"] = {
+        "gw-lock-1": {"model": "lock", "protocol": "kafka"},
+        "porch-light": {
+            "model": "light",
+            "protocol": "http",
+            "entity_id": "light.porch",
+            "services": {"set_brightness": "turn_on"},
+        },
+    }
+    (tmp_path / "registry.yaml").write_text(yaml.safe_dump(registry))
+    (tmp_path / "orchestrator.yaml").write_text(
+        yaml.safe_dump(CONFIG | {"ack_timeout": {"mqtt": "1s", "kafka": "5s", "http": "5s"}})
+    )
+    ha = HomeAssistant()
+    settings = settings.model_copy(
+        update={
+            "registry": tmp_path / "registry.yaml",
+            "orchestrator": tmp_path / "orchestrator.yaml",
+            "mqtt_client_id": f"orch-{settings.topic_prefix}",
+            "http_url": ha.url,
+            "http_token": SecretStr(token),
+            "http_style": "home_assistant",
+        }
+    )
+    bootstrap = settings.require_kafka_bootstrap()
+    mqtt = MqttTopics(settings.mqtt_base)
+    events = Events(settings)
+    try:
+        with FlowProcess.start(
+            "dataflows.orchestrator:flow", settings, log=tmp_path / "flow.log"
+        ) as proc:
+            proc.wait_online()
+            produce(
+                bootstrap,
+                KafkaTopics(settings.topic_prefix).command_requests,
+                [
+                    encode(command("gw-1", "gw-lock-1", "unlock", {})),
+                    encode(command("ha-1", "porch-light", "set_brightness", {"brightness": 40})),
+                ],
+            )
+            # the gateway reads its Kafka topic and acks over MQTT; HA reports the new state
+            gateway_topic = f"{settings.topic_prefix}.commands.device"
+            stop = threading.Event()
+            delivered: list[dict[str, Any]] = []
+            for _ in range(100):
+                delivered = [json.loads(r.value) for r in read_topic(bootstrap, gateway_topic)]
+                if delivered and ha.calls:
+                    break
+                stop.wait(0.2)
+            client = connect_client(settings.require_mqtt_url())
+            ack = {
+                "command_id": delivered[0]["command_id"],
+                "status": "done",
+                "reported": {"locked": 0},
+            }
+            client.publish(mqtt.ack("gw-lock-1"), json.dumps(ack).encode(), qos=1).wait_for_publish(
+                10
+            )
+            client.publish(
+                mqtt.state("porch-light"), b'{"on": 1, "brightness": 40}', qos=1
+            ).wait_for_publish(10)
+            client.disconnect()
+            client.loop_stop()
+            got = events.wait(lambda ev: {"gw-1", "ha-1"} <= set(terminal(ev)))
+    finally:
+        ha.close()
+    assert terminal(got) == {"gw-1": ["done"], "ha-1": ["done"]}
+    done = {e["command_id"]: e["detail"] for e in got if e["kind"] == "done"}
+    assert done == {"gw-1": "acked done", "ha-1": "reported state shows brightness=40"}
+    assert [d["name"] for d in delivered] == ["unlock"]
+    assert ha.calls == [
+        {
+            "path": "/api/services/light/turn_on",
+            "auth": f"Bearer {token}",
+            "body": {"entity_id": "light.porch", "brightness": 40},
+        }
+    ]
+    assert token not in (tmp_path / "flow.log").read_text()
+
+
+@pytest.mark.parametrize(
+    ("snapshot_s", "wait_s"),
+    [(1, 1.5), (10, 0.0)],
+    ids=["sent-in-snapshot", "killed-before-snapshot"],
+)
+def test_a_flow_killed_between_send_and_ack_never_makes_a_device_act_twice(
+    settings: Settings, tmp_path: Path, snapshot_s: int, wait_s: float
+) -> None:
+    """SIGKILL after the command was sent; the ack arrives while the flow is down.
+
+    With SENT in the snapshot the restarted flow does not send again and takes
+    the ack its MQTT session kept; killed before any snapshot, it reads the
+    request again and re-sends under the same command id, which the device
+    answers without acting again. Either way: one action, one DONE.
+    """
+    (tmp_path / "orchestrator.yaml").write_text(
+        yaml.safe_dump(CONFIG | {"ack_timeout": {"mqtt": "20s"}})
+    )
+    settings = settings.model_copy(
+        update={
+            "orchestrator": tmp_path / "orchestrator.yaml",
+            "mqtt_client_id": f"orch-{settings.topic_prefix}",
+            "recovery_dir": tmp_path / "recovery",
+        }
+    )
+    slow = FleetConfig(
+        devices={"lock": 1}, base=settings.mqtt_base, commands={"ack_latency_ms": 3000}
+    )
+    events = Events(settings)
+    log = tmp_path / "flow.log"
+    with Fleet(slow, settings.require_mqtt_url(), schedule_telemetry=False) as fleet:
+        first = FlowProcess.start(
+            "dataflows.orchestrator:flow", settings, log=log, snapshot_s=snapshot_s
+        )
+        try:
+            first.wait_online()
+            produce(
+                settings.require_kafka_bootstrap(),
+                KafkaTopics(settings.topic_prefix).command_requests,
+                [encode(command("once", "lock-0001", "unlock", {}))],
+            )
+            events.wait(lambda ev: any(e["kind"] == "sent" for e in ev))
+            threading.Event().wait(wait_s)  # > a snapshot interval: the state with SENT is stored
+        finally:
+            first.kill()
+        with FlowProcess.start(
+            "dataflows.orchestrator:flow", settings, log=log, snapshot_s=1
+        ) as second:
+            second.wait_online()
+            got = events.wait(lambda ev: "once" in terminal(ev))
+            stats = fleet.stats
+    assert terminal(got)["once"] == ["done"]
+    assert stats.commands_executed == 1
+    assert stats.devices["lock-0001"].reported["locked"] == 0
 
 
 def test_no_retained_message_on_any_cmd_topic(stack: StackInfo) -> None:
