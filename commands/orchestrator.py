@@ -42,7 +42,8 @@ Guarantees:
   re-sent is EXPIRED instead, and one that expires in flight is EXPIRED at its
   ack deadline unless the device answers first.
 - **Duplicates.** A request whose command id is known (live or finished within
-  ``remember`` after its expiry) does nothing; the same id with other content
+  ``remember`` after its expiry; later, a replay is expired on arrival and never
+  sent) does nothing; the same id with other content
   is dropped to the dead letters. An ack or state for a finished command
   changes nothing. A replayed coordinator start does nothing.
 - **Coordinators** (``commands.coordinator``): started once, given each
@@ -181,7 +182,9 @@ class OrchestratorConfig(BaseModel):
     seed: int = 0
     max_ttl: Duration = timedelta(days=1)
     max_future_skew: Duration = timedelta(minutes=5)
-    remember: Duration = timedelta(days=1)
+    # Finished commands are kept (memory, snapshot) until `remember` after their expiry: a
+    # replay arriving later finds its command expired, so it is audited again but never sent.
+    remember: Duration = timedelta(minutes=10)
 
     @field_validator("ack_timeout")
     @classmethod

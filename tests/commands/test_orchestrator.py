@@ -495,6 +495,8 @@ def test_finished_commands_are_forgotten_after_remember(registry: Registry) -> N
     clock.advance(minutes=32)  # 1 h after its expiry
     orch.on_batch(DeviceState("hvac-0001", {}))
     assert "c1" not in orch.records
+    # a replay after that finds the command expired: audited again, never written
+    assert trace(orch.on_batch(make_command("c1"))) == [("c1", "requested"), ("c1", "expired")]
 
 
 def test_config_rejects_a_default_protocol_without_timeout(registry: Registry) -> None:
