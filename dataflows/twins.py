@@ -25,8 +25,8 @@ Outputs:
 - ``{prefix}.detections``: ``twin_inconsistent`` detections, key ``rule|device``,
 - ``{prefix}.deadletter``: everything rejected, with the reason (counted per kind
   in the twin step's state),
-- DuckDB ``twin_history`` (one row per version, upserted on (device_id, version))
-  and ``detections``.
+- DuckDB ``twin_history`` (one row per version, upserted on (device_id, version),
+  written once a second) and ``detections``.
 
 With a recovery store, a changed registry (models, policies) or shard count is
 refused at start with the settings named; the twin step also refuses state
@@ -36,7 +36,7 @@ of other models (``ConfigError``).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import bytewax.operators as op
@@ -62,6 +62,8 @@ from twins.updates import DesiredChange, Reported, TwinRejection, UpdateDecoder,
 __all__ = ["DEFAULT_SHARDS", "build_flow", "history_rows", "twin_filters", "twin_step"]
 
 DEFAULT_SHARDS = 16
+HISTORY_EVERY = timedelta(seconds=1)
+HISTORY_MAX_BATCHES = 1000
 _encode = msgspec.json.encode
 
 
@@ -75,9 +77,10 @@ def twin_filters(settings: Settings) -> list[str]:
     return settings.mqtt_topics or [topics.telemetry(), topics.state()]
 
 
-def history_rows(batches: list[list[TwinChange]]) -> pa.Table:
-    """Twin changes as an Arrow table in the ``twin_history`` layout (documents as JSON)."""
-    changes = [c for batch in batches for c in batch]
+def history_rows(collected: list[list[list[TwinChange]]]) -> pa.Table:
+    """Collected batches of twin changes as an Arrow table in the ``twin_history`` layout
+    (documents as JSON)."""
+    changes = [c for batches in collected for batch in batches for c in batch]
     columns: dict[str, list[Any]] = {
         "device_id": [c.device_id for c in changes],
         "version": [c.version for c in changes],
@@ -243,14 +246,19 @@ def build_flow(
             ],
         ),
     )
-    history = op.filter_map(
-        "history", outs, lambda o: (TWIN_HISTORY.name, o.changes) if o.changes else None
+    # DuckDB takes ~7 ms per insert whatever its size, on the worker's thread: write once a
+    # second (or every HISTORY_MAX_BATCHES batches) rather than after every batch
+    history = op.collect(
+        "history_every_s",
+        op.filter_map("history", outs, lambda o: ("h", o.changes) if o.changes else None),
+        timeout=HISTORY_EVERY,
+        max_size=HISTORY_MAX_BATCHES,
     )
     op.output(
         "duckdb",
         op.merge(
             "to_duckdb",
-            history,
+            op.map("history_rows", history, lambda kv: (TWIN_HISTORY.name, kv[1])),
             op.map("detection_rows", detections, lambda d: (DETECTIONS.name, d)),
         ),
         DuckDBSink(settings.duckdb, TWIN_HISTORY, history_rows, also={DETECTIONS: detection_rows}),
