@@ -23,7 +23,8 @@ Guarantees:
   offline device gets its pending delta, and only that, when it is next heard
   from.
 - Staleness: a device not heard from within its model's ``heartbeat`` goes
-  offline (a change), checked on whole-second timers, so up to a second late.
+  offline (a change), judged by the receive time of its messages against the
+  injected clock, on whole-second timers (so up to a second late).
 - Consistency: a command whose effect is not reported within the policy's
   ``heal_after`` is re-issued when ``healing: auto`` (up to ``heal_attempts``
   commands), else, or after the last attempt, reported once as a
