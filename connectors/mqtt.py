@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import socket
 import ssl
 import threading
 import time
@@ -47,7 +48,15 @@ from iotflow.errors import (
 from iotflow.events import DeviceMessage
 from iotflow.settings import Settings, redact_url
 
-__all__ = ["MqttMessage", "MqttSink", "MqttSource", "MqttTls", "MqttUrl", "connect_client"]
+__all__ = [
+    "MqttMessage",
+    "MqttSink",
+    "MqttSource",
+    "MqttTls",
+    "MqttUrl",
+    "connect_client",
+    "no_delay",
+]
 
 log = logging.getLogger("iotflow.mqtt")
 
@@ -208,6 +217,16 @@ def _refused(broker: MqttUrl, reason: Any) -> BrokerUnavailable:
     return BrokerUnavailable(f"MQTT broker {broker} refused the connection: {reason}")
 
 
+def no_delay(_client: mqtt.Client, _userdata: Any, sock: Any) -> None:
+    """paho ``on_socket_open`` hook: switch Nagle's algorithm off on the socket.
+
+    Commands and acks are small packets answered by small packets; with Nagle on,
+    each hop can hold one for a delayed-ACK round (tens of milliseconds).
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 def connect_client(
     url: str,
     client_id: str = "",
@@ -260,6 +279,7 @@ def connect_client(
         client.will_set(will[0], will[1], qos=1, retain=True)
     client.reconnect_delay_set(min_delay=0.1, max_delay=10)
     client.max_inflight_messages_set(1000)
+    client.on_socket_open = no_delay
     connected, settled = threading.Event(), threading.Event()
     failure: list[BrokerUnavailable] = []
 
