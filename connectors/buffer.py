@@ -19,9 +19,10 @@ Guarantees:
 - **Bounded in bytes.** The bound counts each record's id, key and body
   bytes (the file adds SQLite page and index overhead). When an insert goes
   over it, whole records are dropped, oldest first, by class: raw readings
-  first, then dead letters, then aggregates, and detections, commands and
-  definition acknowledgements last; so aggregates and detections are kept as
-  long as any raw reading or dead letter can make room. Every drop is
+  first, then dead letters, then aggregates, and detections, commands, twin
+  updates, definition acknowledgements and gateway status last; so
+  aggregates and detections are kept as long as any raw reading or dead
+  letter can make room. Every drop is
   counted per kind in ``stats().dropped``, persisted with the checkpoint.
 - **Idempotent.** Adding a record whose ``rid`` is still buffered does
   nothing (a replay after a crash recomputes the same records).
@@ -66,7 +67,9 @@ DROP_CLASS: dict[str, int] = {
     "aggregate": 2,
     "detection": 3,
     "command": 3,
+    "twin_update": 3,
     "definition": 3,
+    "status": 3,
 }
 
 _SCHEMA = """

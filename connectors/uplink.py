@@ -58,17 +58,23 @@ from connectors.buffer import StoreAndForward, StoredRecord
 from connectors.dedupe import dedupe_records
 from connectors.kafka import KafkaRecord, producer_config, read_topic
 from iotflow.errors import ConfigError
+from iotflow.events import WindowResult, from_ms
 
 __all__ = [
+    "AGGREGATE_COLUMNS",
     "LinkState",
     "Uplink",
     "UplinkEnvelope",
     "UplinkStats",
     "dedupe_uplink",
+    "expand_aggregates",
     "read_uplink",
 ]
 
 log = logging.getLogger("iotflow.uplink")
+
+# the columns of an edge aggregate record's rows (one record per window and component)
+AGGREGATE_COLUMNS = ["key", "metric", "count", "sum", "min", "max"]
 
 
 class LinkState(StrEnum):
@@ -444,3 +450,25 @@ def dedupe_uplink(records: Iterable[KafkaRecord]) -> list[UplinkEnvelope]:
         except msgspec.DecodeError as exc:
             log.warning("skipping an uplink record that is not an envelope: %s", exc)
     return out
+
+
+def expand_aggregates(envelope: UplinkEnvelope) -> list[WindowResult]:
+    """The window results of an ``aggregate`` envelope (empty for other kinds)."""
+    if envelope.kind != "aggregate":
+        return []
+    body = msgspec.json.decode(envelope.body)
+    start, end = from_ms(body["window_start_ms"]), from_ms(body["window_end_ms"])
+    return [
+        WindowResult(
+            key=key,
+            metric=metric,
+            window_start=start,
+            window_end=end,
+            count=count,
+            sum=total,
+            avg=total / count,
+            min=low,
+            max=high,
+        )
+        for key, metric, count, total, low, high in body["rows"]
+    ]

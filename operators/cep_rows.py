@@ -117,6 +117,10 @@ class _Kind:
     def next_deadline(self) -> int | None:
         return None
 
+    def copy_state(self) -> dict[str, list[Any]]:
+        """The state as new plain data (a structural copy: snapshots are frequent at the edge)."""
+        return {key: list(value) for key, value in self.state.items()}
+
 
 def _function(expr: Expr) -> Callable[[Mapping[str, Any]], Any]:
     return expr.function(nan_as_null=True)
@@ -131,6 +135,9 @@ class _Threshold(_Kind):
         self.value = None if pattern.value is None else _function(pattern.value)
         self.no_skip = pattern.after_match == "no_skip"
         # key -> [count, last end (or time) ms, times of the counted events]
+
+    def copy_state(self) -> dict[str, list[Any]]:
+        return {key: [run[0], run[1], list(run[2])] for key, run in self.state.items()}
 
     def process(self, key: str, ts: int, start: int | None, env: Mapping[str, Any]) -> list[Any]:
         cond = self.cond(env)
@@ -370,7 +377,7 @@ class RowEngine:
             "max_ts_ms": self._max_ts,
             "max_seen_at_ms": self._max_seen_at,
             "watermark_ms": self._watermark,
-            "patterns": {p.name: copy.deepcopy(k.state) for p, k in self.kinds},
+            "patterns": {p.name: k.copy_state() for p, k in self.kinds},
             "stats": dict(self._stats),
             "pattern_stats": copy.deepcopy(self._pattern_stats),
         }

@@ -1,0 +1,369 @@
+"""The edge gateway's MQTT side and its output: device messages in, acknowledged only once durable.
+
+``GatewaySource`` subscribes to device telemetry on the gateway's local MQTT
+broker with a stable client id (``iotflow-edge-{gateway_id}``), a persistent
+session (QoS 1, ``session_expiry``) and manual acknowledgment. It announces
+the gateway on ``{base}/gateways/{gateway_id}/status``: ``online``
+(retained, once the broker confirmed the subscription), with a last will of
+``offline`` (retained), and ``offline`` on a clean close.
+
+Each poll hands the dataflow an ``Inbound(token, messages)``; the messages
+are **not** acknowledged then. ``GatewaySink`` writes what the edge logic
+produced in order: local commands to the MQTT broker (QoS 1, waiting for the
+broker's PUBACK), uplink records into the store-and-forward buffer, and on a
+``Checkpoint`` it commits the buffer with the logic's state and only then
+acknowledges the checkpoint's tokens to the broker (``AckChannel``). So a
+QoS 1 device message is acknowledged only after everything it caused is on
+disk, and a gateway killed at any point loses nothing: the broker redelivers
+what was not acknowledged, and the restarted logic resumes from the state
+committed with the buffer (at least once; duplicates carry the same record
+ids and the cloud drops them). Messages published at QoS 0 get no such
+guarantee (the broker never redelivers them). A connection lost between a
+message and its acknowledgment drops the acknowledgment (the broker
+redelivers on the next connection).
+
+The gateway runs one Bytewax worker: its buffer is one SQLite file and the
+acknowledgments travel between its source and its sink inside the process.
+``build`` with more workers raises ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import msgspec
+import paho.mqtt.client as mqtt
+from bytewax.inputs import DynamicSource, StatelessSourcePartition
+from bytewax.outputs import DynamicSink, StatelessSinkPartition
+
+from connectors.buffer import StoreAndForward, UplinkRecord
+from connectors.mqtt import MqttMessage, MqttSink, connect_client
+from connectors.uplink import Uplink
+from iotflow.errors import BrokerError, ConfigError
+from iotflow.events import DeviceMessage
+from iotflow.topics import MqttTopics
+
+__all__ = [
+    "AckChannel",
+    "Checkpoint",
+    "GatewaySink",
+    "GatewaySource",
+    "GatewayStatus",
+    "Inbound",
+    "gateway_client_id",
+]
+
+
+def gateway_client_id(gateway_id: str) -> str:
+    """The stable MQTT client id of a gateway (its session and last will hang on it)."""
+    return f"iotflow-edge-{gateway_id}"
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """Device messages of one poll; ``token`` acknowledges them (``AckChannel.ack``)."""
+
+    token: int
+    messages: list[DeviceMessage]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Commit the buffer with ``state`` (the edge logic's snapshot), then acknowledge ``tokens``."""
+
+    state: bytes
+    tokens: list[int]
+
+
+@dataclass(frozen=True)
+class GatewayStatus:
+    """The edge logic's counters; the sink adds the buffer's and the uplink's and sends it up."""
+
+    gateway_id: str
+    ts_ms: int
+    counters: dict[str, Any] = field(default_factory=dict)
+
+
+class AckChannel:
+    """Carries acknowledgments from the sink (after a commit) to the source's MQTT client."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ack: Callable[[list[int]], None] | None = None
+
+    def attach(self, ack: Callable[[list[int]], None]) -> None:
+        with self._lock:
+            self._ack = ack
+
+    def ack(self, tokens: list[int]) -> None:
+        with self._lock:
+            ack = self._ack
+        if ack is not None and tokens:
+            ack(tokens)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class _GatewayPartition(StatelessSourcePartition[Inbound]):
+    def __init__(
+        self,
+        url: str,
+        gateway_id: str,
+        topics: list[str],
+        base: str,
+        batch_size: int,
+        receive_maximum: int,
+        session_expiry_s: int,
+        acks: AckChannel,
+        idle_stop: timedelta | None,
+    ) -> None:
+        self._queue: queue.SimpleQueue[tuple[mqtt.MQTTMessage, int, int]] = queue.SimpleQueue()
+        self._batch_size = batch_size
+        self._status_topic = MqttTopics(base).gateway_status(gateway_id)
+        self._generation = 0  # bumped on every (re)connect: older acknowledgments are void
+        self._pending: dict[int, list[tuple[int, int, int]]] = {}
+        self._next_token = 0
+        self._lock = threading.Lock()
+        self._idle_stop = idle_stop
+        self._last_message: float | None = None
+        self._awake: datetime | None = None
+        subscribed = threading.Event()
+        refused: list[str] = []
+
+        def on_connect(client: mqtt.Client) -> None:
+            with self._lock:
+                self._generation += 1
+            client.subscribe([(t, 1) for t in topics])
+
+        def on_subscribe(client: mqtt.Client, _u: Any, _mid: int, codes: list, _p: Any) -> None:
+            refused.extend(
+                f"{t} ({c})" for t, c in zip(topics, codes, strict=False) if c.is_failure
+            )
+            client.publish(self._status_topic, b"online", qos=1, retain=True)
+            subscribed.set()
+
+        def on_message(_c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+            self._queue.put((msg, self._generation, time.time_ns() // 1_000_000))
+
+        self._client = connect_client(
+            url,
+            gateway_client_id(gateway_id),
+            clean_start=False,
+            session_expiry_s=session_expiry_s,
+            receive_maximum=receive_maximum,
+            manual_ack=True,
+            will=(self._status_topic, b"offline"),
+            on_connect=on_connect,
+            on_subscribe=on_subscribe,
+            on_message=on_message,
+        )
+        if not subscribed.wait(60) or refused:
+            self.close()
+            why = ", ".join(refused) if refused else "no SUBACK within 60s"
+            raise BrokerError(f"the gateway's MQTT broker refused the subscription: {why}")
+        acks.attach(self.ack)
+
+    def next_batch(self) -> list[Inbound]:
+        messages: list[DeviceMessage] = []
+        tags: list[tuple[int, int, int]] = []
+        with contextlib.suppress(queue.Empty):
+            while len(messages) < self._batch_size:
+                msg, generation, received_ms = self._queue.get_nowait()
+                messages.append(DeviceMessage(msg.topic, msg.payload, received_ms))
+                if msg.qos > 0:
+                    tags.append((msg.mid, msg.qos, generation))
+        if messages:
+            self._last_message = time.monotonic()
+            self._awake = None
+            with self._lock:
+                self._next_token += 1
+                token = self._next_token
+                if tags:
+                    self._pending[token] = tags
+            return [Inbound(token, messages)]
+        if (
+            self._idle_stop is not None
+            and self._last_message is not None
+            and time.monotonic() - self._last_message >= self._idle_stop.total_seconds()
+        ):
+            raise StopIteration
+        self._awake = _now() + timedelta(milliseconds=1)
+        return []
+
+    def next_awake(self) -> datetime | None:
+        return self._awake
+
+    def ack(self, tokens: list[int]) -> None:
+        """Acknowledge the messages of ``tokens`` (those of an older connection: never)."""
+        with self._lock:
+            current = self._generation
+            tags = [t for token in tokens for t in self._pending.pop(token, [])]
+        for mid, qos, generation in tags:
+            if generation == current:
+                self._client.ack(mid, qos)
+
+    def close(self) -> None:
+        info = self._client.publish(self._status_topic, b"offline", qos=1, retain=True)
+        with contextlib.suppress(RuntimeError, ValueError):
+            info.wait_for_publish(2)
+        self._client.disconnect()
+        self._client.loop_stop()
+
+
+class GatewaySource(DynamicSource[Inbound]):
+    """Device telemetry from the gateway's local broker, acknowledged after the checkpoint
+    that covers it (see the module docstring).
+
+    ``idle_stop`` ends the input once no message came for that long after the
+    first (windows then flush and the flow exits: tests, demos).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        gateway_id: str,
+        topics: list[str],
+        acks: AckChannel,
+        *,
+        base: str = "iotflow",
+        batch_size: int = 1000,
+        receive_maximum: int = 1000,
+        session_expiry: timedelta = timedelta(days=1),
+        idle_stop: timedelta | None = None,
+    ) -> None:
+        if not topics:
+            raise ConfigError("GatewaySource needs at least one topic filter")
+        if not 0 < receive_maximum <= 65535:
+            raise ConfigError(f"receive_maximum {receive_maximum} must be within 1..65535 (MQTT 5)")
+        self._args = (url, gateway_id, topics, base, batch_size, receive_maximum)
+        self._session_expiry_s = int(session_expiry.total_seconds())
+        self._acks = acks
+        self._idle_stop = idle_stop
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _GatewayPartition:
+        if worker_count > 1:
+            msg = (
+                f"the edge flow runs one worker (its buffer is one SQLite file); "
+                f"run it without -w/-p (got {worker_count} workers)"
+            )
+            raise ConfigError(msg)
+        url, gateway_id, topics, base, batch_size, receive_maximum = self._args
+        return _GatewayPartition(
+            url,
+            gateway_id,
+            topics,
+            base,
+            batch_size,
+            receive_maximum,
+            self._session_expiry_s,
+            self._acks,
+            self._idle_stop,
+        )
+
+
+_encode = msgspec.json.encode
+
+
+class _GatewaySinkPartition(StatelessSinkPartition[Any]):
+    def __init__(
+        self,
+        commands: StatelessSinkPartition[MqttMessage],
+        buffer: StoreAndForward,
+        uplink: Uplink,
+        acks: AckChannel,
+    ) -> None:
+        self._commands = commands
+        self._buffer = buffer
+        self._uplink = uplink
+        self._acks = acks
+        uplink.start()
+
+    def write_batch(self, items: list[Any]) -> None:
+        messages: list[MqttMessage] = []
+        records: list[UplinkRecord] = []
+        for item in items:
+            if isinstance(item, MqttMessage):
+                messages.append(item)
+            elif isinstance(item, UplinkRecord):
+                records.append(item)
+            elif isinstance(item, GatewayStatus):
+                records.append(self._status(item))
+            elif isinstance(item, Checkpoint):
+                self._flush(messages, records)
+                self._buffer.checkpoint(item.state)
+                self._acks.ack(item.tokens)
+            else:
+                raise TypeError(f"the gateway sink got a {type(item).__name__}: {item!r}")
+        self._flush(messages, records)
+
+    def _flush(self, messages: list[MqttMessage], records: list[UplinkRecord]) -> None:
+        # commands first: a decision acts locally before anything else happens
+        if messages:
+            self._commands.write_batch(list(messages))
+            messages.clear()
+        if records:
+            self._buffer.put(records)
+            records.clear()
+
+    def _status(self, status: GatewayStatus) -> UplinkRecord:
+        buffer, uplink = self._buffer.stats(), self._uplink.stats()
+        body = {
+            **status.counters,
+            "buffer": {
+                "records": buffer.records,
+                "bytes": buffer.bytes,
+                "max_bytes": buffer.max_bytes,
+                "dropped": buffer.dropped,
+            },
+            "uplink": {
+                "link": uplink.link.value,
+                "sent_live": uplink.sent_live,
+                "sent_replayed": uplink.sent_replayed,
+                "confirmed": uplink.confirmed,
+                "rejected": uplink.rejected,
+                "link_changes": uplink.link_changes,
+            },
+        }
+        rid = f"{status.gateway_id}|status|{status.ts_ms}"
+        return UplinkRecord(rid, "status", status.gateway_id, _encode(body), status.ts_ms)
+
+    def close(self) -> None:
+        self._uplink.stop()
+        self._commands.close()
+        self._buffer.close()
+
+
+class GatewaySink(DynamicSink[Any]):
+    """Writes the edge logic's outputs in order: ``MqttMessage`` (local commands, QoS 1),
+    ``UplinkRecord`` and ``GatewayStatus`` (into the buffer), ``Checkpoint`` (commit,
+    then acknowledge). Starts ``uplink`` (buffer -> Kafka) and stops it on close."""
+
+    def __init__(
+        self,
+        url: str,
+        gateway_id: str,
+        buffer: StoreAndForward,
+        uplink: Uplink,
+        acks: AckChannel,
+    ) -> None:
+        self._commands = MqttSink(url, client_id=f"{gateway_client_id(gateway_id)}-cmd")
+        self._buffer = buffer
+        self._uplink = uplink
+        self._acks = acks
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _GatewaySinkPartition:
+        return _GatewaySinkPartition(
+            self._commands.build(step_id, worker_index, worker_count),
+            self._buffer,
+            self._uplink,
+            self._acks,
+        )
