@@ -53,7 +53,7 @@ from connectors.recovery import bind_definition, ensure_store
 from iotflow.events import DeviceMessage, from_ms, to_ms
 from iotflow.settings import Settings
 from iotflow.topics import KafkaTopics, MqttTopics
-from operators.steps import LogicStep, shard_of
+from operators.logic_step import LogicStep, shard_of
 from twins.registry import Registry, load_registry
 from twins.state import TwinChange
 from twins.sync import TwinOut, TwinSync, sync_fingerprint
