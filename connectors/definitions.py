@@ -124,7 +124,8 @@ def consider(value: bytes, running_version: int, build: Callable[[Workflow], T])
     if doc.version <= running_version:
         return Verdict("ignore", doc.version, f"not newer than the running v{running_version}")
     try:
-        workflow = Workflow.from_dict(doc.workflow)
+        # the record's version is the workflow's version, whatever the body says
+        workflow = Workflow.from_dict(doc.workflow).model_copy(update={"version": doc.version})
         built = build(workflow)
     except ConfigError as exc:
         return Verdict("reject", doc.version, str(exc))
@@ -158,6 +159,7 @@ def publish_definition(
     if not target or set(target) & set("/+#"):
         raise ConfigError(f"definition target {target!r} must be a gateway id or '*'")
     wf = workflow if isinstance(workflow, Workflow) else Workflow.from_dict(workflow)
+    wf = wf.model_copy(update={"version": version})
     doc = _Envelope(
         version=version,
         target=target,
