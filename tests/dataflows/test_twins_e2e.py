@@ -173,3 +173,74 @@ def test_twins_follow_a_simulated_fleet(settings: Settings, tmp_path: Path, mqtt
         db, "hvac-0001", "setpoint", started - timedelta(hours=1), datetime.now(UTC)
     )
     assert [p.value for p in setpoints] == [21.0, 25.5]
+
+
+def test_twins_from_the_kafka_ingest_path(settings: Settings, tmp_path: Path, mqtt_publish) -> None:
+    """The cloud path: MQTT -> ingest bridge -> ``{prefix}.ingest`` -> the twins flow
+    (``IOTFLOW_INGEST=kafka``, read to its end), telemetry and state alike."""
+    from connectors.bridge import IngestBridge
+
+    mqtt = MqttTopics(settings.mqtt_base)
+    kafka = KafkaTopics(settings.topic_prefix)
+    bootstrap = settings.require_kafka_bootstrap()
+    t0 = 1_767_268_800_000
+    messages = [
+        (
+            mqtt.state("hvac-0001"),
+            b'{"kind": "hvac", "mode": "auto", "setpoint": 21.0, "fan_speed": 1}',
+        ),
+        (mqtt.telemetry("hvac-0001"), b'{"ts": %d, "seq": 0, "temperature": 22.5}' % t0),
+        (mqtt.telemetry("hvac-0001"), b'{"ts": %d, "seq": 1, "temperature": 22.7}' % (t0 + 1000)),
+        (mqtt.state("lock-0001"), b'{"kind": "lock", "locked": 1}'),
+        (
+            mqtt.telemetry("lock-0001"),
+            b'[{"ts": %d, "battery": 99.5}, {"ts": %d, "battery": 99.4}]' % (t0, t0 + 1000),
+        ),
+        (mqtt.telemetry("lock-0001"), b'{"ts": %d, "locked": 7}' % (t0 + 2000)),
+    ]
+    produce(
+        bootstrap, kafka.twins_desired, [b'{"device_id": "hvac-0001", "desired": {"setpoint": 24}}']
+    )
+    bridge = IngestBridge(
+        settings.require_mqtt_url(),
+        bootstrap,
+        prefix=settings.topic_prefix,
+        base=settings.mqtt_base,
+        client_id=f"bridge-{settings.topic_prefix}",
+    )
+    bridge.start()
+    stop = threading.Event()
+    runner = threading.Thread(target=bridge.run_until, args=(stop,), daemon=True)
+    runner.start()
+    try:
+        mqtt_publish(settings.require_mqtt_url(), messages)
+        deadline = time.monotonic() + 30
+        while bridge.stats.acked < len(messages) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert bridge.stats.acked == len(messages), bridge.stats.line()
+    finally:
+        stop.set()
+        runner.join(30)
+    bounded = settings.model_copy(update={"ingest": "kafka", "ingest_until_end": True})
+    with FlowProcess.start("dataflows.twins:flow", bounded, log=tmp_path / "flow.log") as proc:
+        assert proc.wait(60) == 0, proc.log.read_text()
+
+    latest = {}
+    for record in read_topic(bootstrap, kafka.twins):
+        change = json.loads(record.value)
+        latest[change["device_id"]] = change
+    assert latest["hvac-0001"]["reported"] == {
+        "kind": "hvac",
+        "mode": "auto",
+        "setpoint": 21.0,
+        "fan_speed": 1,
+        "temperature": 22.7,
+    }
+    assert latest["hvac-0001"]["delta"] == {"setpoint": 24.0}
+    assert latest["lock-0001"]["reported"] == {"kind": "lock", "locked": 1, "battery": 99.4}
+    commands = [json.loads(r.value) for r in read_topic(bootstrap, kafka.command_requests)]
+    assert [(c["device_id"], c["name"], c["params"]) for c in commands] == [
+        ("hvac-0001", "set_temperature", {"setpoint": 24.0})
+    ]
+    letters = [json.loads(r.value) for r in read_topic(bootstrap, kafka.deadletter)]
+    assert len(letters) == 1 and "locked: 7 is out of range 0..1" in letters[0]["reason"]
