@@ -20,6 +20,10 @@ from infra.stack import LocalStack, StackInfo
 from iotflow.events import DeviceMessage
 from iotflow.settings import Settings
 
+# --doctest-modules would import every conftest.py a second time as a module named
+# "conftest", which clashes with the per-package conftests; they hold no doctests.
+collect_ignore_glob = ["conftest.py", "*/conftest.py"]
+
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackInfo]:
