@@ -14,8 +14,8 @@ their own, sent one at a time from the benchmark process after ``warmup_s``.
 Figures:
 
 - ``p50_ms``, ``p99_ms``, ``max_ms``: probes, ``time.time()`` when a low-latency
-  consumer (assigned partitions, ``fetch.wait.max.ms`` 5, ``poll``: see
-  ``_PromptWatch``) got the twin change
+  consumer (assigned partitions, ``fetch.wait.max.ms`` 5, ``poll``, see
+  ``bench._latency.KafkaWatch``) got the twin change
   (matched by device and reading timestamp) minus ``time.time()`` just before
   the PUBLISH packet went to the socket; ``to_producer_p99_ms`` is the part up to
   the record's CreateTime (the flow's producer took it).
@@ -50,7 +50,6 @@ from bench._latency import (
     Load,
     LoadSpec,
     RawMqtt,
-    Seen,
     percentile,
     publish_packet,
     split_devices,
@@ -92,26 +91,6 @@ QUICK: dict[str, Any] = {
 }
 FIGURES = {"p50_ms", "p99_ms"}
 COMPLETE_COUNTS = ["probes_seen"]
-
-
-class _PromptWatch(KafkaWatch):
-    """``KafkaWatch`` that stamps a record as soon as it arrives.
-
-    ``consume(10_000, 0.05)`` returns only when 10,000 records are there or
-    the 50 ms are up, which adds 0-50 ms (25 on average) to every latency it
-    measures; ``poll`` returns with the first record, then the rest is drained.
-    """
-
-    def _run(self) -> None:
-        consumer, seen = self._consumer, self.seen
-        while not self._stop.is_set():
-            first = consumer.poll(0.05)
-            if first is None:
-                continue
-            at = time.time()
-            for msg in [first, *consumer.consume(10_000, 0)]:
-                if msg.error() is None:
-                    seen.append(Seen(at, msg.timestamp()[1], msg.topic(), msg.key(), msg.value()))
 
 
 @contextmanager
