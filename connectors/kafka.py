@@ -9,11 +9,12 @@ confluent-kafka errors are translated into ``iotflow.errors`` at this boundary.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from bytewax.connectors.kafka import KafkaSink, KafkaSinkMessage, KafkaSource
 
 from connectors.kafka_client import (
+    COMPACTED,
     DEFAULT_PARTITIONS,
     KafkaRecord,
     ensure_topics,
@@ -25,6 +26,7 @@ from connectors.kafka_client import (
 )
 
 __all__ = [
+    "COMPACTED",
     "DEFAULT_PARTITIONS",
     "KafkaInput",
     "KafkaOutput",
@@ -45,14 +47,20 @@ class KafkaOutput(KafkaSink):
     drop duplicates by the message key, which is always the record's natural key.
     """
 
-    def __init__(self, bootstrap: str, topics: Iterable[str]) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        topics: Iterable[str],
+        configs: Mapping[str, Mapping[str, str]] | None = None,
+    ) -> None:
         super().__init__([bootstrap], topic=None, add_config=producer_config(bootstrap))
         self._bootstrap = bootstrap
         self._topics = list(topics)
+        self._configs = configs
 
     def build(self, step_id: str, worker_index: int, worker_count: int):
         if worker_index == 0:
-            ensure_topics(self._bootstrap, self._topics)
+            ensure_topics(self._bootstrap, self._topics, configs=self._configs)
         return super().build(step_id, worker_index, worker_count)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,7 @@ from iotflow.errors import BrokerUnavailable, ConfigError
 from iotflow.settings import Settings
 
 __all__ = [
+    "COMPACTED",
     "DEFAULT_PARTITIONS",
     "KafkaRecord",
     "ensure_topics",
@@ -114,10 +115,22 @@ def producer_config(bootstrap: str) -> dict[str, Any]:
     }
 
 
+COMPACTED = {"cleanup.policy": "compact"}
+"""Topic config of a changelog topic (``{prefix}.twins``): Kafka keeps the last record per key."""
+
+
 def ensure_topics(
-    bootstrap: str, topics: Iterable[str], partitions: int = DEFAULT_PARTITIONS
+    bootstrap: str,
+    topics: Iterable[str],
+    partitions: int = DEFAULT_PARTITIONS,
+    configs: Mapping[str, Mapping[str, str]] | None = None,
 ) -> None:
-    """Create the topics that do not exist yet; existing ones are left as they are."""
+    """Create the topics that do not exist yet; existing ones are left as they are.
+
+    ``configs`` gives topic settings by topic name (``{"iot.twins": COMPACTED}``),
+    applied when the topic is created.
+    """
+    configs = configs or {}
     admin = AdminClient({"bootstrap.servers": bootstrap, **security_config()})
     try:
         existing = set(admin.list_topics(timeout=10).topics)
@@ -127,7 +140,12 @@ def ensure_topics(
     if not missing:
         return
     futures = admin.create_topics(
-        [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in missing]
+        [
+            NewTopic(
+                t, num_partitions=partitions, replication_factor=1, config=dict(configs.get(t, {}))
+            )
+            for t in missing
+        ]
     )
     for topic, future in futures.items():
         try:

@@ -20,7 +20,7 @@ Devices are spread over ``shards`` keys of one ``stateful_batch`` step
 
 Outputs:
 
-- ``{prefix}.twins`` (compact it): every twin change with its version, key device_id,
+- ``{prefix}.twins`` (created compacted): every twin change with its version, key device_id,
 - ``{prefix}.commands.requests``: ``iotflow.events.Command`` JSON made from deltas, key device_id,
 - ``{prefix}.detections``: ``twin_inconsistent`` detections, key ``rule|device``,
 - ``{prefix}.deadletter``: everything rejected, with the reason (counted per kind
@@ -48,7 +48,7 @@ from bytewax.inputs import Source
 from connectors.decode import dead_letter
 from connectors.duckdb_store import DETECTIONS, TWIN_HISTORY, DuckDBSink, detection_rows
 from connectors.ingest import device_messages
-from connectors.kafka import KafkaInput, KafkaOutput, message
+from connectors.kafka import COMPACTED, KafkaInput, KafkaOutput, message
 from connectors.recovery import bind_definition, ensure_store
 from iotflow.events import DeviceMessage, from_ms, to_ms
 from iotflow.settings import Settings
@@ -244,6 +244,7 @@ def build_flow(
                 topics.deadletter,
                 topics.twins_desired,
             ],
+            configs={topics.twins: COMPACTED},
         ),
     )
     # DuckDB takes ~7 ms per insert whatever its size, on the worker's thread: write once a

@@ -5,8 +5,16 @@ from __future__ import annotations
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow
 from bytewax.testing import TestingSink, TestingSource, run_main
+from confluent_kafka.admin import AdminClient, ConfigResource
 
-from connectors.kafka import KafkaInput, KafkaOutput, ensure_topics, message, read_topic
+from connectors.kafka import (
+    COMPACTED,
+    KafkaInput,
+    KafkaOutput,
+    ensure_topics,
+    message,
+    read_topic,
+)
 from infra.stack import StackInfo
 
 
@@ -46,3 +54,16 @@ def test_input_on_a_missing_topic_creates_it_and_ends_empty(stack: StackInfo, na
     run_main(flow)
     assert got == []
     ensure_topics(stack.kafka_bootstrap, [topic])  # already there: no error
+
+
+def test_topics_created_with_a_config_carry_it(stack: StackInfo, names) -> None:
+    twins, plain = f"{names.kafka_prefix}.twins", f"{names.kafka_prefix}.plain"
+    ensure_topics(stack.kafka_bootstrap, [twins, plain], configs={twins: COMPACTED})
+    admin = AdminClient({"bootstrap.servers": stack.kafka_bootstrap})
+    described = admin.describe_configs(
+        [ConfigResource(ConfigResource.Type.TOPIC, t) for t in (twins, plain)]
+    )
+    configs = {res.name: fut.result(10) for res, fut in described.items()}
+    assert configs[twins]["cleanup.policy"].value == "compact"
+    # a topic created without a config keeps the broker's default (delete), however reported
+    assert "compact" not in (getattr(configs[plain].get("cleanup.policy"), "value", None) or "")
