@@ -22,7 +22,9 @@ Outputs:
 
 - ``{prefix}.twins`` (created compacted): every twin change with its version, key device_id,
 - ``{prefix}.commands.requests``: ``iotflow.events.Command`` JSON made from deltas, key device_id,
-- ``{prefix}.detections``: ``twin_inconsistent`` detections, key ``rule|device``,
+- ``{prefix}.detections``: ``twin_inconsistent`` detections and, with
+  ``IOTFLOW_PREDICTIONS`` (a YAML/JSON list of ``twins.prediction.PredictionRule``),
+  maintenance predictions from the reported values, key ``rule|device``,
 - ``{prefix}.deadletter``: everything rejected, with the reason (counted per kind
   in the twin step's state),
 - DuckDB ``twin_history`` (one row per version, upserted on (device_id, version),
@@ -50,16 +52,24 @@ from connectors.duckdb_store import DETECTIONS, TWIN_HISTORY, DuckDBSink, detect
 from connectors.ingest import device_messages
 from connectors.kafka import COMPACTED, KafkaInput, KafkaOutput, message
 from connectors.recovery import bind_definition, ensure_store
-from iotflow.events import DeviceMessage, from_ms, to_ms
+from iotflow.events import Detection, DeviceMessage, from_ms, to_ms
 from iotflow.settings import Settings
 from iotflow.topics import KafkaTopics, MqttTopics
 from operators.logic_step import LogicStep, shard_of
+from twins.prediction import PredictionRule, Predictor, load_prediction_rules
 from twins.registry import Registry, load_registry
 from twins.state import TwinChange
 from twins.sync import TwinOut, TwinSync, sync_fingerprint
 from twins.updates import DesiredChange, Reported, TwinRejection, UpdateDecoder, decode_desired
 
-__all__ = ["DEFAULT_SHARDS", "build_flow", "history_rows", "twin_filters", "twin_step"]
+__all__ = [
+    "DEFAULT_SHARDS",
+    "build_flow",
+    "history_rows",
+    "predict_step",
+    "twin_filters",
+    "twin_step",
+]
 
 DEFAULT_SHARDS = 16
 HISTORY_EVERY = timedelta(seconds=1)
@@ -116,9 +126,37 @@ def twin_step(
     now: Callable[[], datetime] = _utcnow,
 ) -> Stream[TwinOut]:
     """The twin-update step: batches of updates sharded by device -> one ``TwinOut`` per shard batch."""
+    keyed = op.flat_map(f"{step_id}_shard", updates, _splitter(shards))
+    outs = op.stateful_batch(
+        f"{step_id}_sync", keyed, lambda state: LogicStep(TwinSync(registry, state, now))
+    )
+    return op.key_rm(f"{step_id}_unshard", outs)
+
+
+def predict_step(
+    step_id: str,
+    reported: Stream[list[Reported]],
+    rules: list[PredictionRule],
+    shards: int = DEFAULT_SHARDS,
+    now: Callable[[], datetime] = _utcnow,
+) -> Stream[Detection]:
+    """Maintenance predictions (``twins.prediction``) over reported values, sharded by device:
+    one detection per episode in which a property's trend crosses its threshold within the
+    rule's horizon."""
+    Predictor(rules)  # duplicate names fail here, at build time, not in a worker
+    keyed = op.flat_map(f"{step_id}_shard", reported, _splitter(shards))
+    found = op.stateful_batch(
+        f"{step_id}_predict", keyed, lambda state: LogicStep(Predictor(rules, state, now))
+    )
+    return op.key_rm(f"{step_id}_unshard", found)
+
+
+def _splitter(shards: int) -> Callable[[list[Any]], list[tuple[str, list[Any]]]]:
+    """Splits a batch of per-device items into per-shard batches (the shard of each device
+    id computed once)."""
     cache: dict[str, str] = {}
 
-    def split(batch: list[Reported | DesiredChange]) -> list[tuple[str, list[Any]]]:
+    def split(batch: list[Any]) -> list[tuple[str, list[Any]]]:
         if shards == 1:
             return [("0", batch)]
         parts: dict[str, list[Any]] = {}
@@ -134,11 +172,7 @@ def twin_step(
                 part.append(update)
         return list(parts.items())
 
-    keyed = op.flat_map(f"{step_id}_shard", updates, split)
-    outs = op.stateful_batch(
-        f"{step_id}_sync", keyed, lambda state: LogicStep(TwinSync(registry, state, now))
-    )
-    return op.key_rm(f"{step_id}_unshard", outs)
+    return split
 
 
 def _check_recovery(settings: Settings, registry: Registry, shards: int) -> None:
@@ -172,6 +206,7 @@ def build_flow(
     """
     settings = settings or Settings()
     registry = registry or load_registry(settings.registry)
+    rules = [] if settings.predictions is None else load_prediction_rules(settings.predictions)
     _check_recovery(settings, registry, shards)
     topics = KafkaTopics(settings.topic_prefix)
     bootstrap = settings.require_kafka_bootstrap()
@@ -213,6 +248,9 @@ def build_flow(
     if ingest.dead is not None:
         dead = op.merge("dead_all", dead, ingest.dead)
     detections = op.flat_map("detections", outs, lambda o: o.detections)
+    if rules:
+        predicted = predict_step("maintenance", reported, rules, shards, now)
+        detections = op.merge("all_detections", detections, predicted)
     to_kafka = op.merge(
         "to_kafka",
         op.flat_map(

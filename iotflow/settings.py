@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     # The device registry (twins.registry: models, devices, patterns, groups) as YAML or JSON;
     # unset: the built-in registry matching the simulator's device kinds.
     registry: Path | None = None
+    # Maintenance predictions for the twins flow (twins.prediction.PredictionRule list) as YAML
+    # or JSON; unset: none.
+    predictions: Path | None = None
     # The orchestrator's declaration (commands.orchestrator.OrchestratorConfig: ack timeouts per
     # protocol, retries, back-off, limits) as YAML or JSON; unset: its defaults.
     orchestrator: Path | None = None

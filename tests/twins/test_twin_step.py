@@ -13,11 +13,12 @@ from bytewax.dataflow import Dataflow
 from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.testing import TestingSink, TestingSource, run_main
 
-from dataflows.twins import build_flow, twin_step
+from dataflows.twins import build_flow, predict_step, twin_step
 from iotflow.errors import ConfigError
 from iotflow.events import from_ms
 from iotflow.settings import Settings
 from tests.twins.kit import T0_MS, desired, make_registry, reported
+from twins.prediction import PredictionRule, load_prediction_rules
 from twins.sync import TwinOut, TwinSync
 
 END_MS = T0_MS + 6_000  # no heartbeat (10 s) runs out: only updates make changes
@@ -107,3 +108,43 @@ def test_a_changed_registry_is_refused_on_the_same_recovery_store(tmp_path: Path
     with pytest.raises(ConfigError, match="registry models and policies") as info:
         build_flow(settings)
     assert "new directory" in str(info.value)
+
+
+def test_predictions_ride_on_the_reported_values() -> None:
+    # Two locks drain 1 %/min from 40 %; one stays flat. Threshold 10 % is 30 min away
+    # for the draining ones: inside a 1 h horizon, so each gives one detection.
+    rule = load_prediction_rules(
+        [{"property": "battery", "threshold": 10, "direction": "below",
+          "horizon": "1h", "window": "30m", "min_points": 5}]
+    )  # fmt: skip
+    minute = 60_000
+    items = [
+        [
+            reported("lock-a", T0_MS + m * minute, battery=40.0 - m),
+            reported("lock-b", T0_MS + m * minute, battery=40.0 - m, locked=1),
+            reported("lock-c", T0_MS + m * minute, battery=80.0),
+        ]
+        for m in range(10)
+    ]
+    flow = Dataflow("predict_test")
+    found: list[Any] = []
+    now = lambda: from_ms(T0_MS + 10 * minute)  # noqa: E731
+    stream = predict_step("maintenance", op.input("in", flow, TestingSource(items)), rule, 3, now)
+    op.output("out", stream, TestingSink(found))
+    run_main(flow)
+    assert sorted(d.key for d in found) == ["lock-a", "lock-b"]
+    for d in found:
+        # one detection per episode, at the first fit with min_points (minute 4, 36 %):
+        # 26 more minutes to 10 %
+        assert d.details["eta_s"] == pytest.approx(26 * 60, abs=1)
+        assert d.baseline == 10
+
+
+def test_duplicate_prediction_names_fail_when_the_flow_is_built() -> None:
+    rule = PredictionRule(
+        property="battery", threshold=10, direction="below", horizon="1h", window="30m",
+        name="battery",
+    )  # fmt: skip
+    twice = [rule, rule]
+    with pytest.raises(ConfigError, match="named 'battery'"):
+        predict_step("p", op.input("in", Dataflow("dup"), TestingSource([])), twice)
