@@ -295,12 +295,15 @@ class RolloutRun:
         self._s = state or _State()
         self._events: list[PlanEvent] = []
         self._index_of = {device: i for i, device in enumerate(self._devices)}
+        self._state = RolloutState(self._s.state)
+        # (model, previous values) -> rollback commands: most devices share them
+        self._undo_cache: dict[tuple[str, tuple[Any, ...]], list[list[Any]]] = {}
 
     # -- reading ----------------------------------------------------------------------------
 
     @property
     def state(self) -> RolloutState:
-        return RolloutState(self._s.state)
+        return self._state
 
     @property
     def finished(self) -> bool:
@@ -533,10 +536,7 @@ class RolloutRun:
         s.in_flight += 1
         rollback = self.d.get("rollback")
         if rollback is not None:
-            model = self._model(device)
-            _, undo, _notes = undo_commands(
-                rollback, model, self.d["command"], self.d["params"], device, state
-            )
+            undo = self._undo_for(rollback, device, state)
             if undo:
                 s.undo[device] = undo
         return Command(
@@ -549,6 +549,23 @@ class RolloutRun:
             priority=self.d.get("priority", 0),
             correlation_id=self.coordinator_id,
         )
+
+    def _undo_for(
+        self, rollback: Mapping[str, Any], device: str, state: Mapping[str, Any]
+    ) -> list[list[Any]]:
+        model = self._model(device)
+        if "restore" in rollback:
+            props = rollback["restore"] or list(model.commands[self.d["command"]].sets)
+            key = (model.name, tuple(state.get(p) for p in props))
+        else:
+            key = (model.name, ())
+        undo = self._undo_cache.get(key)
+        if undo is None:
+            _, undo, _notes = undo_commands(
+                rollback, model, self.d["command"], self.d["params"], device, state
+            )
+            self._undo_cache[key] = undo
+        return undo
 
     # -- roll back ------------------------------------------------------------------------------------
 
@@ -704,6 +721,7 @@ class RolloutRun:
                 self.coordinator_id, have.value, new.value, {m.value for m in _MOVES[have]}
             )
         self._s.state = new.value
+        self._state = new
 
     def _emit(self, kind: PlanEventKind, now: datetime, **fields: Any) -> None:
         self._events.append(PlanEvent(self.coordinator_id, kind, now, **fields))
