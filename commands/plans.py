@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 import msgspec
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -249,7 +249,7 @@ class PlanSpec(BaseModel):
     name: str
     steps: list[Step] = Field(min_length=1)
 
-    kind: str = "plan"  # the snapshot type of what ``build`` makes; SagaSpec says "saga"
+    kind: ClassVar[str] = "plan"  # what ``build`` makes (not a field); SagaSpec says "saga"
 
     @field_validator("name")
     @classmethod

@@ -56,7 +56,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -203,7 +203,7 @@ class SagaSpec(PlanSpec):
     """A saga declaration: steps with compensations, and how compensations are retried."""
 
     steps: list[SagaStep] = Field(min_length=1)  # type: ignore[assignment]
-    kind: str = "saga"
+    kind: ClassVar[str] = "saga"
     compensation_timeout: Duration = timedelta(seconds=30)
     """Expiry of each compensation command."""
     compensation_backoff: Duration = timedelta(seconds=1)

@@ -12,6 +12,7 @@ ordering, idempotency and the final state.
 from __future__ import annotations
 
 import heapq
+import json
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -238,22 +239,42 @@ class HostedLoop:
     def host(self, coordinator: Any) -> None:
         self._take(self.orchestrator.on_batch(StartCoordinator(coordinator)))
 
+    def restart(self, coordinator_id: str) -> Any:
+        """Rebuild the orchestrator from its snapshot (through JSON, as a recovery store
+        keeps it); answers already on their way reach the new one. The coordinator as
+        restored is returned."""
+        snap = json.loads(json.dumps(self.orchestrator.snapshot()))
+        self.orchestrator = OrchestratorConfig.model_validate(self.config).build(
+            snap, self.registry, lambda: self.now
+        )
+        return self.orchestrator.coordinators[coordinator_id]
+
+    def step(self, count: int) -> None:
+        """Handle ``count`` device answers or timers."""
+        for _ in range(count):
+            self._advance()
+
     def run(self, coordinator: Any, *, max_steps: int = 200_000) -> None:
         for _ in range(max_steps):
             if coordinator.finished and not self._pending:
                 return
-            due = self.orchestrator.next_timer()
-            device_due = self._pending[0][0] if self._pending else None
-            if due is None and device_due is None:
+            if not self._advance():
                 return
-            if device_due is not None and (due is None or device_due <= due):
-                self.now = max(self.now, device_due)
-                _, _, item = heapq.heappop(self._pending)
-                self._take(self.orchestrator.on_batch(item))
-            else:
-                self.now = max(self.now, due)
-                self._take(self.orchestrator.on_timer())
         raise AssertionError("the hosted coordinator did not finish")
+
+    def _advance(self) -> bool:
+        due = self.orchestrator.next_timer()
+        device_due = self._pending[0][0] if self._pending else None
+        if due is None and device_due is None:
+            return False
+        if device_due is not None and (due is None or device_due <= due):
+            self.now = max(self.now, device_due)
+            _, _, item = heapq.heappop(self._pending)
+            self._take(self.orchestrator.on_batch(item))
+        else:
+            self.now = max(self.now, due)
+            self._take(self.orchestrator.on_timer())
+        return True
 
     def _take(self, out: list[Any]) -> None:
         for item in out:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from plan_harness import DONE, DROPPED, FAILED, LOST, T0, DeviceLoop
+from plan_harness import ACK, DONE, DROPPED, FAILED, LOST, NACK, T0, DeviceLoop, HostedLoop
 
 from commands.coordinator import PlanEventKind, coordinator_builders, restore_coordinator
 from commands.rollout import RolloutRun, RolloutState, load_rollout
@@ -359,3 +359,40 @@ def test_random_failures_end_done_or_fully_rolled_back(
     else:
         status = run.status()
         assert status["failed"] <= 0.1 * 60 and status["sent"] == 60
+
+
+def hosted_rollout(n: int, failing_ids: set[str], **extra: Any) -> tuple[RolloutRun, HostedLoop]:
+    run, _ = rollout(n, **extra)
+
+    def behaviour(command: Command, attempt: int) -> str:
+        fails = command.params["version"] == "2.0.0" and command.device_id in failing_ids
+        return NACK if fails else ACK
+
+    loop = HostedLoop(
+        simulator_registry(), {d: {"firmware": "1.0.0"} for d in node_ids(n)}, behaviour=behaviour
+    )
+    loop.host(run)
+    return run, loop
+
+
+def test_hosted_rollout_aborts_and_rolls_back_through_the_orchestrator() -> None:
+    bad = {d for i, d in enumerate(node_ids(200)) if i % 10 == 7}
+    run, loop = hosted_rollout(
+        200, bad, abort={"failure_rate": 0.05, "min_finished": 20}, success_threshold=0.5
+    )
+    loop.run(run)
+    assert run.state is RolloutState.ROLLED_BACK
+    assert {s["firmware"] for s in loop.states.values()} == {"1.0.0"}
+    assert not any(d in bad for d, ids in loop.acted.items() if any("rollback" in i for i in ids))
+
+
+@pytest.mark.parametrize("cut", [5, 40, 90])
+def test_hosted_rollout_resumes_after_an_orchestrator_restart(cut: int) -> None:
+    run, loop = hosted_rollout(100, set(), max_in_flight=7)
+    loop.step(cut)
+    again = loop.restart(run.coordinator_id)
+    loop.run(again)
+    assert again.state is RolloutState.DONE
+    assert {s["firmware"] for s in loop.states.values()} == {"2.0.0"}
+    sent = [w.command.command_id for w in loop.writes if w.attempt == 1]
+    assert sorted(sent) == sorted(f"fw2-1/update_firmware/{d}" for d in node_ids(100))

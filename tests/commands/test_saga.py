@@ -506,3 +506,20 @@ def test_hosted_random_device_answers_end_all_done_or_all_compensated(
             if step not in undo_steps:
                 undo_steps.append(step)
     assert undo_steps == [s for s in reversed(saga.started_steps()) if s in undo_steps]
+
+
+@pytest.mark.parametrize("cut", [3, 9, 14, 20])
+def test_hosted_saga_resumes_after_an_orchestrator_restart(cut: int) -> None:
+    saga, loop = hosted_saga(3, [])
+    loop.behaviour = lambda c, attempt: (
+        SILENT if c.device_id == "light-0002" and "/undo/" not in c.command_id else ACK
+    )
+    loop.step(cut)
+    again = loop.restart(saga.coordinator_id) if not saga.finished else saga
+    loop.run(again)
+    assert again.state is PlanState.COMPENSATED
+    assert {d: s for d, s in loop.states.items() if d != "notifier-0001"} == {
+        d: s for d, s in home_states(3).items() if d != "notifier-0001"
+    }
+    for device, ids in loop.acted.items():
+        assert len(ids) == len(set(ids)), device
