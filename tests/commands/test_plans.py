@@ -8,7 +8,12 @@ from datetime import timedelta
 import pytest
 from plan_harness import DONE, FAILED, T0, DeviceLoop
 
-from commands.coordinator import Coordinator, PlanEventKind, restore_coordinator
+from commands.coordinator import (
+    Coordinator,
+    PlanEventKind,
+    coordinator_builders,
+    restore_coordinator,
+)
 from commands.plans import PlanRun, PlanSpec, PlanState, StepStatus, load_plan, topological_order
 from iotflow.errors import ConfigError, InvalidTransition
 from iotflow.events import CommandEvent, CommandEventKind
@@ -419,3 +424,37 @@ def test_illegal_transitions_raise(registry: Registry) -> None:
     run = spec({"name": "a", "target": "lock-0001", "command": "lock"}).build(registry, "p-10")
     with pytest.raises(InvalidTransition, match="cannot go from pending to done"):
         run._move(PlanState.DONE)
+
+
+def test_a_condition_on_a_value_of_the_wrong_type_skips_that_device_with_a_note(
+    registry: Registry,
+) -> None:
+    run = spec(
+        {"name": "off", "target": {"group": "lights"}, "command": "turn_off", "when": "on > 0"},
+    ).build(registry, "p-11")
+    states = light_states()
+    states["light-0001"]["on"] = "yes"  # a device reporting nonsense
+    loop = DeviceLoop(registry, states)
+    loop.start(run)
+    loop.run(run)
+    assert sorted(c.device_id for c in loop.issued) == ["light-0003"]
+    assert any("light-0001: condition not evaluated" in n for n in run.notes)
+    assert run.state is PlanState.DONE
+
+
+def test_request_builders_need_a_run_id_and_a_valid_declaration(registry: Registry) -> None:
+    builders = coordinator_builders()
+    plan = {
+        "type": "plan",
+        "name": "p",
+        "steps": [{"name": "a", "target": "lock-0001", "command": "lock"}],
+    }
+    assert builders["plan"]({**plan, "id": "p-1"}, registry, T0).coordinator_id == "p-1"
+    with pytest.raises(ConfigError, match="needs an id naming this run"):
+        builders["plan"]({**plan, "id": "has space"}, registry, T0)
+    with pytest.raises(ConfigError, match="plan declaration is invalid: steps"):
+        builders["plan"]({"type": "plan", "id": "p-2", "name": "p", "steps": "lock"}, registry, T0)
+    with pytest.raises(ConfigError, match="saga declaration is invalid"):
+        builders["saga"]({**plan, "id": "s-1"}, registry, T0)  # steps lack compensation
+    with pytest.raises(ConfigError, match="must be an object"):
+        builders["plan"](["not", "a", "dict"], registry, T0)  # type: ignore[arg-type]
