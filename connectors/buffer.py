@@ -72,6 +72,8 @@ DROP_CLASS: dict[str, int] = {
     "status": 3,
 }
 
+_CACHE_KIB = 512  # SQLite's page cache; its 2 MiB default is a lot for a gateway
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -158,6 +160,7 @@ class StoreAndForward:
             self._db = sqlite3.connect(self.path, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={synchronous}")
+            self._db.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
             self._db.executescript(_SCHEMA)
             count, total = self._db.execute(
                 "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM records"

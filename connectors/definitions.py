@@ -55,7 +55,7 @@ import msgspec
 from bytewax.inputs import DynamicSource, StatelessSourcePartition
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
 
-from connectors.kafka import ensure_topics, producer_config, security_config
+from connectors.kafka_client import ensure_topics, producer_config, security_config
 from iotflow.errors import BrokerUnavailable, ConfigError
 from iotflow.workflow import Workflow
 
@@ -188,7 +188,10 @@ def _now() -> datetime:
 class _DefinitionPartition(StatelessSourcePartition[DefinitionOffer]):
     """A consumer thread reads the topic from the beginning; polls never block the flow."""
 
-    def __init__(self, bootstrap: str, topic: str, gateway_id: str) -> None:
+    def __init__(
+        self, bootstrap: str, topic: str, gateway_id: str, until: threading.Event | None
+    ) -> None:
+        self._until = until
         self._topic = topic
         self._wanted = {gateway_id, ALL_GATEWAYS}
         self._queue: queue.SimpleQueue[DefinitionOffer] = queue.SimpleQueue()
@@ -237,6 +240,8 @@ class _DefinitionPartition(StatelessSourcePartition[DefinitionOffer]):
                 self._stop.wait(1.0)
 
     def next_batch(self) -> list[DefinitionOffer]:
+        if self._until is not None and self._until.is_set():
+            raise StopIteration
         out: list[DefinitionOffer] = []
         with contextlib.suppress(queue.Empty):
             while True:
@@ -256,10 +261,13 @@ class _DefinitionPartition(StatelessSourcePartition[DefinitionOffer]):
 class DefinitionSource(DynamicSource[DefinitionOffer]):
     """The definition records for ``gateway_id`` (and for ``*``), from the beginning of
     the topic, then as they come; a topic that does not exist yet, or an
-    unreachable Kafka, is waited for in the background (the gateway runs on)."""
+    unreachable Kafka, is waited for in the background (the gateway runs on).
+    The input ends once ``until`` is set (the device input ended: tests, demos)."""
 
-    def __init__(self, bootstrap: str, topic: str, gateway_id: str) -> None:
-        self._args = (bootstrap, topic, gateway_id)
+    def __init__(
+        self, bootstrap: str, topic: str, gateway_id: str, until: threading.Event | None = None
+    ) -> None:
+        self._args = (bootstrap, topic, gateway_id, until)
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _DefinitionPartition:
         return _DefinitionPartition(*self._args)

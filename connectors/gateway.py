@@ -125,7 +125,9 @@ class _GatewayPartition(StatelessSourcePartition[Inbound]):
         session_expiry_s: int,
         acks: AckChannel,
         idle_stop: timedelta | None,
+        ended: threading.Event | None,
     ) -> None:
+        self._ended = ended
         self._queue: queue.SimpleQueue[tuple[mqtt.MQTTMessage, int, int]] = queue.SimpleQueue()
         self._batch_size = batch_size
         self._status_topic = MqttTopics(base).gateway_status(gateway_id)
@@ -195,6 +197,8 @@ class _GatewayPartition(StatelessSourcePartition[Inbound]):
             and self._last_message is not None
             and time.monotonic() - self._last_message >= self._idle_stop.total_seconds()
         ):
+            if self._ended is not None:
+                self._ended.set()
             raise StopIteration
         self._awake = _now() + timedelta(milliseconds=1)
         return []
@@ -224,7 +228,8 @@ class GatewaySource(DynamicSource[Inbound]):
     that covers it (see the module docstring).
 
     ``idle_stop`` ends the input once no message came for that long after the
-    first (windows then flush and the flow exits: tests, demos).
+    first (windows then flush and the flow exits: tests, demos); it then sets
+    ``ended``, so other inputs of the flow can end too.
     """
 
     def __init__(
@@ -239,6 +244,7 @@ class GatewaySource(DynamicSource[Inbound]):
         receive_maximum: int = 1000,
         session_expiry: timedelta = timedelta(days=1),
         idle_stop: timedelta | None = None,
+        ended: threading.Event | None = None,
     ) -> None:
         if not topics:
             raise ConfigError("GatewaySource needs at least one topic filter")
@@ -248,6 +254,7 @@ class GatewaySource(DynamicSource[Inbound]):
         self._session_expiry_s = int(session_expiry.total_seconds())
         self._acks = acks
         self._idle_stop = idle_stop
+        self._ended = ended
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _GatewayPartition:
         if worker_count > 1:
@@ -267,13 +274,18 @@ class GatewaySource(DynamicSource[Inbound]):
             self._session_expiry_s,
             self._acks,
             self._idle_stop,
+            self._ended,
         )
 
 
 _encode = msgspec.json.encode
+_DISK_QUEUE = 10_000  # items between the dataflow and the disk writer
 
 
 class _GatewaySinkPartition(StatelessSinkPartition[Any]):
+    """Commands go out from the dataflow's thread; disk work happens on a writer thread
+    (a commit's fsync must not hold up the next local decision), in order."""
+
     def __init__(
         self,
         commands: StatelessSinkPartition[MqttMessage],
@@ -285,34 +297,49 @@ class _GatewaySinkPartition(StatelessSinkPartition[Any]):
         self._buffer = buffer
         self._uplink = uplink
         self._acks = acks
+        # bounded: a disk slower than the flow holds the flow back, never fills memory
+        self._disk: queue.Queue[Any] = queue.Queue(maxsize=_DISK_QUEUE)
+        self._failed: BaseException | None = None
+        self._writer = threading.Thread(target=self._write, name="iotflow-edge-disk", daemon=True)
+        self._writer.start()
         uplink.start()
 
     def write_batch(self, items: list[Any]) -> None:
-        messages: list[MqttMessage] = []
-        records: list[UplinkRecord] = []
+        if self._failed is not None:
+            msg = f"the gateway's buffer {self._buffer.path} failed: {self._failed}"
+            raise BrokerError(msg) from self._failed
+        commands = [i for i in items if isinstance(i, MqttMessage)]
+        if commands:  # a decision acts locally before anything else happens
+            self._commands.write_batch(commands)
         for item in items:
-            if isinstance(item, MqttMessage):
-                messages.append(item)
-            elif isinstance(item, UplinkRecord):
-                records.append(item)
-            elif isinstance(item, GatewayStatus):
-                records.append(self._status(item))
-            elif isinstance(item, Checkpoint):
-                self._flush(messages, records)
-                self._buffer.checkpoint(item.state)
-                self._acks.ack(item.tokens)
-            else:
+            if isinstance(item, UplinkRecord | GatewayStatus | Checkpoint):
+                self._disk.put(item)
+            elif not isinstance(item, MqttMessage):
                 raise TypeError(f"the gateway sink got a {type(item).__name__}: {item!r}")
-        self._flush(messages, records)
 
-    def _flush(self, messages: list[MqttMessage], records: list[UplinkRecord]) -> None:
-        # commands first: a decision acts locally before anything else happens
-        if messages:
-            self._commands.write_batch(list(messages))
-            messages.clear()
-        if records:
-            self._buffer.put(records)
-            records.clear()
+    def _write(self) -> None:
+        records: list[UplinkRecord] = []
+        while True:
+            item = self._disk.get()
+            try:
+                if item is None:
+                    if records:
+                        self._buffer.put(records)
+                    return
+                if isinstance(item, UplinkRecord):
+                    records.append(item)
+                elif isinstance(item, GatewayStatus):
+                    records.append(self._status(item))
+                flush = isinstance(item, Checkpoint) or self._disk.empty() or len(records) >= 1000
+                if flush and records:
+                    self._buffer.put(records)
+                    records = []
+                if isinstance(item, Checkpoint):
+                    self._buffer.checkpoint(item.state)
+                    self._acks.ack(item.tokens)  # only now: what they caused is on disk
+            except Exception as exc:  # disk full, file gone: the flow stops at its next batch
+                self._failed = exc
+                return
 
     def _status(self, status: GatewayStatus) -> UplinkRecord:
         buffer, uplink = self._buffer.stats(), self._uplink.stats()
@@ -337,6 +364,8 @@ class _GatewaySinkPartition(StatelessSinkPartition[Any]):
         return UplinkRecord(rid, "status", status.gateway_id, _encode(body), status.ts_ms)
 
     def close(self) -> None:
+        self._disk.put(None)
+        self._writer.join()
         self._uplink.stop()
         self._commands.close()
         self._buffer.close()
@@ -345,7 +374,8 @@ class _GatewaySinkPartition(StatelessSinkPartition[Any]):
 class GatewaySink(DynamicSink[Any]):
     """Writes the edge logic's outputs in order: ``MqttMessage`` (local commands, QoS 1),
     ``UplinkRecord`` and ``GatewayStatus`` (into the buffer), ``Checkpoint`` (commit,
-    then acknowledge). Starts ``uplink`` (buffer -> Kafka) and stops it on close."""
+    then acknowledge), the disk work on a thread of its own, in order. Starts
+    ``uplink`` (buffer -> Kafka) and stops it on close."""
 
     def __init__(
         self,

@@ -56,7 +56,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 
 from connectors.buffer import StoreAndForward, StoredRecord
 from connectors.dedupe import dedupe_records
-from connectors.kafka import KafkaRecord, producer_config, read_topic
+from connectors.kafka_client import KafkaRecord, producer_config, read_topic
 from iotflow.errors import ConfigError
 from iotflow.events import WindowResult, from_ms
 
@@ -173,6 +173,7 @@ class Uplink:
         self._commit_every_s = commit_every_s
         self._clock = clock
         self._stop = threading.Event()
+        self._drain_until = 0.0
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         # link and cursors (touched by the uplink thread only, except via stats())
@@ -208,7 +209,9 @@ class Uplink:
         self._thread.start()
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        """Stop sending; wait up to ``timeout_s`` for what is in flight, keep the rest buffered."""
+        """Stop sending. With the link up, live records still waiting go out first and what
+        is in flight is waited for, up to ``timeout_s`` in all; the rest stays buffered."""
+        self._drain_until = self._clock() + timeout_s
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout_s + 5)
@@ -239,7 +242,7 @@ class Uplink:
     def _run(self) -> None:
         last_probe = last_commit = -1e9
         self._new_producer()
-        while not self._stop.is_set():
+        while not self._stop.is_set() or self._draining():
             now = self._clock()
             if self._fatal is not None:
                 log.warning("uplink producer failed (%s); building a new one", self._fatal)
@@ -262,6 +265,12 @@ class Uplink:
                 self.buffer.changed.wait(0.05)
                 self.buffer.changed.clear()
         self._settle(force=True)
+
+    def _draining(self) -> bool:
+        """Stopping, but live records or confirmations are still due and there is time."""
+        if self._link is not LinkState.UP or self._clock() >= self._drain_until:
+            return False
+        return bool(self._in_flight) or bool(self.buffer.fetch(self._live_cursor, None, 1))
 
     def _new_producer(self) -> None:
         if self._producer is not None:

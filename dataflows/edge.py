@@ -25,7 +25,7 @@ What it does, per batch of device messages:
    component, compact rows), detections, commands, dead letters and raw
    readings to the store-and-forward buffer (``connectors.buffer``), which
    ``connectors.uplink`` sends to ``{prefix}.edge.uplink``;
-5. every ``checkpoint_ms`` (or ``checkpoint_messages`` messages) commit the
+5. every ``checkpoint_ms`` (100) or ``checkpoint_messages`` (800) commit the
    buffer with the logic's state, then acknowledge the messages to the
    broker (``connectors.gateway``).
 
@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import threading
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -146,8 +147,8 @@ class EdgeSettings(BaseSettings):
     buffer: Path = Path(".iotflow/edge-buffer.db")
     buffer_max_bytes: int = Field(64_000_000, gt=0)
     durability: Literal["FULL", "NORMAL"] = "FULL"
-    checkpoint_ms: int = Field(50, gt=0)
-    checkpoint_messages: int = Field(500, gt=0)
+    checkpoint_ms: int = Field(100, gt=0)
+    checkpoint_messages: int = Field(800, gt=0)
     status_s: float = Field(30.0, gt=0)
     backfill_per_s: float | None = Field(None, gt=0)
     definitions: bool = True
@@ -293,7 +294,7 @@ class EdgeLogic:
         resume_state: bytes | None = None,
         now: Callable[[], datetime] = _utcnow,
         checkpoint_ms: int = 50,
-        checkpoint_messages: int = 500,
+        checkpoint_messages: int = 800,
         status_s: float = 30.0,
     ) -> None:
         self.gateway_id = gateway_id
@@ -738,6 +739,7 @@ def build_flow(settings: Settings | None = None, edge: EdgeSettings | None = Non
 
     flow = Dataflow("edge")
     idle = None if edge.idle_stop_s is None else timedelta(seconds=edge.idle_stop_s)
+    ended = threading.Event()  # the device input ended (idle_stop): the definitions end too
     source = GatewaySource(
         mqtt_url,
         edge.gateway_id,
@@ -746,10 +748,11 @@ def build_flow(settings: Settings | None = None, edge: EdgeSettings | None = Non
         base=settings.mqtt_base,
         batch_size=edge.batch_size,
         idle_stop=idle,
+        ended=ended,
     )
     inputs = [op.input("mqtt", flow, source)]
     if edge.definitions:
-        definitions = DefinitionSource(bootstrap, kafka.edge_definitions, edge.gateway_id)
+        definitions = DefinitionSource(bootstrap, kafka.edge_definitions, edge.gateway_id, ended)
         inputs.append(op.input("definitions", flow, definitions))
     merged = op.merge("inputs", *inputs) if len(inputs) > 1 else inputs[0]
     keyed = op.key_on("key", merged, lambda _item: "gateway")

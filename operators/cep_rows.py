@@ -333,18 +333,20 @@ class RowEngine:
         """Process each row at once; return detections, action requests and rejected events."""
         key_col, time_col, start_col = self.spec.key, self.spec.time, self.spec.start
         out: list[Any] = []
+        now_ms = to_ms(self._now())
         for row in rows:
             key, ts = row.get(key_col), row.get(time_col)
             start = row.get(start_col) if start_col else None
-            self._event(None if key is None else str(key), ts, start, row, out)
+            self._event(None if key is None else str(key), ts, start, row, out, now_ms)
         out.extend(self._advance())
         return out
 
     def on_readings(self, readings: Iterable[Reading]) -> list[Any]:
         """``on_batch`` for ``Reading`` objects (input ``readings``: key device_id, time ts_ms)."""
         out: list[Any] = []
+        now_ms = to_ms(self._now())
         for r in readings:
-            self._event(r.device_id, r.ts_ms, None, r.metrics, out, reading=r)
+            self._event(r.device_id, r.ts_ms, None, r.metrics, out, now_ms, reading=r)
         out.extend(self._advance())
         return out
 
@@ -405,6 +407,7 @@ class RowEngine:
         start: Any,
         values: Mapping[str, Any],
         out: list[Any],
+        now_ms: int,
         reading: Reading | None = None,
     ) -> None:
         self._stats["rows"] += 1
@@ -416,7 +419,6 @@ class RowEngine:
         if previous is not None and ts < previous:
             self._reject(out, "late", values, reading, previous)
             return
-        now_ms = to_ms(self._now())
         if self._skew_ms is not None and ts > now_ms + self._skew_ms:
             self._reject(out, "future", values, reading, now_ms + self._skew_ms)
             return

@@ -1,0 +1,366 @@
+"""Shared machinery of the edge benchmarks (``edge_decision_latency``, ``edge_bandwidth``,
+``edge_memory``, ``edge_throughput``).
+
+- ``FleetSpec`` / ``Fleet``: publisher processes sending flat readings for many
+  devices at a steady rate over raw MQTT 3.1.1 (QoS 0, prebuilt PUBLISH
+  packets, as ``bench._latency``), each device's timestamps strictly
+  increasing (the edge drops a repeat of a device's reading at the same
+  millisecond as a redelivery). They count the bytes they publish (topic +
+  payload).
+- ``edge_flow``: the real edge flow (``python -m bytewax.run dataflows.edge:flow``)
+  on a workflow written to a temp dir, optionally pinned to one CPU, online.
+- ``peak_rss_mb`` / ``rss_mb``: the process's ``VmHWM`` / ``VmRSS``.
+- ``uplink_records``: what the gateway sent, read back from Kafka.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import struct
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench._latency import RawMqtt, _utf8, _varint, tail_log
+from bench.harness import BenchError
+from connectors.kafka import KafkaRecord, ensure_topics, read_topic
+from connectors.mqtt import connect_client
+from infra.stack import StackInfo
+from iotflow.topics import KafkaTopics, MqttTopics
+
+__all__ = [
+    "EdgeRun",
+    "Fleet",
+    "FleetSpec",
+    "edge_flow",
+    "peak_rss_mb",
+    "rss_mb",
+    "uplink_records",
+]
+
+
+def _proc_status(pid: int, field: str) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise BenchError(f"no {field} for process {pid}")
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident set size so far (``VmHWM``), MiB."""
+    return _proc_status(pid, "VmHWM")
+
+
+def rss_mb(pid: int) -> float:
+    return _proc_status(pid, "VmRSS")
+
+
+@dataclass(frozen=True)
+class FleetSpec:
+    """One publisher process: ``devices`` publish in turn, ``msgs_per_s`` in all, from
+    ``start_at`` to ``stop_at`` (``time.time()``); ``extra`` fields go in every reading."""
+
+    url: str
+    base: str
+    devices: tuple[str, ...]
+    msgs_per_s: float
+    start_at: float
+    stop_at: float
+    qos: int = 0  # 1: the broker keeps what a disconnected persistent session misses
+    limit: int | None = None  # stop after this many messages
+
+
+def _fleet_process(spec: FleetSpec, results: Any) -> None:
+    topics = [MqttTopics(spec.base).telemetry(d).encode() for d in spec.devices]
+    heads = [_utf8(t) for t in topics]
+    last = [0] * len(topics)
+    client = RawMqtt(spec.url, f"bench-fleet-{uuid.uuid4().hex[:8]}")
+    sent = sent_bytes = 0
+    limit = spec.limit if spec.limit is not None else 2**62
+    first = 0x32 if spec.qos else 0x30
+    try:
+        while time.time() < spec.start_at:
+            time.sleep(0.005)
+        while (now := time.time()) < spec.stop_at and sent < limit:
+            due = min(int((now - spec.start_at) * spec.msgs_per_s), limit)
+            n = min(due - sent, 2000)
+            if n <= 0:
+                time.sleep(0.002)
+                continue
+            now_ms = int(now * 1000)
+            out = bytearray()
+            for i in range(sent, sent + n):
+                d = i % len(topics)
+                ts = last[d] = max(now_ms, last[d] + 1)
+                payload = b'{"ts": %d, "temperature": %.1f, "humidity": %.1f}' % (
+                    ts,
+                    18.0 + (i * 7) % 80 / 10,
+                    35.0 + (i * 13) % 200 / 10,
+                )
+                packet_id = struct.pack("!H", i % 65535 + 1) if spec.qos else b""
+                body = heads[d] + packet_id + payload
+                out += bytes([first]) + _varint(len(body)) + body
+                sent_bytes += len(topics[d]) + len(payload)
+            client.send(bytes(out))
+            sent += n
+    finally:
+        client.close()
+    results.put({"msgs": sent, "bytes": sent_bytes})
+
+
+class Fleet:
+    """Publisher processes (``spawn``); ``join`` sums what they sent."""
+
+    def __init__(self, specs: list[FleetSpec]) -> None:
+        ctx = mp.get_context("spawn")
+        self._results = ctx.Queue()
+        self._procs = [
+            ctx.Process(target=_fleet_process, args=(s, self._results), daemon=True) for s in specs
+        ]
+        for proc in self._procs:
+            proc.start()
+
+    def join(self, timeout_s: float) -> dict[str, int]:
+        got = []
+        deadline = time.monotonic() + timeout_s
+        for _ in self._procs:
+            try:
+                got.append(self._results.get(timeout=max(0.1, deadline - time.monotonic())))
+            except Exception:  # queue.Empty: a publisher died or hangs
+                raise BenchError("fleet publishers did not report") from None
+        for proc in self._procs:
+            proc.join(5)
+        return {"msgs": sum(r["msgs"] for r in got), "bytes": sum(r["bytes"] for r in got)}
+
+
+@dataclass
+class EdgeRun:
+    """A running edge flow: its process, names and log."""
+
+    popen: subprocess.Popen
+    base: str
+    prefix: str
+    gateway_id: str
+    log: Path
+    bootstrap: str
+
+    def wait(self, timeout_s: float) -> None:
+        try:
+            code = self.popen.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            raise BenchError(
+                f"the edge flow did not end within {timeout_s}s:\n{tail_log(self.log)}"
+            ) from None
+        if code != 0:
+            raise BenchError(f"the edge flow exited with code {code}:\n{tail_log(self.log)}")
+
+
+def _wait_online(url: str, topic: str, popen: subprocess.Popen, log: Path, since: float) -> None:
+    online = threading.Event()
+
+    def on_message(_c: Any, _u: Any, msg: Any) -> None:
+        if msg.payload == b"online":
+            online.set()
+
+    client = connect_client(url, on_connect=lambda c: c.subscribe(topic, 1), on_message=on_message)
+    try:
+        deadline = time.monotonic() + 90
+        while not online.wait(0.1):
+            if popen.poll() is not None:
+                raise BenchError(f"the edge flow exited with {popen.returncode}:\n{tail_log(log)}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"the edge flow was not online within 90s:\n{tail_log(log)}")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+@contextmanager
+def edge_flow(
+    info: StackInfo,
+    tmp: Path,
+    workflow: dict[str, Any],
+    *,
+    cpu: int | None = None,
+    env: dict[str, str] | None = None,
+    name: str = "edge",
+    names: tuple[str, str] | None = None,
+    wait_online: bool = True,
+) -> Iterator[EdgeRun]:
+    """The edge flow on ``workflow``, online (its uplink topic created); killed on exit.
+
+    ``cpu`` pins it to that CPU (one core); ``names`` reuses an MQTT base and Kafka
+    prefix (a second run of the same gateway)."""
+    tag = uuid.uuid4().hex[:8]
+    base, prefix = names or (f"bench{tag}", f"bench{tag}")
+    path = tmp / f"{name}-workflow.json"
+    path.write_text(json.dumps(workflow))
+    gateway_id = "bench-gw"
+    ensure_topics(info.kafka_bootstrap, [KafkaTopics(prefix).edge_uplink])
+    full_env = {
+        **os.environ,
+        "IOTFLOW_MQTT_URL": info.mqtt_url,
+        "IOTFLOW_KAFKA_BOOTSTRAP": info.kafka_bootstrap,
+        "IOTFLOW_MQTT_BASE": base,
+        "IOTFLOW_TOPIC_PREFIX": prefix,
+        "IOTFLOW_EDGE_GATEWAY_ID": gateway_id,
+        "IOTFLOW_EDGE_WORKFLOW": str(path),
+        "IOTFLOW_EDGE_BUFFER": str(tmp / "edge-buffer.db"),
+        "IOTFLOW_EDGE_DEFINITIONS": "0",
+        **(env or {}),
+    }
+    log = tmp / f"{name}.log"
+    argv = [sys.executable, "-m", "bytewax.run", "dataflows.edge:flow"]
+
+    def pin() -> None:
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})
+
+    since = time.time()
+    with log.open("ab") as out:
+        popen = subprocess.Popen(
+            argv, env=full_env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=pin
+        )
+    run = EdgeRun(popen, base, prefix, gateway_id, log, info.kafka_bootstrap)
+    try:
+        if wait_online:
+            topic = MqttTopics(base).gateway_status(gateway_id)
+            _wait_online(info.mqtt_url, topic, popen, log, since)
+        yield run
+    finally:
+        if popen.poll() is None:
+            popen.kill()
+            popen.wait()
+
+
+def uplink_records(run: EdgeRun) -> list[KafkaRecord]:
+    """Every record the gateway sent (the whole uplink topic)."""
+    return read_topic(run.bootstrap, KafkaTopics(run.prefix).edge_uplink, timeout_s=30)
+
+
+def pick_cpu() -> int | None:
+    """The last CPU this process may use (the edge gets it to itself as far as we can)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return cpus[-1] if len(cpus) > 1 else None
+
+
+FLEET_WORKFLOW: dict[str, Any] = {
+    "name": "bench-edge",
+    "version": 1,
+    "components": [
+        {
+            "name": "safety",
+            "kind": "patterns",
+            "placement": "edge",
+            "patterns": [
+                {
+                    "name": "overheat",
+                    "kind": "threshold",
+                    "condition": "temperature > 200",
+                    "actions": [{"type": "command", "device": "valve-{key}", "name": "close"}],
+                }
+            ],
+        },
+        {
+            "name": "stats",
+            "kind": "aggregate",
+            "window": "10s",
+            "allowed_lateness": "2s",
+            "placement": "edge",
+        },
+    ],
+}
+
+
+@dataclass(frozen=True)
+class FleetResult:
+    sent: int
+    bytes_received: int
+    bytes_uplinked: int
+    records_uplinked: int
+    aggregated: int
+    idle_rss_mb: float
+    peak_rss_mb: float
+    buffered_after: int
+
+
+def fleet_run(
+    info: StackInfo,
+    tmp: Path,
+    *,
+    devices: int,
+    rate_hz: float,
+    duration_s: float,
+    publishers: int,
+    definitions: bool = True,
+) -> FleetResult:
+    """``devices`` at ``rate_hz`` for ``duration_s`` through the edge (10 s windows and a
+    local rule); what came in, what went up, and the edge's resident memory."""
+    from connectors.uplink import dedupe_uplink, expand_aggregates
+
+    env = {
+        "IOTFLOW_EDGE_IDLE_STOP_S": "3",
+        "IOTFLOW_EDGE_STATUS_S": "3600",
+        "IOTFLOW_EDGE_DEFINITIONS": "1" if definitions else "0",
+    }
+    with edge_flow(info, tmp, FLEET_WORKFLOW, env=env) as run:
+        idle = rss_mb(run.popen.pid)
+        names = [f"dev{i:05d}" for i in range(devices)]
+        start = time.time() + 1.0
+        fleet = Fleet(
+            [
+                FleetSpec(
+                    info.mqtt_url,
+                    run.base,
+                    tuple(names[p::publishers]),
+                    devices * rate_hz / publishers,
+                    start,
+                    start + duration_s,
+                )
+                for p in range(publishers)
+            ]
+        )
+        peak = idle
+        deadline = time.monotonic() + duration_s + 120
+        while run.popen.poll() is None:
+            try:
+                peak = max(peak, peak_rss_mb(run.popen.pid))
+            except (OSError, BenchError):
+                break
+            if time.monotonic() > deadline:
+                raise BenchError(f"the edge flow did not end:\n{tail_log(run.log)}")
+            time.sleep(0.2)
+        sent = fleet.join(30)
+        run.wait(30)
+        records = uplink_records(run)
+    import sqlite3
+
+    with sqlite3.connect(tmp / "edge-buffer.db") as db:
+        left = int(db.execute("SELECT COUNT(*) FROM records").fetchone()[0])
+    aggregated = sum(
+        w.count
+        for e in dedupe_uplink(records)
+        for w in expand_aggregates(e)
+        if w.metric == "temperature"
+    )
+    return FleetResult(
+        sent=sent["msgs"],
+        bytes_received=sent["bytes"],
+        bytes_uplinked=sum(len(r.key or b"") + len(r.value or b"") for r in records),
+        records_uplinked=len(records),
+        aggregated=aggregated,
+        idle_rss_mb=round(idle, 1),
+        peak_rss_mb=round(peak, 1),
+        buffered_after=left,
+    )
