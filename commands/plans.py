@@ -524,6 +524,8 @@ class DeviceRun(msgspec.Struct):
 class StepRun(msgspec.Struct):
     status: str = StepStatus.WAITING.value
     started_seq: int | None = None
+    in_flight: int = 0  # forward commands issued and not finished
+    undo_open: int = 0  # sagas: compensation commands not yet done or given up
     devices: dict[str, DeviceRun] = {}
     undone: bool = False  # sagas: its compensation finished
 
@@ -620,7 +622,8 @@ class PlanRun:
         dev.outcome = outcome.value
         dev.detail = event.detail
         step = self._run.steps[name]
-        if any(d.status == "issued" for d in step.devices.values()):
+        step.in_flight -= 1
+        if step.in_flight > 0:
             return self._after_device(name, device_id, now, reported)
         self._finish_step(name, now)
         return self._advance(now, reported)
@@ -726,6 +729,7 @@ class PlanRun:
                     correlation_id=self.plan.plan_id,
                 )
             )
+        run.in_flight = len(commands)
         if not commands:
             run.status = StepStatus.SKIPPED.value
             self._emit(

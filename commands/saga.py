@@ -391,11 +391,7 @@ class SagaRun(PlanRun):
         )
 
     def _in_flight(self) -> int:
-        return sum(
-            dev.status == "issued"
-            for run in self._run.steps.values()
-            for dev in run.devices.values()
-        )
+        return sum(run.in_flight for run in self._run.steps.values())
 
     def _advance(self, now: datetime, reported: ReportedState) -> list[Command]:
         if self.state is PlanState.RUNNING:
@@ -449,6 +445,7 @@ class SagaRun(PlanRun):
                 commands.extend(
                     self._issue_undo(step, device_id, dev, i, now) for i in range(count)
                 )
+            run.undo_open = len(commands)
             self._emit(
                 PlanEventKind.COMPENSATING,
                 now,
@@ -528,11 +525,13 @@ class SagaRun(PlanRun):
             return []
         if outcome_of(event) is Outcome.APPLIED:
             dev.undo_status[index] = "done"
+            run.undo_open -= 1
         else:
             attempts = dev.undo_attempts[index]
             limit = self._settings.get("max_compensation_attempts")
             if limit is not None and attempts >= limit:
                 dev.undo_status[index] = "stuck"
+                run.undo_open -= 1
                 self._emit(
                     PlanEventKind.STUCK,
                     now,
@@ -556,7 +555,7 @@ class SagaRun(PlanRun):
                     command_id=event.command_id,
                     detail=f"{event.kind.value}: {event.detail or 'no detail'}; retry in {delay:g}s",
                 )
-        if any(s in ("issued", "waiting") for d in run.devices.values() for s in d.undo_status):
+        if run.undo_open > 0:
             return []
         run.undone = True
         stuck = sum("stuck" in d.undo_status for d in run.devices.values())
