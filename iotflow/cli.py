@@ -1,4 +1,4 @@
-"""The ``iotflow`` command: ``stack up|down|status``, ``demo``, ``simulate``, ``tail``, ``bridge``, ``run``.
+"""The ``iotflow`` command: ``stack up|down|status``, ``demo``, ``simulate``, ``tail``, ``bridge``, ``run``, ``preview``.
 
 The CLI is the application layer: it imports the connectors, the local stack
 and the simulator inside each command, so ``import iotflow`` stays light.
@@ -229,6 +229,35 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _preview(args: argparse.Namespace) -> int:
+    from commands.plans import PlanSpec
+    from commands.preview import preview
+    from commands.rollout import RolloutSpec
+    from commands.saga import SagaSpec
+    from iotflow.declarations import load_file, validate
+    from twins.registry import load_registry
+
+    data = load_file(args.file, "plan")
+    kind = args.kind
+    if kind == "auto":
+        steps = data.get("steps") if isinstance(data, dict) else None
+        if isinstance(steps, list):
+            saga = any(isinstance(s, dict) and "compensation" in s for s in steps)
+            kind = "saga" if saga else "plan"
+        else:
+            kind = "rollout"
+    model = {"plan": PlanSpec, "saga": SagaSpec, "rollout": RolloutSpec}[kind]
+    spec = validate(model, data, kind)
+    twins = {} if args.twins is None else load_file(args.twins, "twins")
+    if not isinstance(twins, dict) or not all(isinstance(v, dict) for v in twins.values()):
+        raise ConfigError(f"twins file {args.twins} must map device ids to reported states")
+    result = preview(spec, load_registry(_settings().registry), twins)
+    print(
+        json.dumps(result.to_dict(), default=str) if args.json else result.render(limit=args.limit)
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iotflow", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -349,6 +378,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-recovery", action="store_true", help="ignore IOTFLOW_RECOVERY_DIR for this run"
     )
     run.set_defaults(func=_run)
+
+    pre = sub.add_parser(
+        "preview",
+        help="dry run of a plan, saga or rollout file: the writes it would send, in order, "
+        "against IOTFLOW_REGISTRY; sends nothing",
+    )
+    pre.add_argument("file", type=Path, help="the declaration (.yaml, .yml or .json)")
+    pre.add_argument("--kind", choices=["auto", "plan", "saga", "rollout"], default="auto")
+    pre.add_argument(
+        "--twins", type=Path, default=None, help="YAML/JSON file: device id -> reported state"
+    )
+    pre.add_argument("--json", action="store_true", help="print the preview as JSON")
+    pre.add_argument(
+        "--limit", type=_positive(int), default=200, help="rows shown per table (default 200)"
+    )
+    pre.set_defaults(func=_preview)
     return parser
 
 
