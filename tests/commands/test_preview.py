@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -153,3 +154,33 @@ def test_bad_declarations_fail_as_a_run_would() -> None:
         preview(bad, reg, {})
     with pytest.raises(ConfigError, match="preview takes a plan, saga or rollout"):
         preview({"name": "x"}, reg, {})  # type: ignore[arg-type]
+
+
+def test_cli_prints_the_preview_of_a_declaration_file(
+    tmp_path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import yaml
+
+    from dataflows.leaving_home import ROUTINE_FILE, home_registry
+    from iotflow.cli import main
+
+    registry = tmp_path / "home.yaml"
+    registry.write_text(yaml.safe_dump(home_registry(lights=3).to_dict()))
+    twins = tmp_path / "twins.json"
+    twins.write_text('{"hvac-0001": {"setpoint": 21.5}, "light-0001": {"on": 1, "brightness": 60}}')
+    monkeypatch.setenv("IOTFLOW_REGISTRY", str(registry))
+    assert main(["preview", str(ROUTINE_FILE), "--twins", str(twins)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(
+        "saga leaving-home-preview (dry run; nothing sent): 8 writes in 5 batches"
+    )
+    assert 'undo thermostat_away  hvac-0001      set_temperature  {"setpoint":21.5}' in out
+    assert main(["preview", str(ROUTINE_FILE), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["kind"] == "saga"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nsteps: [{name: a, target: {group: nope}, command: lock}]\n")
+    assert main(["preview", str(bad)]) == 2
+    assert "unknown group 'nope'" in capsys.readouterr().err
+    twins.write_text("[1, 2]")
+    assert main(["preview", str(ROUTINE_FILE), "--twins", str(twins)]) == 2
+    assert "must map device ids to reported states" in capsys.readouterr().err
