@@ -11,7 +11,7 @@ a JSON object with ``ts`` (epoch ms or ISO 8601) naming the moment; the
 receive time stands in when it is missing. For each trigger the flow puts
 one saga request on ``{prefix}.commands.requests``:
 ``{"coordinator": {"type": "saga", "id": "leaving-home-{home_id}-{ts_ms}", ...}}``
-with the routine of ``dataflows/leaving_home.yaml`` (or ``IOTFLOW_ROUTINE``).
+with the routine of ``dataflows/leaving_home.yaml`` (``build_flow(routine=...)`` takes another).
 The id is made from the trigger, so a trigger delivered twice starts the
 routine once (the orchestrator ignores a known coordinator id).
 
