@@ -61,7 +61,7 @@ from iotflow.errors import ConfigError
 from iotflow.events import WindowResult, from_ms
 
 __all__ = [
-    "AGGREGATE_COLUMNS",
+    "AGGREGATE_STATS",
     "LinkState",
     "Uplink",
     "UplinkEnvelope",
@@ -73,8 +73,8 @@ __all__ = [
 
 log = logging.getLogger("iotflow.uplink")
 
-# the columns of an edge aggregate record's rows (one record per window and component)
-AGGREGATE_COLUMNS = ["key", "metric", "count", "sum", "min", "max"]
+# what an edge aggregate record holds per device and metric (see dataflows.edge)
+AGGREGATE_STATS = ["count", "sum", "min", "max"]
 
 
 class LinkState(StrEnum):
@@ -467,17 +467,20 @@ def expand_aggregates(envelope: UplinkEnvelope) -> list[WindowResult]:
         return []
     body = msgspec.json.decode(envelope.body)
     start, end = from_ms(body["window_start_ms"]), from_ms(body["window_end_ms"])
+    metrics = body["metrics"]
     return [
         WindowResult(
             key=key,
             metric=metric,
             window_start=start,
             window_end=end,
-            count=count,
-            sum=total,
-            avg=total / count,
-            min=low,
-            max=high,
+            count=stats[0],
+            sum=stats[1],
+            avg=stats[1] / stats[0],
+            min=stats[2],
+            max=stats[3],
         )
-        for key, metric, count, total, low, high in body["rows"]
+        for key, *per_metric in body["rows"]
+        for metric, stats in zip(metrics, per_metric, strict=True)
+        if stats is not None
     ]

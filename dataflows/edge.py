@@ -22,7 +22,7 @@ What it does, per batch of device messages:
    pre-aggregation (``operators.windows``), raw readings forwarded where the
    workflow asks;
 4. write local commands to MQTT, and aggregates (one record per window and
-   component, compact rows), detections, commands, dead letters and raw
+   component, one compact row per device), detections, commands, dead letters and raw
    readings to the store-and-forward buffer (``connectors.buffer``), which
    ``connectors.uplink`` sends to ``{prefix}.edge.uplink``;
 5. every ``checkpoint_ms`` (100) or ``checkpoint_messages`` (800) commit the
@@ -41,10 +41,12 @@ time order per device.
 Definition sync (``connectors.definitions``): new workflow versions from
 ``{prefix}.edge.definitions`` apply without a restart; see there.
 
-An aggregate record's body::
+An aggregate record's body (a row per device: its key, then ``[count, sum,
+min, max]`` per metric of ``metrics``, null where it had none)::
 
     {"component": "stats", "window_start_ms": ..., "window_end_ms": ...,
-     "columns": ["key", "metric", "count", "sum", "min", "max"], "rows": [["d1", "t", 10, 225.0, 22.0, 23.1], ...]}
+     "stats": ["count", "sum", "min", "max"], "metrics": ["humidity", "temperature"],
+     "rows": [["d1", [10, 401.5, 39.0, 41.2], [10, 225.0, 22.0, 23.1]], ...]}
 
 (``connectors.uplink.expand_aggregates`` turns it back into ``WindowResult``s.)
 """
@@ -80,7 +82,7 @@ from connectors.gateway import (
 )
 from connectors.mapping import SourceMapping
 from connectors.mqtt import MqttMessage
-from connectors.uplink import AGGREGATE_COLUMNS, Uplink
+from connectors.uplink import AGGREGATE_STATS, Uplink
 from iotflow.errors import ConfigError
 from iotflow.events import Command, DeadLetter, Detection, Reading, from_ms, to_ms
 from iotflow.placement import Plan, plan
@@ -113,7 +115,7 @@ __all__ = [
 
 log = logging.getLogger("iotflow.edge")
 _encode = msgspec.json.encode
-_AGGREGATE_ROWS_PER_RECORD = 2000
+_AGGREGATE_DEVICES_PER_RECORD = 2000
 
 DEFAULT_WORKFLOW = Workflow.from_dict(
     {
@@ -462,19 +464,23 @@ class EdgeLogic:
                     )
                 )
                 continue
-            rows = by_window.setdefault((to_ms(e.window_start), to_ms(e.window_end)), [])
-            rows.append([e.key, e.metric, e.count, e.sum, e.min, e.max])
+            devices = by_window.setdefault((to_ms(e.window_start), to_ms(e.window_end)), {})
+            devices.setdefault(e.key, {})[e.metric] = [e.count, e.sum, e.min, e.max]
+            self.counters["aggregate_rows"] += 1
         fingerprint = agg.window.fingerprint
         created = to_ms(self._now())
-        for (start, end), rows in by_window.items():
-            self.counters["aggregate_rows"] += len(rows)
-            for chunk, first in enumerate(range(0, len(rows), _AGGREGATE_ROWS_PER_RECORD)):
+        for (start, end), devices in by_window.items():
+            keys = list(devices)
+            for chunk, first in enumerate(range(0, len(keys), _AGGREGATE_DEVICES_PER_RECORD)):
+                part = keys[first : first + _AGGREGATE_DEVICES_PER_RECORD]
+                metrics = sorted({m for k in part for m in devices[k]})
                 body = {
                     "component": name,
                     "window_start_ms": start,
                     "window_end_ms": end,
-                    "columns": AGGREGATE_COLUMNS,
-                    "rows": rows[first : first + _AGGREGATE_ROWS_PER_RECORD],
+                    "stats": AGGREGATE_STATS,
+                    "metrics": metrics,
+                    "rows": [[k, *(devices[k].get(m) for m in metrics)] for k in part],
                 }
                 rid = f"{self.gateway_id}|a|{name}|{fingerprint}|{start}|{chunk}"
                 out.append(UplinkRecord(rid, "aggregate", name, _encode(body), created))

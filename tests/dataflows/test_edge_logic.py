@@ -14,6 +14,7 @@ from connectors.decode import TelemetryDecoder
 from connectors.definitions import DefinitionOffer
 from connectors.gateway import Checkpoint, GatewayStatus, Inbound
 from connectors.mqtt import MqttMessage
+from connectors.uplink import UplinkEnvelope, expand_aggregates
 from dataflows.edge import DEFAULT_WORKFLOW, EdgeLogic, compile_edge, default_profile
 from iotflow.errors import ConfigError
 from iotflow.events import DeviceMessage, from_ms
@@ -182,8 +183,9 @@ def test_checkpoints_carry_the_tokens_and_the_state_resumes_exactly() -> None:
         Inbound(3, [msg("d", {"ts": T0 + 1, "t": 2.0}), msg("d", {"ts": T0 + 3, "t": 3.0})])
     )
     assert resumed.counters["duplicates"] == 1  # the reading the broker sent again
-    rows = [row for r in records(resumed.on_eof(), "aggregate") for row in r["rows"]]
-    assert sorted(rows) == [["d", "t", 3, 6.0, 1.0, 3.0], ["e", "t", 1, 5.0, 5.0, 5.0]]
+    (agg,) = records(resumed.on_eof(), "aggregate")
+    assert (agg["stats"], agg["metrics"]) == (["count", "sum", "min", "max"], ["t"])
+    assert sorted(agg["rows"]) == [["d", [3, 6.0, 1.0, 3.0]], ["e", [1, 5.0, 5.0, 5.0]]]
     status = [o for o in resumed.on_eof() if isinstance(o, GatewayStatus)]
     assert status[0].counters["running_version"] == 1
 
@@ -225,7 +227,7 @@ def test_a_new_definition_switches_live_and_unchanged_windows_keep_their_state()
     # a changed window: the old one's open windows close now, partial, under their own ids
     out = logic.on_batch(offer(3, [{**STATS, "window": "20s"}], 1))
     (flushed,) = records(out, "aggregate")
-    assert flushed["rows"] == [["d", "t", 1, 1.0, 1.0, 1.0]]
+    assert flushed["rows"] == [["d", [1, 1.0, 1.0, 1.0]]]
     assert logic.windows["stats"].window.length == timedelta(seconds=20)
     # an invalid one is refused, the running version stays
     out = logic.on_batch(
@@ -252,3 +254,32 @@ def test_what_the_gateway_cannot_host_is_refused_before_it_starts() -> None:
     assert [c.name for c in compile_edge(DEFAULT_WORKFLOW, default_profile("gw")).plan.edge] == [
         "stats"
     ]
+
+
+def test_aggregate_records_expand_to_the_window_results_the_cloud_computes() -> None:
+    clock = Clock()
+    logic = make([STATS], clock)
+    logic.on_batch(
+        Inbound(
+            1,
+            [
+                msg("a", {"ts": T0, "t": 1.0, "h": 40.0}),
+                msg("b", {"ts": T0 + 1, "h": 50.0}),
+                msg("a", {"ts": T0 + 2, "t": 3.0}),
+            ],
+        )
+    )
+    (record,) = [o for o in logic.on_eof() if isinstance(o, UplinkRecord) and o.kind == "aggregate"]
+    envelope = UplinkEnvelope(
+        record.rid, "gw", 1, "aggregate", record.key, 0, False, msgspec.Raw(record.body)
+    )
+    got = {
+        (w.key, w.metric): (w.count, w.sum, w.avg, w.min, w.max)
+        for w in expand_aggregates(envelope)
+    }
+    assert got == {
+        ("a", "h"): (1, 40.0, 40.0, 40.0, 40.0),
+        ("a", "t"): (2, 4.0, 2.0, 1.0, 3.0),
+        ("b", "h"): (1, 50.0, 50.0, 50.0, 50.0),
+    }
+    assert json.loads(record.body)["rows"][1] == ["b", [1, 50.0, 50.0, 50.0], None]
