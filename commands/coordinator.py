@@ -11,10 +11,11 @@ orchestrator hosts coordinators:
    ``on_outcome(event, now, reported)`` exactly once and enqueues what comes back;
 3. at ``next_timer()`` it calls ``on_timer(now, reported)`` (back-off of
    compensations, pauses between waves) and enqueues what comes back;
-4. after each call it drains ``progress()`` (``PlanEvent`` items for
+4. for a cancel request it calls ``cancel(now, reason)`` and enqueues what comes back;
+5. after each call it drains ``progress()`` (``PlanEvent`` items for
    ``{prefix}.commands.events`` and the DuckDB ``command_audit`` table);
-5. it drops the coordinator once ``finished`` is true and ``progress()`` is drained;
-6. it stores ``snapshot()`` in its own snapshot and rebuilds the coordinator
+6. it drops the coordinator once ``finished`` is true and ``progress()`` is drained;
+7. it stores ``snapshot()`` in its own snapshot and rebuilds the coordinator
    with ``restore_coordinator(snap)`` after a restart.
 
 Coordinators are pure: no clock of their own (``now`` is handed in), no I/O,
@@ -158,6 +159,12 @@ class Coordinator(Protocol):
 
     def next_timer(self) -> datetime | None:
         """When ``on_timer`` next has work, or None."""
+        ...
+
+    def cancel(self, now: datetime, reason: str) -> list[Any]:
+        """Stop by hand: a plan starts no further step, a saga compensates what ran, a
+        rollout rolls back its updated devices (each after its commands in flight
+        finish). The commands to send now; [] once finished."""
         ...
 
     @property

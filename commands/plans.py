@@ -788,9 +788,28 @@ class PlanRun:
     def _step_failed(self, name: str, now: datetime) -> None:
         """Hook: a plain plan carries on with the steps that do not depend on it."""
 
+    def cancel(self, now: datetime, reason: str = "cancelled") -> list[Command]:
+        """Start no further step; the plan ends FAILED once its commands in flight finish.
+
+        A plain plan undoes nothing (a saga does). Returns the commands to send now
+        (none for a plan; a saga's first compensations when nothing is in flight).
+        """
+        if self.state is not PlanState.RUNNING:
+            return []
+        self._run.reason = reason
+        for step in self.plan.steps:
+            run = self._run.steps[step.name]
+            if run.status == StepStatus.WAITING:
+                run.status = StepStatus.SKIPPED.value
+                self._emit(PlanEventKind.STEP_SKIPPED, now, step=step.name, detail=reason)
+        return self._advance(now, lambda _device: {})
+
     def _conclude(self, now: datetime) -> None:
         failed = [s.name for s in self.plan.steps if self.step_status(s.name) is StepStatus.FAILED]
-        if failed:
+        if self._run.reason is not None:
+            self._move(PlanState.FAILED)
+            self._emit(PlanEventKind.FAILED, now, detail=f"cancelled: {self._run.reason}")
+        elif failed:
             self._move(PlanState.FAILED)
             self._emit(PlanEventKind.FAILED, now, detail=f"steps failed: {', '.join(failed)}")
         else:

@@ -241,7 +241,7 @@ R = RolloutState
 _MOVES: dict[RolloutState, frozenset[RolloutState]] = {
     R.PENDING: frozenset({R.RUNNING}),
     R.RUNNING: frozenset({R.PAUSED, R.DRAINING, R.DONE}),
-    R.PAUSED: frozenset({R.RUNNING}),
+    R.PAUSED: frozenset({R.RUNNING, R.DRAINING}),
     R.DRAINING: frozenset({R.ROLLING_BACK}),
     R.ROLLING_BACK: frozenset({R.ROLLED_BACK, R.STUCK}),
     R.DONE: frozenset(),
@@ -391,6 +391,15 @@ class RolloutRun:
         if self.state is not R.RUNNING:
             return []
         return self._fill(now, reported)
+
+    def cancel(self, now: datetime, reason: str = "cancelled") -> list[Command]:
+        """Abort by hand: no further update; roll back the updated devices (after the
+        commands in flight finish). Returns the roll back commands to send now."""
+        if self.state not in (R.RUNNING, R.PAUSED):
+            return []
+        self._s.resume_ms = None
+        self._abort(now, f"cancelled: {reason}")
+        return self._drained(now)
 
     def on_timer(self, now: datetime, reported: ReportedState) -> list[Command]:
         s = self._s

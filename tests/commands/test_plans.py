@@ -458,3 +458,20 @@ def test_request_builders_need_a_run_id_and_a_valid_declaration(registry: Regist
         builders["saga"]({**plan, "id": "s-1"}, registry, T0)  # steps lack compensation
     with pytest.raises(ConfigError, match="must be an object"):
         builders["plan"](["not", "a", "dict"], registry, T0)  # type: ignore[arg-type]
+
+
+def test_cancel_starts_no_further_step_and_ends_failed(registry: Registry) -> None:
+    run = spec(
+        {"name": "lights", "target": {"group": "lights"}, "command": "turn_off"},
+        {"name": "door", "target": "lock-0001", "command": "lock"},
+    ).build(registry, "p-12")
+    loop = DeviceLoop(registry, light_states())
+    loop.start(run)
+    loop.deliver_one(run)
+    assert run.cancel(loop.now, "user stopped it") == []  # three lights still in flight
+    loop.run(run)
+    assert run.state is PlanState.FAILED
+    assert [c.name for c in loop.issued].count("lock") == 0
+    assert run.step_status("door") is StepStatus.SKIPPED
+    assert loop.events[-1].detail == "cancelled: user stopped it"
+    assert run.cancel(loop.now, "again") == []

@@ -396,3 +396,17 @@ def test_hosted_rollout_resumes_after_an_orchestrator_restart(cut: int) -> None:
     assert {s["firmware"] for s in loop.states.values()} == {"2.0.0"}
     sent = [w.command.command_id for w in loop.writes if w.attempt == 1]
     assert sorted(sent) == sorted(f"fw2-1/update_firmware/{d}" for d in node_ids(100))
+
+
+def test_cancel_rolls_back_what_was_updated_even_during_a_pause() -> None:
+    run, loop = rollout(20, waves=[50, 100], wave_pause="1m")
+    loop.start(run)
+    while loop.pending:
+        loop.deliver_one(run)
+    assert run.state is RolloutState.PAUSED
+    loop._take(run.cancel(loop.now, "bad reports from the field"), run)
+    loop.run(run)
+    assert run.state is RolloutState.ROLLED_BACK
+    assert {s["firmware"] for s in loop.states.values()} == {"1.0.0"}
+    assert "cancelled: bad reports from the field" in (loop.events[-1].detail or "")
+    assert run.cancel(loop.now, "again") == []
