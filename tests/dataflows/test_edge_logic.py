@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from datetime import timedelta
 from typing import Any
 
@@ -283,3 +285,15 @@ def test_aggregate_records_expand_to_the_window_results_the_cloud_computes() -> 
         ("b", "h"): (1, 50.0, 50.0, 50.0, 50.0),
     }
     assert json.loads(record.body)["rows"][1] == ["b", [1, 50.0, 50.0, 50.0], None]
+
+
+def test_the_edge_process_imports_neither_polars_numpy_nor_duckdb() -> None:
+    code = (
+        "import sys, bytewax.run, dataflows.edge;"
+        "print(sorted(m for m in ('numpy', 'polars', 'duckdb', 'bytewax.connectors.kafka')"
+        " if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.strip() == "[]"
