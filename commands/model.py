@@ -12,7 +12,7 @@
 DONE, FAILED, EXPIRED and REJECTED are terminal: nothing leaves them, so a
 redelivered ack or a replayed request can never move a finished command.
 ``CommandRecord.move`` is the only way to change a state; an illegal move
-raises ``InvalidTransition(command_id, have, allowed)``.
+raises ``iotflow.errors.InvalidTransition`` naming the command, both states and the allowed ones.
 
 Example::
 
@@ -25,7 +25,7 @@ Example::
     >>> rec.move(CommandState.DONE, t0)
     Traceback (most recent call last):
     ...
-    commands.model.InvalidTransition: command 'c1': queued -> done is not allowed; from queued: expired, rejected, sent
+    iotflow.errors.InvalidTransition: command 'c1': cannot go from queued to done; allowed from queued: expired, rejected, sent
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from typing import Any
 
 import msgspec
 
-from iotflow.errors import IotflowError
+from iotflow.errors import InvalidTransition
 from iotflow.events import Command, CommandEventKind
 
 __all__ = [
@@ -104,26 +104,6 @@ EVENT_OF: dict[CommandState, CommandEventKind] = {
 }
 
 
-class InvalidTransition(IotflowError):
-    """A command was asked to make a move its lifecycle does not allow (a bug, never input)."""
-
-    def __init__(
-        self,
-        command_id: str,
-        have: CommandState,
-        want: CommandState,
-        allowed: frozenset[CommandState],
-    ) -> None:
-        self.command_id = command_id
-        self.have = have
-        self.want = want
-        self.allowed = allowed
-        choices = ", ".join(sorted(allowed)) or "nothing (terminal)"
-        super().__init__(
-            f"command {command_id!r}: {have} -> {want} is not allowed; from {have}: {choices}"
-        )
-
-
 @dataclass
 class CommandRecord:
     """One command as the orchestrator tracks it: the request and where it stands.
@@ -160,7 +140,7 @@ class CommandRecord:
         """Enter ``to`` or raise ``InvalidTransition``; the record stays as it was on error."""
         allowed = TRANSITIONS[self.state]
         if to not in allowed:
-            raise InvalidTransition(self.command_id, self.state, to, allowed)
+            raise InvalidTransition(f"command {self.command_id!r}", self.state, to, allowed)
         self.state = to
         self.updated_at = now
 
