@@ -24,6 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from connectors.mqtt import no_delay
 from infra.simulator.config import FleetConfig
 from infra.simulator.model import FleetStats, FollowUp, Outgoing
 from iotflow.errors import AckTimeout, BrokerUnavailable, ConfigError
@@ -280,6 +281,7 @@ class Fleet:
         )
         client.max_inflight_messages_set(_MAX_INFLIGHT)
         client.max_queued_messages_set(0)
+        client.on_socket_open = no_delay  # devices answer commands at once, as the flow sends them
         if self._endpoint.username is not None:
             client.username_pw_set(self._endpoint.username, self._endpoint.password)
         if self._endpoint.tls:
