@@ -79,6 +79,7 @@ from connectors.gateway import (
     GatewaySource,
     GatewayStatus,
     Inbound,
+    release_memory,
 )
 from connectors.mapping import SourceMapping
 from connectors.mqtt import MqttMessage
@@ -764,6 +765,7 @@ def build_flow(settings: Settings | None = None, edge: EdgeSettings | None = Non
     keyed = op.key_on("key", merged, lambda _item: "gateway")
     out = op.key_rm("outputs", op.stateful_batch("edge", keyed, logic))
     op.output("gateway", out, GatewaySink(mqtt_url, edge.gateway_id, buffer, uplink, acks))
+    release_memory()  # what start-up freed
     return flow
 
 
