@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -78,9 +79,12 @@ class FleetSpec:
     stop_at: float
     qos: int = 0  # 1: the broker keeps what a disconnected persistent session misses
     limit: int | None = None  # stop after this many messages
+    cpus: tuple[int, ...] | None = None  # run on these CPUs only
 
 
 def _fleet_process(spec: FleetSpec, results: Any) -> None:
+    if spec.cpus:
+        os.sched_setaffinity(0, set(spec.cpus))
     topics = [MqttTopics(spec.base).telemetry(d).encode() for d in spec.devices]
     heads = [_utf8(t) for t in topics]
     last = [0] * len(topics)
@@ -253,6 +257,64 @@ def pick_cpu() -> int | None:
     """The last CPU this process may use (the edge gets it to itself as far as we can)."""
     cpus = sorted(os.sched_getaffinity(0))
     return cpus[-1] if len(cpus) > 1 else None
+
+
+def keep_off(cpu: int | None, info: StackInfo) -> tuple[int, ...] | None:
+    """Move this process and the brokers off ``cpu``; the CPUs left for the load."""
+    if cpu is None:
+        return None
+    others = tuple(sorted(set(os.sched_getaffinity(0)) - {cpu}))
+    for pid in [0, *(p.pid for p in info.processes)]:
+        with contextlib.suppress(OSError):  # a broker that is not ours to move
+            os.sched_setaffinity(pid, set(others))
+    return others
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """Seconds the process's threads ran on a CPU, and waited runnable for one
+    (``/proc/PID/task/*/schedstat``), so far."""
+    ran = waited = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with (
+            contextlib.suppress(OSError, ValueError),
+            open(f"/proc/{pid}/task/{task}/schedstat") as f,
+        ):
+            run_ns, wait_ns, _ = f.read().split()
+            ran += int(run_ns)
+            waited += int(wait_ns)
+    return ran / 1e9, waited / 1e9
+
+
+class CpuSampler:
+    """Samples ``cpu_seconds`` of a process every 0.1 s in a thread: ``at(t)`` interpolates."""
+
+    def __init__(self, pid: int) -> None:
+        self.samples: list[tuple[float, tuple[float, float]]] = []
+        self._pid = pid
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            try:
+                self.samples.append((time.time(), cpu_seconds(self._pid)))
+            except OSError:
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+
+    def at(self, t: float) -> tuple[float, float]:
+        """(ran, waited) seconds at time ``t``."""
+        before = [s for s in self.samples if s[0] <= t]
+        after = [s for s in self.samples if s[0] >= t]
+        if not before or not after:
+            raise BenchError("the CPU samples do not cover the busy time")
+        (t0, c0), (t1, c1) = before[-1], after[0]
+        share = 0.0 if t1 == t0 else (t - t0) / (t1 - t0)
+        return tuple(a + (b - a) * share for a, b in zip(c0, c1, strict=True))  # type: ignore[return-value]
 
 
 FLEET_WORKFLOW: dict[str, Any] = {
