@@ -22,6 +22,12 @@ guarantee (the broker never redelivers them). A connection lost between a
 message and its acknowledgment drops the acknowledgment (the broker
 redelivers on the next connection).
 
+Broker setting: acknowledgments come per checkpoint (every 100 ms or 800
+messages by default), so the broker must allow that many unacknowledged QoS 1
+messages towards the gateway: Mosquitto's ``max_inflight_messages`` defaults
+to 20, which would pace the gateway to 20 messages per checkpoint; the
+project's ``infra/mosquitto-local.conf`` sets 1000.
+
 The gateway runs one Bytewax worker: its buffer is one SQLite file and the
 acknowledgments travel between its source and its sink inside the process.
 ``build`` with more workers raises ``ConfigError``.
