@@ -255,6 +255,10 @@ class _State(msgspec.Struct):
     counters: dict[str, int] = msgspec.field(default_factory=dict)
 
 
+def _definition_state(program: EdgeProgram) -> dict[str, Any]:
+    return {"version": program.version, "workflow": program.workflow.model_dump(mode="json")}
+
+
 # state as MessagePack: window starts stay integer keys
 _STATE_ENCODER = msgspec.msgpack.Encoder()
 _STATE_DECODER = msgspec.msgpack.Decoder(_State)
@@ -320,6 +324,7 @@ class EdgeLogic:
             except ConfigError as exc:  # the profile changed under it: say so, run the file's
                 log.warning("stored definition v%s no longer fits: %s", stored["version"], exc)
         self.program = program
+        self._definition = _definition_state(program)
         self.windows: dict[str, TumblingAggregator] = {}
         self.engines: dict[str, RowEngine] = {}
         now_ms = to_ms(now())
@@ -409,10 +414,7 @@ class EdgeLogic:
         """The state a ``Checkpoint`` carries (MessagePack: window starts stay integer keys)."""
         return _STATE_ENCODER.encode(
             _State(
-                definition={
-                    "version": self.program.version,
-                    "workflow": self.program.workflow.model_dump(mode="json"),
-                },
+                definition=self._definition,
                 last=self.last,
                 windows={n: a.snapshot() for n, a in self.windows.items()},
                 patterns={n: e.snapshot() for n, e in self.engines.items()},
@@ -655,6 +657,7 @@ class EdgeLogic:
         out: list[Any] = []
         old_windows, old_engines = self.windows, self.engines
         self.program = program
+        self._definition = _definition_state(program)
         self.windows, self.engines = {}, {}
         for name, (_, window) in program.windows.items():
             kept = old_windows.get(name)
