@@ -324,7 +324,7 @@ class EdgeLogic:
             except ConfigError as exc:  # the profile changed under it: say so, run the file's
                 log.warning("stored definition v%s no longer fits: %s", stored["version"], exc)
         self.program = program
-        self._definition = _definition_state(program)
+        self._running = _definition_state(program)
         self.windows: dict[str, TumblingAggregator] = {}
         self.engines: dict[str, RowEngine] = {}
         now_ms = to_ms(now())
@@ -414,7 +414,7 @@ class EdgeLogic:
         """The state a ``Checkpoint`` carries (MessagePack: window starts stay integer keys)."""
         return _STATE_ENCODER.encode(
             _State(
-                definition=self._definition,
+                definition=self._running,
                 last=self.last,
                 windows={n: a.snapshot() for n, a in self.windows.items()},
                 patterns={n: e.snapshot() for n, e in self.engines.items()},
@@ -657,7 +657,7 @@ class EdgeLogic:
         out: list[Any] = []
         old_windows, old_engines = self.windows, self.engines
         self.program = program
-        self._definition = _definition_state(program)
+        self._running = _definition_state(program)
         self.windows, self.engines = {}, {}
         for name, (_, window) in program.windows.items():
             kept = old_windows.get(name)
