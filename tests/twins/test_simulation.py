@@ -206,7 +206,7 @@ def test_wrong_arguments_fail_before_any_work() -> None:
         run(twins, [], horizon="-1h")
     with pytest.raises(ConfigError, match="is 2,592,000 steps, over max_steps=100,000"):
         run(twins, [], horizon="30d", step="1s")
-    with pytest.raises(ConfigError, match="horizon='9999999999d' is too large"):
+    with pytest.raises(ConfigError, match="horizon: duration '9999999999d' is too long"):
         run(twins, [], horizon="9999999999d")
     with pytest.raises(ConfigError, match="step: duration 'often' is not understood"):
         run(twins, [], step="often")
