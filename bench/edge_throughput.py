@@ -69,7 +69,7 @@ DEFAULTS: dict[str, Any] = {
     "qos": 0,
     "offered_per_s": 40_000.0,
 }
-QUICK: dict[str, Any] = {"readings": 20_000, "devices": 100, "publishers": 1}
+QUICK: dict[str, Any] = {"readings": 80_000, "devices": 100, "publishers": 1}  # >= 2 status records while busy on a fast machine
 FIGURES = {"readings_per_s"}
 COMPLETE_COUNTS = ("processed", "aggregated")
 
