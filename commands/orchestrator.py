@@ -6,6 +6,7 @@ for Bytewax by ``operators.steps.LogicStep``. It takes one item at a time:
 
 - a ``Command`` (a request), an ``Instruction`` (expanded against the registry),
   a ``StartCoordinator`` or ``CoordinatorRequest`` (a plan, saga or rollout to host),
+  a ``CancelRequest`` (stop a hosted one: it compensates or rolls back what ran),
   an ``InvalidRequest`` (audited as REJECTED when it has a usable command id);
 - a ``DeviceAck`` or ``DeviceState`` from a device,
 
@@ -86,6 +87,7 @@ from commands.coordinator import Coordinator, restore_coordinator
 from commands.instructions import Instruction
 from commands.model import EVENT_OF, CommandRecord, CommandState
 from commands.validation import (
+    CancelRequest,
     CommandValidator,
     CoordinatorRequest,
     DeviceAck,
@@ -286,6 +288,8 @@ class Orchestrator:
             self._start(item.coordinator, now, out)
         elif isinstance(item, CoordinatorRequest):
             self._build_coordinator(item, now, out)
+        elif isinstance(item, CancelRequest):
+            self._cancel(item, now, out)
         else:
             msg = f"the orchestrator cannot take a {type(item).__name__}; see its module docstring"
             raise TypeError(msg)
@@ -721,6 +725,16 @@ class Orchestrator:
             out.append(Dropped("commands", reason, item.payload, now))
             return
         self._start(coordinator, now, out)
+
+    def _cancel(self, item: CancelRequest, now: datetime, out: list[Any]) -> None:
+        coordinator = self.coordinators.get(item.coordinator_id)
+        if coordinator is None:
+            state = "has finished" if item.coordinator_id in self._finished else "is not running"
+            reason = f"cannot cancel {item.coordinator_id!r}: it {state}"
+            out.append(Dropped("commands", reason, item.payload, now))
+            return
+        self._count("cancelled_coordinators")
+        self._from_coordinator(coordinator, coordinator.cancel(now, item.reason), now, out)
 
     def _from_coordinator(
         self, coordinator: Coordinator, commands: Iterable[Command], now: datetime, out: list[Any]

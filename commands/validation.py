@@ -58,6 +58,7 @@ from twins.registry import Registry
 __all__ = [
     "MAX_ID_CHARS",
     "MAX_PRIORITY",
+    "CancelRequest",
     "CommandValidator",
     "CoordinatorRequest",
     "DeviceAck",
@@ -101,7 +102,17 @@ class CoordinatorRequest(msgspec.Struct, frozen=True):
     payload: bytes
 
 
-Request = Command | Instruction | CoordinatorRequest | InvalidRequest
+class CancelRequest(msgspec.Struct, frozen=True):
+    """Stop a running plan, saga or rollout by hand: ``{"cancel": "<coordinator id>",
+    "reason": "..."}``. A plan starts no further step, a saga compensates what ran, a
+    rollout rolls back what it updated."""
+
+    coordinator_id: str
+    reason: str
+    payload: bytes
+
+
+Request = Command | Instruction | CoordinatorRequest | CancelRequest | InvalidRequest
 """What ``decode_request`` returns."""
 
 
@@ -190,6 +201,16 @@ def decode_request(payload: bytes, max_bytes: int = MAX_REQUEST_BYTES) -> Reques
             return Instruction.from_data(doc)
         except ConfigError as exc:
             return InvalidRequest(str(exc), "invalid_instruction", payload)
+    if "cancel" in doc:
+        target, reason = doc["cancel"], doc.get("reason", "cancelled by request")
+        if not isinstance(target, str) or not target or not isinstance(reason, str):
+            return InvalidRequest(
+                'a cancel request is {"cancel": "<coordinator id>", "reason": "..."} '
+                f"with strings; got cancel={_shown([target])}",
+                "invalid_cancel",
+                payload,
+            )
+        return CancelRequest(target, reason[:500], payload)
     coordinator = doc.get("coordinator")
     if coordinator is not None:
         kind = coordinator.get("type") if isinstance(coordinator, dict) else None

@@ -32,8 +32,10 @@ from plan_harness import (
 )
 
 from commands.coordinator import Outcome, PlanEvent, PlanEventKind, restore_coordinator
+from commands.orchestrator import Dropped
 from commands.plans import PlanState, StepStatus
 from commands.saga import SagaRun, load_saga
+from commands.validation import InvalidRequest, decode_request
 from iotflow.errors import ConfigError
 from iotflow.events import Command
 
@@ -523,3 +525,32 @@ def test_hosted_saga_resumes_after_an_orchestrator_restart(cut: int) -> None:
     }
     for device, ids in loop.acted.items():
         assert len(ids) == len(set(ids)), device
+
+
+def test_a_cancel_request_through_the_orchestrator_compensates_what_ran() -> None:
+    saga, loop = hosted_saga(3, [])
+    loop.step(3)  # the doors are locked, the thermostat command is on its way
+    cancel = decode_request(b'{"cancel": "leave-1", "reason": "owner came back"}')
+    loop._take(loop.orchestrator.on_batch(cancel))
+    loop.run(saga)
+    assert saga.state is PlanState.COMPENSATED
+    assert loop.states == home_states(3)
+    assert "owner came back" in " ".join(
+        e.detail or "" for e in loop.events if isinstance(e, PlanEvent)
+    )
+    # a second cancel, and one for a run that never existed: reported, nothing sent
+    for payload in (b'{"cancel": "leave-1"}', b'{"cancel": "leave-9"}'):
+        [dropped] = loop.orchestrator.on_batch(decode_request(payload))
+        assert isinstance(dropped, Dropped)
+    assert (
+        "has finished"
+        in loop.orchestrator.on_batch(decode_request(b'{"cancel": "leave-1"}'))[0].reason
+    )
+
+
+@pytest.mark.parametrize(
+    "payload", [b'{"cancel": 7}', b'{"cancel": ""}', b'{"cancel": "x", "reason": ["no"]}']
+)
+def test_malformed_cancel_requests_are_invalid(payload: bytes) -> None:
+    request = decode_request(payload)
+    assert isinstance(request, InvalidRequest) and request.kind == "invalid_cancel"
