@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import multiprocessing as mp
 import os
 import struct
 import subprocess
@@ -31,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench._latency import RawMqtt, _utf8, _varint, tail_log
+from bench._latency import Publishers, RawMqtt, _utf8, _varint, tail_log
 from bench.harness import BenchError
 from connectors.kafka import KafkaRecord, ensure_topics, read_topic
 from connectors.mqtt import connect_client
@@ -122,28 +121,14 @@ def _fleet_process(spec: FleetSpec, results: Any) -> None:
     results.put({"msgs": sent, "bytes": sent_bytes})
 
 
-class Fleet:
-    """Publisher processes (``spawn``); ``join`` sums what they sent."""
+class Fleet(Publishers):
+    """Publisher processes each running one ``FleetSpec``; ``join`` sums what they sent."""
 
     def __init__(self, specs: list[FleetSpec]) -> None:
-        ctx = mp.get_context("spawn")
-        self._results = ctx.Queue()
-        self._procs = [
-            ctx.Process(target=_fleet_process, args=(s, self._results), daemon=True) for s in specs
-        ]
-        for proc in self._procs:
-            proc.start()
+        super().__init__(_fleet_process, specs)
 
     def join(self, timeout_s: float) -> dict[str, int]:
-        got = []
-        deadline = time.monotonic() + timeout_s
-        for _ in self._procs:
-            try:
-                got.append(self._results.get(timeout=max(0.1, deadline - time.monotonic())))
-            except Exception:  # queue.Empty: a publisher died or hangs
-                raise BenchError("fleet publishers did not report") from None
-        for proc in self._procs:
-            proc.join(5)
+        got = self.reports(timeout_s)
         return {"msgs": sum(r["msgs"] for r in got), "bytes": sum(r["bytes"] for r in got)}
 
 

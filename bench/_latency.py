@@ -23,7 +23,7 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +45,7 @@ __all__ = [
     "KafkaWatch",
     "Load",
     "LoadSpec",
+    "Publishers",
     "RawMqtt",
     "monitoring_flow",
     "percentile",
@@ -195,19 +196,20 @@ def _load_process(spec: LoadSpec, results: Any) -> None:
     results.put({"msgs": sent, "readings": sent * per, "behind_max_s": behind_max})
 
 
-class Load:
-    """Publisher processes (``spawn``), each running one ``LoadSpec``; ``join`` sums them."""
+class Publishers:
+    """Publisher processes (``spawn``), ``target(spec, results)`` each; ``reports`` waits for
+    every one's result dict."""
 
-    def __init__(self, specs: list[LoadSpec]) -> None:
+    def __init__(self, target: Callable[[Any, Any], None], specs: list[Any]) -> None:
         ctx = mp.get_context("spawn")
         self._results = ctx.Queue()
         self._procs = [
-            ctx.Process(target=_load_process, args=(s, self._results), daemon=True) for s in specs
+            ctx.Process(target=target, args=(s, self._results), daemon=True) for s in specs
         ]
         for proc in self._procs:
             proc.start()
 
-    def join(self, timeout_s: float) -> dict[str, float]:
+    def reports(self, timeout_s: float) -> list[dict[str, Any]]:
         got = []
         deadline = time.monotonic() + timeout_s
         for _ in self._procs:
@@ -215,21 +217,32 @@ class Load:
                 got.append(self._results.get(timeout=max(0.1, deadline - time.monotonic())))
             except Exception:  # queue.Empty: a publisher died or hangs
                 raise BenchError(
-                    f"{len(self._procs) - len(got)} load publishers did not report"
+                    f"{len(self._procs) - len(got)} publishers did not report"
                 ) from None
         for proc in self._procs:
             proc.join(5)
-        return {
-            "msgs": sum(r["msgs"] for r in got),
-            "readings": sum(r["readings"] for r in got),
-            "behind_max_s": max(r["behind_max_s"] for r in got),
-        }
+        return got
 
     def stop(self) -> None:
         for proc in self._procs:
             if proc.is_alive():
                 proc.kill()
                 proc.join()
+
+
+class Load(Publishers):
+    """Publisher processes each running one ``LoadSpec``; ``join`` sums them."""
+
+    def __init__(self, specs: list[LoadSpec]) -> None:
+        super().__init__(_load_process, specs)
+
+    def join(self, timeout_s: float) -> dict[str, float]:
+        got = self.reports(timeout_s)
+        return {
+            "msgs": sum(r["msgs"] for r in got),
+            "readings": sum(r["readings"] for r in got),
+            "behind_max_s": max(r["behind_max_s"] for r in got),
+        }
 
 
 def split_devices(devices: list[str], parts: int) -> list[tuple[str, ...]]:
