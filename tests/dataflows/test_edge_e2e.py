@@ -237,7 +237,9 @@ def test_outage_with_two_sigkills_loses_nothing_and_local_rules_keep_acting(
         deadline = time.monotonic() + 90
         while True:  # the last windows close on the quiet watermark, then all has gone up
             got = dedupe_uplink(read_uplink(bootstrap, topic))
-            aggregated = sum(w.count for e in got for w in expand_aggregates(e) if w.metric == "seq")
+            aggregated = sum(
+                w.count for e in got for w in expand_aggregates(e) if w.metric == "seq"
+            )
             if backlog(buffer) == 0 and aggregated >= total:
                 break
             assert edge.popen.poll() is None, log.read_text()[-3000:]
@@ -273,18 +275,21 @@ def test_outage_with_two_sigkills_loses_nothing_and_local_rules_keep_acting(
 
     # every reading counted once in the aggregates (their per-device seq sums match)
     counted: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
-    starts: dict[str, list[int]] = defaultdict(list)
+    replayed_starts: dict[str, list[int]] = defaultdict(list)
     for e in got:
         for w in expand_aggregates(e):
             if w.metric == "seq":
                 counted[w.key][0] += w.count
                 counted[w.key][1] += w.sum
-                starts[w.key].append(int(w.window_start.timestamp() * 1000))
+                if e.replayed:
+                    replayed_starts[w.key].append(int(w.window_start.timestamp() * 1000))
     for device, published in sent.items():
         assert counted[device] == [len(published), float(sum(k for k, _ in published))], device
-        # the outage's windows went up in order (live windows after it may overtake them)
-        held = [t for t in starts[device] if cut_at * 1000 <= t < restored_at * 1000 - 5000]
-        assert held == sorted(held) and len(held) >= 4, device
+        # the outage's windows went up in order as the backlog; a window that closed only
+        # after the link came back (the edge catching up after its restart) is live and may
+        # overtake the backlog, so the order is checked on the replayed ones
+        held = [t for t in replayed_starts[device] if cut_at * 1000 <= t < restored_at * 1000]
+        assert held == sorted(held) and len(held) >= 3, device
 
     # local rules kept acting while the cloud was unreachable, across the SIGKILL
     valves = {c["device_id"] for c in commands_in_outage}
