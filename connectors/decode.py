@@ -31,7 +31,7 @@ __all__ = ["DEADLETTER_KEEP_BYTES", "DecodeOut", "FrameOut", "TelemetryDecoder",
 DEADLETTER_KEEP_BYTES = 4096
 # Epoch milliseconds before 2000-01-01 are almost always epoch seconds sent by mistake.
 _MIN_TS_MS = 946_684_800_000
-_ORDER, _ORDER_OK = "__order", "__order_ok"
+_ORDER = "__order"
 # Device ids already checked; the cache starts over past this size.
 _KNOWN_DEVICES_MAX = 1_000_000
 # Rows polars reads to infer a batch's schema (see _parse_flat).
@@ -171,14 +171,26 @@ class TelemetryDecoder:
 
         from iotflow.frame import empty_frame, from_readings
 
-        fast, slow = self._split(messages)
+        payloads = [m.payload for m in messages]
+        joined, fast, slow = self._split(payloads)
         parts: list[pl.DataFrame] = []
         if fast:
-            frame, rest = self._columnar([messages[i] for i in fast] if slow else messages)
-            if frame is not None:
-                frame = frame.with_columns(pl.Series(_ORDER, fast, dtype=pl.Int64))
-                parts.append(frame.filter(pl.col(_ORDER_OK)).drop(_ORDER_OK))
-            slow.extend(fast[i] for i in rest)
+            if slow:
+                parsed = self._columnar(
+                    [messages[i] for i in fast], b"\n".join(payloads[i] for i in fast)
+                )
+            else:
+                parsed = self._columnar(messages, joined)
+            if parsed is None:
+                slow.extend(fast)
+            else:
+                frame, good = parsed
+                if not slow and good.all():
+                    # the common case: every row columnar, valid and already in order
+                    return FrameOut(frame)
+                order = pl.Series(_ORDER, fast, dtype=pl.Int64)
+                parts.append(frame.with_columns(order).filter(good))
+                slow.extend(fast[i] for i in (~good).arg_true().to_list())
         dead: list[DeadLetter] = []
         readings: list[Reading] = []
         order: list[int] = []
@@ -207,25 +219,27 @@ class TelemetryDecoder:
         frame = pl.concat(parts, how="diagonal_relaxed") if len(parts) > 1 else parts[0]
         return FrameOut(frame.sort(_ORDER, maintain_order=True).drop(_ORDER), dead)
 
-    def _split(self, messages: list[DeviceMessage]) -> tuple[list[int], list[int]]:
-        """Positions of the messages the columnar path may take, and of the others."""
-        if not self._flat or not messages:
-            return [], list(range(len(messages)))
-        payloads = [m.payload for m in messages]
-        joined = b"".join(payloads)
-        # The common case, checked in C: one object per message, nothing oversized.
+    def _split(self, payloads: list[bytes]) -> tuple[bytes, list[int], list[int]]:
+        """Positions of the payloads the columnar path may take and of the others; with
+        every payload fast, also all of them joined by newlines (else ``b""``)."""
+        if not self._flat or not payloads:
+            return b"", [], list(range(len(payloads)))
+        limit = self.max_payload_bytes
+        joined = b"\n".join(payloads)
+        lines = len(payloads) - 1
+        # The common case, checked in C: one object per line (no payload holds a line
+        # break, so every "}\n{" is a boundary), nothing oversized.
         if (
-            b"\n" not in joined
-            and b"\r" not in joined
-            and max(map(len, payloads)) <= self.max_payload_bytes
-            and joined.count(b"}{") == len(payloads) - 1
+            joined.count(b"\n") == lines
+            and joined.count(b"}\n{") == lines
             and joined[:1] == b"{"
             and joined[-1:] == b"}"
+            and b"\r" not in joined
+            and max(map(len, payloads)) <= limit
         ):
-            return list(range(len(messages))), []
+            return joined, list(range(len(payloads))), []
         fast: list[int] = []
         slow: list[int] = []
-        limit = self.max_payload_bytes
         for index, payload in enumerate(payloads):
             if (
                 len(payload) <= limit
@@ -237,34 +251,34 @@ class TelemetryDecoder:
                 fast.append(index)
             else:
                 slow.append(index)
-        return fast, slow
+        return b"", fast, slow
 
-    def _columnar(self, messages: list[DeviceMessage]) -> tuple[pl.DataFrame | None, list[int]]:
-        """Parse flat objects at once: every row, with an ``_ORDER_OK`` column marking the
-        good ones, and the positions of the messages left to ``decode``; or None when the
-        batch is not one the columnar path can vouch for."""
+    def _columnar(
+        self, messages: list[DeviceMessage], joined: bytes
+    ) -> tuple[pl.DataFrame, pl.Series] | None:
+        """Parse flat objects (``joined``: their payloads, one per line) at once: every
+        row, and a mask of the good ones (the others are left to ``decode``); or None
+        when the batch is not one the columnar path can vouch for."""
         import polars as pl
 
         from iotflow.frame import DEVICE, TS
 
-        everything = list(range(len(messages)))
-        joined = b"\n".join(m.payload for m in messages)
         parsed = _parse_flat(joined, len(messages))
         if parsed is None:
-            return None, everything
+            return None
         ts_field = self._ts_field
         metrics: list[str] = []
         for name, dtype in parsed.schema.items():
             if name == ts_field:
                 if not (dtype.is_integer() or dtype == pl.Null):
-                    return None, everything
+                    return None
             elif name in (DEVICE, TS):
-                return None, everything
+                return None
             elif dtype.is_numeric():
                 metrics.append(name)
             elif dtype == pl.String or dtype.is_nested() or dtype == pl.Object:
                 # a string may sit next to numbers of the same name elsewhere: exact path
-                return None, everything
+                return None
         index = self._device_level
         topics = pl.Series("topic", [m.topic for m in messages], dtype=pl.String)
         devices = topics.str.split("/").list.get(index, null_on_oob=True)
@@ -284,10 +298,7 @@ class TelemetryDecoder:
             good = good & finite
         else:
             good = good & False
-        frame = pl.DataFrame({DEVICE: devices, TS: ts}).hstack(values)
-        frame = frame.with_columns(good.alias(_ORDER_OK))
-        rest = (~good).arg_true().to_list()
-        return frame, rest
+        return pl.DataFrame({DEVICE: devices, TS: ts}).hstack(values), good
 
     def _valid_devices(self, devices: pl.Series) -> pl.Series:
         """True where the topic level is a valid device id (each id checked once)."""
@@ -444,12 +455,8 @@ def _parse_flat(joined: bytes, count: int) -> pl.DataFrame | None:
     import polars as pl
 
     keys = joined.count(b",") + count
-    if (
-        joined.count(b"{") != count
-        or joined.count(b"}") != count
-        or b"[" in joined
-        or joined.count(b'"') != 2 * keys
-    ):
+    # one "{" per object: no nested object (a brace inside a key name also lands here)
+    if joined.count(b"{") != count or b"[" in joined or joined.count(b'"') != 2 * keys:
         return None
     try:
         parsed = pl.read_ndjson(joined, infer_schema_length=_INFER_ROWS)
@@ -458,7 +465,8 @@ def _parse_flat(joined: bytes, count: int) -> pl.DataFrame | None:
     if parsed.height != count:
         return None
     cells = parsed.height * parsed.width - sum(parsed.null_count().row(0))
-    if cells + joined.count(b"null") != keys:
+    nulls = joined.count(b"null") if b"null" in joined else 0
+    if cells + nulls != keys:
         return None
     return parsed
 

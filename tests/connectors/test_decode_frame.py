@@ -146,3 +146,17 @@ def test_integer_metric_turning_float_later_is_exact() -> None:
     messages.append(msg("a", b'{"ts": 1767268800000, "n": 3.25}'))
     same_as_exact(TelemetryDecoder(), messages)
     assert TelemetryDecoder().decode_frame(messages).ok.get_column("n").to_list()[-1] == 3.25
+
+
+def test_stray_closing_brace_or_key_with_braces_decodes_like_the_exact_path() -> None:
+    # the columnar path counts "{" only; a stray "}" must still be invalid JSON there
+    messages = [msg(f"d{i}", b'{"ts": %d, "t": 1}' % (NOW + i)) for i in range(150)]
+    messages += [
+        msg("x", b'{"ts": 1767268800000, "t": 2}}'),
+        msg("y", b'{"ts": 1767268800000, "a}": 3}'),
+        msg("z", b'{"ts": 1767268800000, "b{": 4}'),
+    ]
+    same_as_exact(TelemetryDecoder(), messages)
+    out = TelemetryDecoder().decode_frame(messages)
+    assert [d.topic.split("/")[2] for d in out.dead] == ["x"]
+    assert out.ok.get_column("a}").to_list()[-2:] == [3.0, None]
