@@ -2,14 +2,19 @@
 
 One paho-mqtt client (MQTT 5) serves the whole fleet: it publishes every
 device's telemetry, acks and retained state, and subscribes to
-``{base}/devices/+/cmd`` for commands.
+``{base}/devices/+/cmd`` for commands. With a persistent session the fleet
+can really go offline and come back (``go_offline``/``go_online``), and lose
+its connection between taking a command and acknowledging it
+(``drop_before_puback``), as real devices do.
 """
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import random
+import socket
 import threading
 import time
 import uuid
@@ -21,6 +26,7 @@ from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -35,6 +41,8 @@ __all__ = ["Fleet"]
 _MAX_INFLIGHT = 1000
 _BACKPRESSURE_CHECK_S = 0.5
 _KEEPALIVE_S = 30
+# after a connection the broker dropped: retry soon, as devices do (paho's default backs off to 2 min)
+_RECONNECT_MIN_S, _RECONNECT_MAX_S = 0.1, 2.0
 
 
 _Job = str | FollowUp | tuple[Outgoing, ...]
@@ -98,7 +106,21 @@ class Fleet:
       message (QoS 1/2) or until each was written (QoS 0), then disconnects;
       commands arriving meanwhile are counted as ignored (``stopped``).
     - An unreachable broker raises ``BrokerUnavailable`` naming the URL with
-      its password masked.
+      its password masked. A connection the broker drops is re-made at once
+      (retries from 0.1 s, backing off to 2 s).
+    - Sessions: with ``session_expiry_s`` 0 (the default) every connection
+      starts a clean session under a random client id, and commands published
+      while the fleet is disconnected are lost. With ``session_expiry_s`` > 0
+      the fleet keeps a persistent session under a stable client id
+      (``client_id``, default ``iotflow-sim-{base}``, clean_start false): the
+      broker queues its commands (QoS 1) while it is offline, for that long,
+      and a new ``Fleet`` on the same id picks them up. Each command message is
+      acknowledged to the broker (PUBACK) once the model took it; what was not
+      acknowledged comes again after a reconnect (DUP, ``stats.redeliveries``)
+      and is run at most once per command id.
+    - ``go_offline()`` disconnects for real: no telemetry is sent until
+      ``go_online()``; acks and states of commands already taken wait in the
+      client's queue and go out after the reconnect.
 
     Example (``stack`` is a running local broker)::
 
@@ -120,6 +142,8 @@ class Fleet:
         schedule_telemetry: bool = True,
         now_ms: Callable[[], int] = _wall_ms,
         connect_timeout_s: float = 10.0,
+        session_expiry_s: int = 0,
+        client_id: str | None = None,
     ) -> None:
         self.config = (
             config if isinstance(config, FleetConfig) else FleetConfig.model_validate(config)
@@ -129,6 +153,15 @@ class Fleet:
         self._schedule_telemetry = schedule_telemetry
         self._now_ms = now_ms
         self._connect_timeout_s = connect_timeout_s
+        if session_expiry_s < 0:
+            msg = f"session_expiry_s {session_expiry_s} must be 0 (clean sessions) or more"
+            raise ConfigError(msg)
+        self._session_expiry_s = session_expiry_s
+        if client_id is None:
+            persistent = session_expiry_s > 0
+            tag = "" if persistent else f"-{uuid.uuid4().hex[:8]}"
+            client_id = f"iotflow-sim-{self.config.base}{tag}"
+        self.client_id = client_id
         self._model = self.config.build()
         self._cmd_topic = self._model.topics.cmd()
         self._period_s = 1.0 / self.config.rate_hz
@@ -148,6 +181,10 @@ class Fleet:
         self._client: mqtt.Client | None = None
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
+        self._offline = False
+        self._connections = 0
+        self._drop_pubacks = 0
+        self._bounces: list[threading.Thread] = []
 
     @property
     def stats(self) -> FleetStats:
@@ -169,25 +206,17 @@ class Fleet:
         if self._client is not None or self._stopping:
             msg = "a Fleet starts once; build a new Fleet to run again"
             raise RuntimeError(msg)
-        self._connected.clear()
-        self._subscribed.clear()
-        self._refused = None
         client = self._new_client()
-        try:
-            client.connect(self._endpoint.host, self._endpoint.port, keepalive=_KEEPALIVE_S)
-        except OSError as exc:
-            msg = f"MQTT broker {self._url} is unreachable: {exc}"
-            raise BrokerUnavailable(msg) from exc
-        client.loop_start()
-        ready = self._connected.wait(self._connect_timeout_s) and self._subscribed.wait(
-            self._connect_timeout_s
+        self._connect(
+            client,
+            lambda: client.connect(
+                self._endpoint.host,
+                self._endpoint.port,
+                keepalive=_KEEPALIVE_S,
+                clean_start=self._session_expiry_s == 0,
+                properties=self._connect_properties(),
+            ),
         )
-        if not ready or self._refused is not None:
-            client.disconnect()
-            client.loop_stop()
-            why = self._refused or f"no CONNACK/SUBACK within {self._connect_timeout_s}s"
-            msg = f"MQTT broker {self._url} did not accept the simulator: {why}"
-            raise BrokerUnavailable(msg)
         self._client = client
         with self._lock:
             states = self._model.initial_state()
@@ -210,6 +239,81 @@ class Fleet:
         self._publish_all(messages)
         return messages
 
+    def go_offline(self) -> None:
+        """Disconnect from the broker (a normal DISCONNECT: a persistent session stays).
+
+        Until ``go_online`` the fleet sends no telemetry (counted in
+        ``offline_skips``) and receives nothing; the broker queues commands
+        for a persistent session.
+        """
+        self._require_started()
+        with self._lock:
+            if self._offline:
+                return
+            self._offline = True
+        client = self._client
+        if client is not None:
+            client.disconnect()
+            client.loop_stop()
+
+    def go_online(self) -> None:
+        """Reconnect after ``go_offline``; returns once subscribed (or the session resumed).
+
+        A persistent session delivers the commands queued meanwhile, minus the
+        ones whose MQTT 5 message expiry passed. Raises ``BrokerUnavailable``
+        like ``start``.
+        """
+        self._require_started()
+        client = self._client
+        if client is None or not self._offline:
+            return
+        self._connect(client, client.reconnect)
+        with self._lock:
+            self._offline = False
+
+    def drop_before_puback(self, count: int = 1) -> None:
+        """Lose the connection right after each of the next ``count`` command messages.
+
+        The device takes each one (and acts on it after its latency) but the
+        PUBACK is never sent: the fleet disconnects and reconnects at once on
+        its session, and the broker delivers the message again with DUP set,
+        which the device answers without acting twice. Needs a persistent
+        session (``session_expiry_s`` > 0): without one the broker forgets
+        the message with the connection.
+        """
+        if self._session_expiry_s == 0:
+            msg = (
+                "drop_before_puback needs a persistent session; build the Fleet with "
+                "session_expiry_s > 0"
+            )
+            raise ConfigError(msg)
+        if count < 1:
+            raise ConfigError(f"drop_before_puback count {count} must be at least 1")
+        with self._lock:
+            self._drop_pubacks += count
+
+    def drop_link(self) -> None:
+        """Lose the TCP connection without a DISCONNECT, as a network failure does.
+
+        The broker sees the connection die (a persistent session stays and
+        queues); the fleet notices and reconnects by itself at once.
+        """
+        self._require_started()
+        sock = None if self._client is None else self._client.socket()
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    @property
+    def connections(self) -> int:
+        """Connections the broker accepted so far: 1 after ``start``, one more per reconnect."""
+        return self._connections
+
+    @property
+    def online(self) -> bool:
+        """Started and not taken offline by ``go_offline`` (a dropped link may be reconnecting)."""
+        return self._client is not None and not self._offline
+
     def set_hub_online(self, name: str, online: bool) -> None:
         """Take hub ``name`` (``FleetConfig.hubs``) offline or bring it back: while it is
         offline its devices answer no command and send no telemetry. KeyError for an
@@ -223,17 +327,26 @@ class Fleet:
         Raises ``AckTimeout`` (after disconnecting) when messages are still
         unacknowledged after ``timeout_s``, and re-raises an error that
         stopped the scheduler thread. Stopping a fleet that is not running
-        only returns the stats.
+        only returns the stats. A fleet taken offline by ``go_offline`` waits
+        for nothing: its queued messages are counted in ``publishes_failed``.
         """
         client, thread = self._client, self._thread
         if client is None or thread is None:
             return self.stats
+        for bounce in self._bounces:
+            bounce.join(timeout_s)
         with self._lock:
             self._stopping = True
             self._jobs = [job for job in self._jobs if isinstance(job[2], FollowUp)]
             heapq.heapify(self._jobs)
             self._lock.notify_all()
         thread.join()
+        if self._offline:
+            # nothing will confirm what waits for a connection: count it, don't wait for it
+            with self._confirmed:
+                queued, self._unconfirmed = self._unconfirmed, 0
+            with self._lock:
+                self._model.counters.publishes_failed += queued
         with self._confirmed:
             confirmed = self._confirmed.wait_for(lambda: self._unconfirmed == 0, timeout_s)
             missing = self._unconfirmed
@@ -273,12 +386,41 @@ class Fleet:
             msg = "the fleet is not started; call start() or use it as a context manager"
             raise RuntimeError(msg)
 
+    def _connect(self, client: mqtt.Client, connect: Callable[[], Any]) -> None:
+        """Run ``connect`` (paho's connect or reconnect), start the network loop, wait until
+        subscribed; BrokerUnavailable when refused or silent."""
+        self._connected.clear()
+        self._subscribed.clear()
+        self._refused = None
+        try:
+            connect()
+        except OSError as exc:
+            msg = f"MQTT broker {self._url} is unreachable: {exc}"
+            raise BrokerUnavailable(msg) from exc
+        client.loop_start()
+        ready = self._connected.wait(self._connect_timeout_s) and self._subscribed.wait(
+            self._connect_timeout_s
+        )
+        if not ready or self._refused is not None:
+            client.disconnect()
+            client.loop_stop()
+            why = self._refused or f"no CONNACK/SUBACK within {self._connect_timeout_s}s"
+            msg = f"MQTT broker {self._url} did not accept the simulator: {why}"
+            raise BrokerUnavailable(msg)
+
+    def _connect_properties(self) -> Properties:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self._session_expiry_s
+        return props
+
     def _new_client(self) -> mqtt.Client:
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
-            client_id=f"iotflow-sim-{self.config.base}-{uuid.uuid4().hex[:8]}",
+            client_id=self.client_id,
             protocol=mqtt.MQTTv5,
+            manual_ack=True,
         )
+        client.reconnect_delay_set(_RECONNECT_MIN_S, _RECONNECT_MAX_S)
         client.max_inflight_messages_set(_MAX_INFLIGHT)
         client.max_queued_messages_set(0)
         client.on_socket_open = no_delay  # devices answer commands at once, as the flow sends them
@@ -328,7 +470,11 @@ class Fleet:
         with self._lock:
             if self._stopping:
                 return
-            message = self._model.telemetry(device_id, stamp)
+            if self._offline:
+                self._model.counters.offline_skips += 1
+                message = None
+            else:
+                message = self._model.telemetry(device_id, stamp)
             next_due = due + self._period_s
             behind = time.monotonic() - next_due
             if behind > self._period_s:
@@ -400,10 +546,14 @@ class Fleet:
             self._connected.set()
             self._subscribed.set()
             return
+        self._connections += 1
         receive_maximum = getattr(properties, "ReceiveMaximum", _MAX_INFLIGHT)
         with self._confirmed:
             self._window = min(_MAX_INFLIGHT, receive_maximum)
-        client.subscribe(self._cmd_topic, qos=1)
+        if flags.session_present:
+            self._subscribed.set()  # the session kept the subscription
+        else:
+            client.subscribe(self._cmd_topic, qos=1)
         self._connected.set()
 
     def _on_subscribe(
@@ -423,16 +573,35 @@ class Fleet:
         device_id = message.topic.split("/")[-2]
         stamp = self._now_ms()
         with self._lock:
+            if message.dup:
+                self._model.counters.redeliveries += 1
+            drop = self._drop_pubacks > 0 and not self._stopping
+            if drop:
+                self._drop_pubacks -= 1
             if self._stopping:
                 self._model.ignore("stopped")
-                return
-            intake = self._model.receive_command(device_id, message.payload, stamp)
-            # Publishing is left to the scheduler thread: this network thread must never
-            # wait for room under the receive maximum, since only it can receive PUBACKs.
-            if intake.outgoing:
-                self._add_command_job(0.0, tuple(intake.outgoing))
-            if intake.follow_up is not None:
-                self._add_command_job(intake.follow_up.delay_ms, intake.follow_up)
+            else:
+                intake = self._model.receive_command(device_id, message.payload, stamp)
+                # Publishing is left to the scheduler thread: this network thread must never
+                # wait for room under the receive maximum, since only it can receive PUBACKs.
+                if intake.outgoing:
+                    self._add_command_job(0.0, tuple(intake.outgoing))
+                if intake.follow_up is not None:
+                    self._add_command_job(intake.follow_up.delay_ms, intake.follow_up)
+        if not drop:
+            client.ack(message.mid, message.qos)
+            return
+        # the reconnect cannot run on this network thread: go_offline joins it
+        bounce = threading.Thread(target=self._bounce, name="iotflow-simulator-bounce", daemon=True)
+        self._bounces.append(bounce)
+        bounce.start()
+
+    def _bounce(self) -> None:
+        try:
+            self.go_offline()
+            self.go_online()
+        except BaseException as exc:
+            self._failure = exc
 
     def _on_publish(
         self,

@@ -94,6 +94,9 @@ class DeviceSnapshot:
     executed: tuple[str, ...] = ()
     """Ids of the commands it ran (acked done), oldest first, of the last
     ``commands.remember_commands``."""
+    deliveries: dict[str, int] = field(default_factory=dict)
+    """Command id -> how many times a message of it reached the device (duplicates and
+    redeliveries included), for the last ``commands.remember_commands`` ids."""
 
 
 @dataclass(frozen=True)
@@ -122,7 +125,11 @@ class FleetStats:
     schedule_overruns: int
     """Telemetry slots dropped because the publisher fell more than a period behind."""
     publishes_failed: int
-    """Messages the broker refused (error reason code), or QoS 0 ones sent without a connection."""
+    """Messages the broker refused (error reason code), QoS 0 ones sent without a
+    connection, or ones still queued when a fleet offline by hand was stopped."""
+    redeliveries: int
+    """Command messages the broker delivered again (MQTT DUP flag), after a connection
+    was lost before the device acknowledged them (PUBACK)."""
     devices: dict[str, DeviceSnapshot]
 
 
@@ -142,6 +149,7 @@ class _Counters:
     states_published: int = 0
     schedule_overruns: int = 0
     publishes_failed: int = 0
+    redeliveries: int = 0
 
 
 @dataclass(frozen=True)
@@ -207,7 +215,7 @@ class _Device:
     results: OrderedDict[str, Ack] = field(default_factory=OrderedDict)
     hub: _Hub | None = None
     drop_first: int = 0  # deliveries of each command id left unanswered (faults.command_drops)
-    deliveries: dict[str, int] = field(default_factory=dict)
+    deliveries: OrderedDict[str, int] = field(default_factory=OrderedDict)
     firmware_fails: bool = False
 
     def reported(self) -> dict[str, Any]:
@@ -484,11 +492,13 @@ class FleetModel:
             ack = Ack(exc.command_id, AckStatus.FAILED, device.reported(), str(exc))
             return CommandIntake([self._ack_out(device, ack)])
         command_id = command.command_id
-        if device.drop_first:
-            seen = device.deliveries[command_id] = device.deliveries.get(command_id, 0) + 1
-            if seen <= device.drop_first:
-                self.ignore("dropped")
-                return CommandIntake([])
+        seen = device.deliveries[command_id] = device.deliveries.get(command_id, 0) + 1
+        device.deliveries.move_to_end(command_id)
+        if len(device.deliveries) > behaviour.remember_commands:
+            device.deliveries.popitem(last=False)
+        if seen <= device.drop_first:
+            self.ignore("dropped")
+            return CommandIntake([])
         pending = device.pending.get(command_id)
         if pending is not None or command_id in device.results:
             self.counters.duplicate_commands += 1
@@ -604,6 +614,7 @@ class FleetModel:
                 device.seq,
                 device.clock_skew_ms,
                 tuple(cid for cid, ack in device.results.items() if ack.status == AckStatus.DONE),
+                dict(device.deliveries),
             )
             for device_id, device in self.devices.items()
         }
@@ -622,5 +633,6 @@ class FleetModel:
             states_published=c.states_published,
             schedule_overruns=c.schedule_overruns,
             publishes_failed=c.publishes_failed,
+            redeliveries=c.redeliveries,
             devices=devices,
         )
