@@ -61,6 +61,7 @@ from iotflow.durations import Duration
 from iotflow.errors import ConfigError
 from iotflow.events import from_ms, to_ms
 from iotflow.frame import DEVICE, TS, metric_columns
+from operators.groups import group_keys, set_label
 from operators.stats import StatSpec, exact, finalize, merge, merge_sketch, partial, sketch
 from operators.units import UnitConversion
 
@@ -258,6 +259,13 @@ def _long(frame: pl.DataFrame) -> pl.DataFrame:
     ).drop_nulls("value")
 
 
+def _key_frame(keys: dict[str, str]) -> pl.DataFrame:
+    """Device id -> group key as a frame to join on."""
+    return pl.DataFrame(
+        {DEVICE: list(keys), "key": list(keys.values())}, schema={DEVICE: pl.Utf8, "key": pl.Utf8}
+    )
+
+
 def _pack(frame: pl.DataFrame) -> bytes:
     """A frame as Arrow IPC bytes: plain, picklable state that keeps every dtype."""
     return frame.write_ipc(None).getvalue()
@@ -351,7 +359,12 @@ class WindowAggregator:
             self._length_ms = self._pane_ms = _ms(window.gap)
         self._session = isinstance(window, Session)
         self._sliding = isinstance(window, Sliding)
-        self._dims = self.dimension_frame(dimensions)
+        # grouping set -> (device_id, key) rows of the devices that have a group in it
+        self._groups = {
+            tuple(names): _key_frame(group_keys(dimensions, names))
+            for names in spec.group_by
+            if names != ["device"]
+        }
         if resume_state is not None and resume_state.get("fingerprint") != spec.fingerprint:
             msg = (
                 f"recovered window state was made by another aggregation definition "
@@ -390,7 +403,8 @@ class WindowAggregator:
             start = pl.col(TS) - (pl.col(TS) - self._align_ms) % self._pane_ms
             frame = frame.with_columns(start.alias(_PANE))
             late = None
-            if watermark is not None:
+            # the filters copy the batch: only when its oldest window has closed
+            if watermark is not None and frame[_PANE].min() + self._length_ms <= watermark:
                 is_late = pl.col(_PANE) + self._length_ms <= watermark
                 late = frame.filter(is_late).drop(_PANE)
                 frame = frame.filter(~is_late)
@@ -452,15 +466,6 @@ class WindowAggregator:
         return self._watermark
 
     # -- inside ---------------------------------------------------------------
-
-    @staticmethod
-    def dimension_frame(dimensions: dict[str, dict[str, str]]) -> pl.DataFrame:
-        """The device dimensions as a frame: ``device_id`` and one Utf8 column each."""
-        names = sorted({name for dims in dimensions.values() for name in dims})
-        rows: dict[str, list[Any]] = {DEVICE: list(dimensions)}
-        for name in names:
-            rows[name] = [dimensions[d].get(name) for d in dimensions]
-        return pl.DataFrame(rows, schema={DEVICE: pl.Utf8, **dict.fromkeys(names, pl.Utf8)})
 
     def _prepare(self, frame: pl.DataFrame) -> pl.DataFrame:
         metrics = self.spec.metrics or metric_columns(frame)
@@ -562,10 +567,11 @@ class WindowAggregator:
         ready = {w for w in self._open if watermark is None or w + length <= watermark}
         if not ready:
             return None
-        long = _long(self._take_raw(ready)).with_columns((pl.col(_PANE) + length).alias("_end"))
+        rows = self._take_raw(ready).with_columns((pl.col(_PANE) + length).alias("_end"))
         if self._rollups:
+            long = _long(rows.drop("_end"))
             self._roll_up(0, partial(long, _PART_KEYS, self._stats), sketch(long, _PART_KEYS))
-        return self._exact_results(long)
+        return self._exact_results(rows)
 
     def _close_sessions(self, watermark: int | None) -> pl.DataFrame | None:
         gap = self._pane_ms
@@ -592,8 +598,8 @@ class WindowAggregator:
             },
             schema={_PANE: pl.Int64, "_start": pl.Int64, "_end": pl.Int64},
         )
-        long = _long(self._take_raw(set(ids))).join(spans, on=_PANE)
-        return self._exact_results(long.drop(_PANE).rename({"_start": _PANE}))
+        rows = self._take_raw(set(ids)).join(spans, on=_PANE)
+        return self._exact_results(rows.drop(_PANE).rename({"_start": _PANE}))
 
     def _close_sliding(self, watermark: int | None) -> pl.DataFrame | None:
         step, length = self._pane_ms, self._length_ms
@@ -645,22 +651,29 @@ class WindowAggregator:
             buckets.drop("_end", strict=False).with_columns(start),
         )
 
-    def _exact_results(self, long: pl.DataFrame) -> pl.DataFrame | None:
-        """Results for every grouping set from raw rows labelled ``_PANE`` and ``_end``."""
-        if long.height == 0:
+    def _exact_results(self, rows: pl.DataFrame) -> pl.DataFrame | None:
+        """Results for every grouping set from raw reading rows labelled ``_PANE`` and ``_end``."""
+        if rows.height == 0:
             return None
-        window = [_PANE, "_end", "metric"]
+        window = [_PANE, "_end"]
+        metrics = [c for c in rows.columns if c not in (DEVICE, TS, *window)]
         frames = []
         for names in self.spec.group_by:
-            if names == ["device"]:
-                stats = exact(long, [DEVICE, *window], self._stats)
+            device = names == ["device"]
+            keyed = rows if device else self._keyed(rows, names)
+            keys = [DEVICE] if device else ["key", DEVICE]
+            # one metric at a time: no wide-to-long copy and no metric name to group by
+            for metric in metrics:
+                value = pl.col(metric).alias("value")
+                one = keyed.select(*keys, TS, *window, value).drop_nulls("value")
+                if one.height == 0:
+                    continue
+                stats = exact(one, [keys[0], *window], self._stats, devices=not device)
                 frames.append(
-                    stats.rename({DEVICE: "key"}).with_columns(pl.lit("device").alias("group_by"))
+                    stats.rename({DEVICE: "key"} if device else {}).with_columns(
+                        pl.lit(metric).alias("metric"), pl.lit(set_label(names)).alias("group_by")
+                    )
                 )
-            else:
-                keyed = self._keyed(long, names)
-                stats = exact(keyed, ["key", *window], self._stats, devices=True)
-                frames.append(stats.with_columns(pl.lit("+".join(names)).alias("group_by")))
         return self._finish(frames)
 
     def _merged_results(self, part: pl.DataFrame, buckets: pl.DataFrame) -> pl.DataFrame | None:
@@ -684,24 +697,18 @@ class WindowAggregator:
                     keyed.select(DEVICE, "key", *window), on=[DEVICE, *window]
                 ).drop(DEVICE)
                 stats = finalize(merged, group_buckets, ["key", *window], self._stats)
-                frames.append(stats.with_columns(pl.lit("+".join(names)).alias("group_by")))
+                frames.append(stats.with_columns(pl.lit(set_label(names)).alias("group_by")))
         return self._finish(frames)
 
     def _keyed(self, rows: pl.DataFrame, names: list[str]) -> pl.DataFrame:
-        """Rows of devices that have every dimension of ``names``, with the group ``key``;
-        the others are counted in ``unassigned``."""
-        dims = self._dims.select(
-            DEVICE,
-            *[
-                pl.col(n) if n in self._dims.columns else pl.lit(None, pl.Utf8).alias(n)
-                for n in names
-            ],
-        )
-        joined = rows.join(dims, on=DEVICE, how="left")
-        assigned = pl.all_horizontal([pl.col(n).is_not_null() for n in names])
-        self.unassigned += joined.filter(~assigned).get_column(DEVICE).n_unique()
-        key = pl.concat_str([pl.lit(f"{n}=") + pl.col(n) for n in names], separator="|")
-        return joined.filter(assigned).with_columns(key.alias("key")).drop(names)
+        """Rows of devices that have a group in ``names``, with the group ``key``; the
+        others are counted in ``unassigned``."""
+        keys = self._groups[tuple(names)]
+        keyed = rows.join(keys, on=DEVICE, how="inner")
+        if keyed.height < rows.height:
+            left_out = rows.join(keys, on=DEVICE, how="anti")
+            self.unassigned += left_out.get_column(DEVICE).n_unique()
+        return keyed
 
     def _finish(self, frames: list[pl.DataFrame]) -> pl.DataFrame | None:
         frames = [f for f in frames if f.height]

@@ -18,7 +18,8 @@ from bytewax.dataflow import Stream, operator
 
 from iotflow.events import Reading, WindowResult
 from iotflow.frame import DEVICE
-from operators.aggregation import Aggregation, LateFrame, WindowAggregator
+from operators.aggregation import Aggregation, LateFrame
+from operators.groups import group_keys, set_label
 from operators.logic_step import LogicStep, shard_of
 from operators.windows import LateReading, TumblingWindow
 
@@ -91,22 +92,27 @@ def shard_frame(
     return [(key[0], part.drop("_shard")) for key, part in parts.items()]
 
 
-def _group_keys(frame: pl.DataFrame, names: list[str], dims: pl.DataFrame) -> pl.DataFrame:
-    """Rows with a ``_group`` column naming their group (null when a dimension is missing)."""
-    present = [n for n in names if n in dims.columns]
-    if len(present) < len(names):
-        return frame.with_columns(pl.lit(None, pl.Utf8).alias("_group"))
-    key = pl.concat_str([pl.lit(f"{n}=") + pl.col(n) for n in names], separator="|")
-    joined = frame.join(dims.select(DEVICE, *names), on=DEVICE, how="left")
-    return joined.with_columns(key.alias("_group")).drop(names)
+def _group_sharder(
+    names: list[str], dimensions: dict[str, dict[str, str]], shards: int
+) -> Callable[[pl.DataFrame], list[tuple[str, pl.DataFrame]]]:
+    """Split a frame by the shard of each row's group in the set ``names``; rows of
+    devices without a group there are left out. With one shard, the frame passes whole
+    (the aggregator leaves those devices out itself and counts them)."""
+    to_shard = {d: shard_of(k, shards) for d, k in group_keys(dimensions, names).items()}
 
+    def split(frame: pl.DataFrame) -> list[tuple[str, pl.DataFrame]]:
+        if frame.height == 0:
+            return []
+        if shards == 1:
+            return [("0", frame)]
+        labels = frame.get_column(DEVICE).replace_strict(
+            to_shard, default=None, return_dtype=pl.Utf8
+        )
+        assigned = frame.with_columns(labels.alias("_shard")).drop_nulls("_shard")
+        parts = assigned.partition_by("_shard", as_dict=True, include_key=False)
+        return [(key[0], part) for key, part in parts.items()]  # type: ignore[misc]
 
-def _shard_groups(
-    frame: pl.DataFrame, shards: int, cache: dict[str, str]
-) -> list[tuple[str, pl.DataFrame]]:
-    # devices without every dimension of the set are left out of it
-    assigned = frame.filter(pl.col("_group").is_not_null())
-    return [(k, part.drop("_group")) for k, part in shard_frame(assigned, shards, cache, "_group")]
+    return split
 
 
 @dataclass(frozen=True)
@@ -136,19 +142,15 @@ def window_stats(
     ``aggregation``.
     """
     dims = dimensions or {}
-    dim_frame = WindowAggregator.dimension_frame(dims)
     outs: list[Stream[Any]] = []
     for index, names in enumerate(aggregation.group_by):
         single = aggregation.model_copy(update={"group_by": [names]})
-        label = "+".join(names)
-        cache: dict[str, str] = {}
+        label = set_label(names)
         if names == ["device"]:
+            cache: dict[str, str] = {}
             keyed = op.flat_map(f"shard-{label}", up, lambda f, c=cache: shard_frame(f, shards, c))
         else:
-            grouped = op.map(f"group-{label}", up, lambda f, n=names: _group_keys(f, n, dim_frame))
-            keyed = op.flat_map(
-                f"shard-{label}", grouped, lambda f, c=cache: _shard_groups(f, shards, c)
-            )
+            keyed = op.flat_map(f"shard-{label}", up, _group_sharder(names, dims, shards))
         emitted = op.stateful_batch(
             f"aggregate-{label}",
             keyed,
