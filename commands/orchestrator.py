@@ -41,7 +41,9 @@ Guarantees:
 - **Expiry.** Nothing is written at or after ``expires_at``: a queued command
   that reaches it is EXPIRED without being sent, a command waiting to be
   re-sent is EXPIRED instead, and one that expires in flight is EXPIRED at its
-  ack deadline unless the device answers first.
+  ack deadline unless the device answers first. A ``failed`` answer at or
+  after ``expires_at`` (a device refusing a command that reached it late:
+  the MQTT 5 expiry counts whole seconds) is EXPIRED too, not applied.
 - **Duplicates.** A request whose command id is known (live or finished within
   ``remember`` after its expiry; later, a replay is expired on arrival and never
   sent) does nothing; the same id with other content
@@ -545,6 +547,12 @@ class Orchestrator:
             self._emit(rec, now, out)
         elif ack.status is AckStatus.DONE:
             self._finish(rec, S.DONE, now, out, applied=True, detail="acked done")
+        elif now >= rec.command.expires_at:
+            detail = (
+                f"expired at {rec.command.expires_at.isoformat()}; the device answered failed: "
+                f"{ack.reason or 'no reason given'}"
+            )
+            self._finish(rec, S.EXPIRED, now, out, applied=False, reason="expired", detail=detail)
         else:
             detail = f"device answered failed: {ack.reason or 'no reason given'}"
             self._finish(
