@@ -447,10 +447,12 @@ def _parse_flat(joined: bytes, count: int) -> pl.DataFrame | None:
     every object is provably in it.
 
     Polars infers the schema from the first rows only (inferring from all rows costs
-    five times the parse) and silently drops a field first seen later. Counting
-    bytes proves nothing was dropped: with no string values (two quotes per key),
-    no nesting and no arrays, the keys number the commas plus one per object, and
-    each key is either a non-null cell or a literal ``null``.
+    three to five times the parse) and silently drops a field first seen later.
+    Counting bytes proves nothing was dropped: with no string values (two quotes per
+    key), no nesting and no arrays, the keys number the commas plus one per object,
+    and each key is a non-null cell. A batch holding ``null`` anywhere (a null value,
+    or a key such as ``"nullable"`` that would fool a count) takes its schema from
+    every row instead, so there nothing can be dropped.
     """
     import polars as pl
 
@@ -458,15 +460,14 @@ def _parse_flat(joined: bytes, count: int) -> pl.DataFrame | None:
     # one "{" per object: no nested object (a brace inside a key name also lands here)
     if joined.count(b"{") != count or b"[" in joined or joined.count(b'"') != 2 * keys:
         return None
+    whole = b"null" in joined
     try:
-        parsed = pl.read_ndjson(joined, infer_schema_length=_INFER_ROWS)
+        parsed = pl.read_ndjson(joined, infer_schema_length=None if whole else _INFER_ROWS)
     except Exception:
         return None
     if parsed.height != count:
         return None
-    cells = parsed.height * parsed.width - sum(parsed.null_count().row(0))
-    nulls = joined.count(b"null") if b"null" in joined else 0
-    if cells + nulls != keys:
+    if not whole and parsed.height * parsed.width - sum(parsed.null_count().row(0)) != keys:
         return None
     return parsed
 

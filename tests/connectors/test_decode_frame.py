@@ -103,7 +103,9 @@ _objects = st.dictionaries(st.sampled_from(["t", "h", "p", "ts", "state"]), _val
 _payloads = st.one_of(
     _objects.map(msgspec.json.encode),
     st.lists(_objects, min_size=1, max_size=3).map(msgspec.json.encode),
-    st.sampled_from([b"{", b"[]", b"null", b"{}", b'{"t": 1}\n', b'{"ts": "2026-01-01T00:00:00Z", "t": 1}']),
+    st.sampled_from(
+        [b"{", b"[]", b"null", b"{}", b'{"t": 1}\n', b'{"ts": "2026-01-01T00:00:00Z", "t": 1}']
+    ),
 )
 
 
@@ -160,3 +162,15 @@ def test_stray_closing_brace_or_key_with_braces_decodes_like_the_exact_path() ->
     out = TelemetryDecoder().decode_frame(messages)
     assert [d.topic.split("/")[2] for d in out.dead] == ["x"]
     assert out.ok.get_column("a}").to_list()[-2:] == [3.0, None]
+
+
+def test_a_late_new_field_named_like_null_is_kept() -> None:
+    # "null" inside a key name must not pass for a null value and hide the dropped field
+    messages = [msg(f"d{i}", b'{"ts": %d, "t": 1}' % (NOW + i)) for i in range(150)]
+    messages.append(msg("x", b'{"ts": 1767268800000, "t": 1, "nullx": 5}'))
+    messages.append(msg("y", b'{"ts": 1767268800000, "t": null, "h": 2}'))
+    same_as_exact(TelemetryDecoder(), messages)
+    assert TelemetryDecoder().decode_frame(messages).ok.get_column("nullx").to_list()[-2:] == [
+        5.0,
+        None,
+    ]
