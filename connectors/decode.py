@@ -32,8 +32,8 @@ DEADLETTER_KEEP_BYTES = 4096
 # Epoch milliseconds before 2000-01-01 are almost always epoch seconds sent by mistake.
 _MIN_TS_MS = 946_684_800_000
 _ORDER = "__order"
-# Device ids already checked; the cache starts over past this size.
-_KNOWN_DEVICES_MAX = 1_000_000
+# Topics already resolved to a device id; the cache starts over past this size.
+_KNOWN_TOPICS_MAX = 1_000_000
 # Rows polars reads to infer a batch's schema (see _parse_flat).
 _INFER_ROWS = 100
 
@@ -140,7 +140,8 @@ class TelemetryDecoder:
             device.source == "topic" and self._ts_field is not None and not self._metric_paths
         )
         self._device_level = device.steps[0] if device.source == "topic" else 0
-        self._known_devices: set[str] = set()
+        # topic -> its valid device id, or None (the columnar path's topic lookups)
+        self._topic_devices: dict[str, str | None] = {}
 
     def decode(self, messages: list[DeviceMessage]) -> DecodeOut:
         out = DecodeOut()
@@ -279,17 +280,18 @@ class TelemetryDecoder:
             elif dtype == pl.String or dtype.is_nested() or dtype == pl.Object:
                 # a string may sit next to numbers of the same name elsewhere: exact path
                 return None
-        index = self._device_level
-        topics = pl.Series("topic", [m.topic for m in messages], dtype=pl.String)
-        devices = topics.str.split("/").list.get(index, null_on_oob=True)
+        devices = pl.Series(DEVICE, self._devices(messages), dtype=pl.String)
         received = pl.Series("received", [m.received_ms for m in messages], dtype=pl.Int64)
         if ts_field is not None and ts_field in parsed.columns:
             ts = parsed.get_column(ts_field).cast(pl.Int64).fill_null(received)
         else:
             ts = received
         values = parsed.select([pl.col(name).cast(pl.Float64) for name in metrics])
-        checked = self._valid_devices(devices)
-        good = checked & (ts >= _MIN_TS_MS) & ((ts - received) <= self.max_future_skew_ms)
+        good = (
+            devices.is_not_null()
+            & (ts >= _MIN_TS_MS)
+            & ((ts - received) <= self.max_future_skew_ms)
+        )
         if metrics:
             finite = values.select(
                 pl.all_horizontal([pl.col(n).is_finite() | pl.col(n).is_null() for n in metrics])
@@ -300,18 +302,21 @@ class TelemetryDecoder:
             good = good & False
         return pl.DataFrame({DEVICE: devices, TS: ts}).hstack(values), good
 
-    def _valid_devices(self, devices: pl.Series) -> pl.Series:
-        """True where the topic level is a valid device id (each id checked once)."""
-        known = self._known_devices
-        new = [d for d in devices.unique().to_list() if d not in known]
-        bad = [d for d in new if d is None or check_device_id(d) is not None]
-        if len(known) > _KNOWN_DEVICES_MAX:
-            known.clear()
-        known.update(d for d in new if d not in bad)
-        valid = devices.is_not_null()
-        if bad:
-            valid = valid & ~devices.is_in([d for d in bad if d is not None])
-        return valid
+    def _devices(self, messages: list[DeviceMessage]) -> list[str | None]:
+        """The device id of each message's topic level, None where it is not a valid
+        one; each topic is split and checked once."""
+        cache = self._topic_devices
+        try:
+            return [cache[m.topic] for m in messages]
+        except KeyError:
+            if len(cache) > _KNOWN_TOPICS_MAX:
+                cache.clear()
+            for topic in {m.topic for m in messages}.difference(cache):
+                levels = topic.split("/")
+                index = self._device_level
+                device = levels[index] if -len(levels) <= index < len(levels) else None
+                cache[topic] = device if check_device_id(device) is None else None
+            return [cache[m.topic] for m in messages]
 
     def _decode_one(self, msg: DeviceMessage, out: DecodeOut) -> None:
         def reject(reason: str) -> None:

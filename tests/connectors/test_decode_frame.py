@@ -174,3 +174,15 @@ def test_a_late_new_field_named_like_null_is_kept() -> None:
         5.0,
         None,
     ]
+
+
+def test_topics_without_a_valid_device_level_are_dead_letters_in_every_batch() -> None:
+    decoder = TelemetryDecoder()
+    good = msg("a", b'{"ts": 1767268800000, "t": 1}')
+    short = DeviceMessage("iotflow", b'{"ts": 1767268800000, "t": 2}', NOW)
+    hostile = msg("b#", b'{"ts": 1767268800000, "t": 3}')
+    for _ in range(2):  # the second batch meets the topics already resolved
+        out = decoder.decode_frame([good, short, hostile, good])
+        assert out.ok.get_column("t").to_list() == [1.0, 1.0]
+        assert [d.topic for d in out.dead] == ["iotflow", hostile.topic]
+        same_as_exact(decoder, [good, short, hostile, good])
