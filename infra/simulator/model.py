@@ -97,6 +97,10 @@ class DeviceSnapshot:
     deliveries: dict[str, int] = field(default_factory=dict)
     """Command id -> how many times a message of it reached the device (duplicates and
     redeliveries included), for the last ``commands.remember_commands`` ids."""
+    runs: dict[str, int] = field(default_factory=dict)
+    """Command id -> how many times it changed the device's state, for every id it ever
+    ran: 1, unless the device forgot the id (past ``commands.remember_commands``) and
+    ran a late copy again."""
 
 
 @dataclass(frozen=True)
@@ -216,6 +220,7 @@ class _Device:
     hub: _Hub | None = None
     drop_first: int = 0  # deliveries of each command id left unanswered (faults.command_drops)
     deliveries: OrderedDict[str, int] = field(default_factory=OrderedDict)
+    runs: dict[str, int] = field(default_factory=dict)  # not bounded: the ground truth of tests
     firmware_fails: bool = False
 
     def reported(self) -> dict[str, Any]:
@@ -587,6 +592,7 @@ class FleetModel:
             return failed(f"firmware {changes['firmware']} failed to install (firmware.failing)")
         device.state.update(changes)
         self.counters.commands_executed += 1
+        device.runs[command.command_id] = device.runs.get(command.command_id, 0) + 1
         return Ack(command.command_id, AckStatus.DONE, device.reported())
 
     def ignore(self, reason: str) -> None:
@@ -615,6 +621,7 @@ class FleetModel:
                 device.clock_skew_ms,
                 tuple(cid for cid, ack in device.results.items() if ack.status == AckStatus.DONE),
                 dict(device.deliveries),
+                dict(device.runs),
             )
             for device_id, device in self.devices.items()
         }

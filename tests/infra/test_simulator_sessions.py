@@ -179,3 +179,22 @@ def test_a_restarted_device_picks_up_its_session(
         wait_until(lambda: len(controller.acks_of("while-down")) == 1)
         stats = second.stats
     assert stats.devices["lock-0001"].executed == ("while-down",)
+
+
+def test_runs_count_a_command_a_device_forgot_and_ran_again() -> None:
+    """The ground truth behind "never acts twice": ``runs`` sees what the dedupe missed."""
+    model = FleetConfig(devices={"lock": 1}, commands={"remember_commands": 1}).build()
+    now = datetime.now(UTC)
+
+    def deliver(command_id: str, name: str) -> None:
+        command = Command(command_id, "lock-0001", name, {}, now, now + timedelta(minutes=1))
+        model.receive_command("lock-0001", msgspec.json.encode(command), 0)
+        model.follow_up("lock-0001", command_id, 0)
+
+    deliver("a", "unlock")
+    deliver("a", "unlock")  # remembered: answered, not run
+    deliver("b", "lock")  # pushes "a" out of a memory of one
+    deliver("a", "unlock")
+    device = model.stats().devices["lock-0001"]
+    assert device.runs == {"a": 2, "b": 1}
+    assert device.deliveries == {"a": 1}  # bounded like the memory of results
