@@ -272,7 +272,7 @@ class Fleet:
             self._offline = False
 
     def drop_before_puback(self, count: int = 1) -> None:
-        """Lose the connection right after each of the next ``count`` command messages.
+        """Lose the connection right after each of the next ``count`` commands for its devices.
 
         The device takes each one (and acts on it after its latency) but the
         PUBACK is never sent: the fleet disconnects and reconnects at once on
@@ -575,7 +575,9 @@ class Fleet:
         with self._lock:
             if message.dup:
                 self._model.counters.redeliveries += 1
-            drop = self._drop_pubacks > 0 and not self._stopping
+            # only a command for one of its devices: on a shared base it also hears others'
+            ours = device_id in self._model.devices
+            drop = self._drop_pubacks > 0 and ours and not self._stopping
             if drop:
                 self._drop_pubacks -= 1
             if self._stopping:

@@ -124,6 +124,8 @@ def test_connection_lost_before_puback_redelivers_and_the_device_acts_once(
     )
     with fleet:
         fleet.drop_before_puback()
+        # another fleet's device on the same base: heard, acknowledged, not what is dropped
+        controller.send("other", "lock-0009", "unlock", ttl_s=60)
         controller.send("u1", "lock-0001", "unlock", ttl_s=60)
         wait_until(lambda: fleet.stats.redeliveries == 1 and len(controller.acks_of("u1")) == 2)
         assert fleet.connections == 2
@@ -137,6 +139,7 @@ def test_connection_lost_before_puback_redelivers_and_the_device_acts_once(
     first, again = controller.acks_of("u1")
     assert first == again and first["status"] == "done" and first["reported"]["locked"] == 0
     assert device.reported["locked"] == 1  # u1 did not run again after l1
+    assert stats.ignored_commands == {"unknown device": 1}
 
 
 def test_drop_before_puback_needs_a_persistent_session(stack: StackInfo, names: Any) -> None:
