@@ -7,6 +7,11 @@ deployment (windows, statistics, rules, patterns, device dimensions) from the
 YAML or JSON file named by ``IOTFLOW_MONITORING``, else ``operators.monitoring.DEFAULT``.
 Input is MQTT directly or the bridge's Kafka ingest topic (``IOTFLOW_INGEST``).
 
+Device groups (the group statistics' grouping sets, peer rules, CEP correlation)
+come from the device registry named by ``IOTFLOW_REGISTRY`` (each device's
+metadata such as building, floor and zone, and its model), with the
+deployment's ``dimensions`` added on top (``device_dimensions``).
+
 Outputs:
 
 - ``{prefix}.aggregates``: one record per window result row, keyed
@@ -19,6 +24,7 @@ Outputs:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -42,8 +48,9 @@ from operators.cep import RejectedRows
 from operators.cep_step import cep
 from operators.monitoring import DEFAULT, Monitoring, to_wide
 from operators.steps import window_stats
+from twins.registry import Registry, load_registry
 
-__all__ = ["aggregate_messages", "build_flow", "load_monitoring"]
+__all__ = ["aggregate_messages", "build_flow", "device_dimensions", "load_monitoring"]
 
 _encode = msgspec.json.encode
 
@@ -51,6 +58,35 @@ _encode = msgspec.json.encode
 def load_monitoring(settings: Settings) -> Monitoring:
     """The deployment named by ``IOTFLOW_MONITORING``, or the embedded default."""
     return Monitoring.load(settings.monitoring) if settings.monitoring else DEFAULT
+
+
+def device_dimensions(
+    registry: Registry, declared: Mapping[str, Mapping[str, str]] | None = None
+) -> dict[str, dict[str, str]]:
+    """Each device's grouping dimensions: its registry metadata, then ``declared`` on top.
+
+    From the registry, every device listed by id gives its ``model`` (the device
+    type) and each metadata value that is a string or an integer, as text
+    (``floor: 2`` -> ``"2"``); coordinates and other floats group nothing.
+    Devices known only by an id pattern carry no metadata. ``declared`` (the
+    deployment's ``dimensions``) adds entries or overrides the registry's.
+
+        >>> reg = Registry()
+        >>> _ = reg.define_model("temp", {"properties": {"temperature": {"type": "float"}}})
+        >>> _ = reg.add_device("t1", "temp", building="A", floor=2, x=1.5)
+        >>> device_dimensions(reg, {"t1": {"zone": "z9"}, "t2": {"zone": "z9"}})
+        {'t1': {'model': 'temp', 'building': 'A', 'floor': '2', 'zone': 'z9'}, 't2': {'zone': 'z9'}}
+    """
+    dims: dict[str, dict[str, str]] = {}
+    for device_id, device in registry.devices.items():
+        entry = {"model": device.model}
+        for name, value in device.metadata.items():
+            if isinstance(value, str | int):
+                entry[name] = str(value)
+        dims[device_id] = entry
+    for device_id, extra in (declared or {}).items():
+        dims[device_id] = {**dims.get(device_id, {}), **extra}
+    return dims
 
 
 def _iso(ms: int) -> str:
@@ -101,10 +137,13 @@ def build_flow(
     settings: Settings | None = None,
     source: Source[list[DeviceMessage]] | None = None,
     monitoring: Monitoring | None = None,
+    registry: Registry | None = None,
 ) -> Dataflow:
-    """Wire the monitoring flow; ``source`` replaces the input (tests use ``TestingSource``)."""
+    """Wire the monitoring flow; ``source`` replaces the input (tests use ``TestingSource``),
+    ``registry`` the one named by ``IOTFLOW_REGISTRY``."""
     settings = settings or Settings()
     spec = monitoring or load_monitoring(settings)
+    dims = device_dimensions(registry or load_registry(settings.registry), spec.dimensions)
     topics = KafkaTopics(settings.topic_prefix)
     bootstrap = settings.require_kafka_bootstrap()
     mapping = settings.source_mapping
@@ -124,7 +163,7 @@ def build_flow(
     if ingest.dead is not None:
         dead = op.merge("rejected_all", dead, ingest.dead)
 
-    stats = window_stats("windows", frames, spec.aggregation, spec.dimensions)
+    stats = window_stats("windows", frames, spec.aggregation, dims)
     dead = op.merge("dead", dead, op.flat_map("late_letters", stats.late, _late_letters))
     detections: list[Stream[Detection]] = []
     actions: list[Stream[Any]] = []
@@ -133,7 +172,7 @@ def build_flow(
     wide = op.map("wide", stats.down, to_wide)
     device_wide = op.map("device_wide", wide, lambda f: f.filter(pl.col("group_by") == "device"))
     for rule in spec.peer_rules:
-        found = detect_peer_anomalies(f"peers-{rule.name}", device_wide, rule, spec.dimensions)
+        found = detect_peer_anomalies(f"peers-{rule.name}", device_wide, rule, dims)
         detections.append(found.detections)
     if spec.patterns is not None:
         inputs = sorted({p.input for p in spec.patterns.patterns})
@@ -144,7 +183,7 @@ def build_flow(
                 up = wide
             else:
                 continue  # other inputs (commands) are fed by the orchestration flow
-            out = cep(f"cep-{name}", up, spec.patterns, name, spec.dimensions)
+            out = cep(f"cep-{name}", up, spec.patterns, name, dims)
             detections.append(out.detections)
             actions.append(out.actions)
             dead = op.merge(

@@ -11,7 +11,9 @@ and a wrong value fails at load time with ``ConfigError``):
 - ``MadRule``: robust z-score ``0.6745·(x - median) / MAD`` over a rolling
   window, so one spike does not inflate the baseline of the next readings.
 - ``PeerRule``: a device's window statistic (``temperature_avg``) against its
-  peers in the same group (``zone``) for the same window.
+  peers in the same group (``zone``, or ``[building, floor]``) for the same
+  window; groups come from the device dimensions (registry metadata) the way
+  the group statistics' do (``operators.groups``).
 
 Each declaration's ``build(resume_state)`` returns a logic object with
 ``on_batch(frame) -> list[Detection | Skipped]`` and ``snapshot()`` (plain
@@ -85,6 +87,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from iotflow.durations import Duration
 from iotflow.errors import ConfigError
 from iotflow.events import Detection, from_ms, to_ms
+from operators.groups import group_keys, set_label
 
 __all__ = [
     "SCORE_LIMIT",
@@ -366,8 +369,13 @@ class PeerRule(_RuleBase):
     Works on window frames (``key``, ``window_start_ms``, ``window_end_ms``,
     ``column`` such as ``temperature_avg``): peers are compared "at the same
     time" as the same window of the same group, so noise is smoothed by the
-    window operator first. The group of a key is ``dimensions[key][dimension]``
-    (given at build). The baseline of a device is the median and MAD of the
+    window operator first. ``dimension`` names the peer group: one dimension
+    (``zone``) or a grouping set of several (``[building, floor]``), over the
+    device dimensions given at build (``{"dev-1": {"zone": "z1"}}``, which the
+    monitoring flow takes from the registry's metadata). A device's group is
+    the key its group statistics carry (``zone=z1``, ``building=A|floor=2``,
+    ``operators.groups``); a device without every dimension of the set is
+    ``ungrouped``. The baseline of a device is the median and MAD of the
     *other* devices of its group in that window, so one outlier does not hide
     another; the score is the robust z of ``MadRule`` (with the same
     mean-absolute-deviation fallback and flat rule); a device needs at least
@@ -381,21 +389,36 @@ class PeerRule(_RuleBase):
 
         >>> PeerRule(column="temperature_avg", dimension="zone").name
         'peer:zone:temperature_avg'
+        >>> PeerRule(column="power_avg", dimension=["building", "floor"]).name
+        'peer:building+floor:power_avg'
     """
 
     kind: Literal["peer"] = "peer"
     column: str
-    dimension: str
+    dimension: str | list[str]
     threshold: float = 3.5
     min_peers: int = 3
     max_wait: Duration = timedelta(seconds=2)
 
     @classmethod
     def _name_for(cls, data: dict[str, Any], target: str) -> str:
-        return f"peer:{data.get('dimension')}:{target}"
+        dimension = data.get("dimension")
+        label = set_label(dimension) if isinstance(dimension, list) else dimension
+        return f"peer:{label}:{target}"
+
+    @property
+    def group_by(self) -> list[str]:
+        """The dimensions of the peer group, as a grouping set."""
+        return [self.dimension] if isinstance(self.dimension, str) else list(self.dimension)
 
     @model_validator(mode="after")
     def _check(self) -> PeerRule:
+        names = self.group_by
+        if not names or len(set(names)) != len(names) or "device" in names or "" in names:
+            raise ValueError(
+                f"dimension={self.dimension!r} must name one dimension or distinct ones "
+                "(e.g. zone or [building, floor]); 'device' is no peer group"
+            )
         if self.threshold <= 0:
             raise ValueError(f"threshold={self.threshold} must be > 0 (a robust z, e.g. 3.5)")
         if self.min_peers < 2:
@@ -1241,13 +1264,10 @@ class PeerLogic:
         self.rule = rule
         self._now = now
         self._wait_ms = int(rule.max_wait.total_seconds() * 1000)
-        self._group_of: dict[str, str] = {}
+        self._group_of = group_keys(dimensions, rule.group_by)
         members: dict[str, int] = {}
-        for dev, dims in dimensions.items():
-            group = dims.get(rule.dimension)
-            if group is not None:
-                self._group_of[dev] = group
-                members[group] = members.get(group, 0) + 1
+        for group in self._group_of.values():
+            members[group] = members.get(group, 0) + 1
         self._members = members
         self.counts: dict[str, int] = dict.fromkeys(
             (
@@ -1417,7 +1437,7 @@ class PeerLogic:
                     float(med_s[i]) * scale,
                     None if is_flat else float(score[i]),
                     column=rule.column,
-                    dimension=rule.dimension,
+                    dimension=set_label(rule.group_by),
                     group=group,
                     window_start=from_ms(win[0]).isoformat(),
                     window_end=from_ms(win[1]).isoformat(),

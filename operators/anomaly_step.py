@@ -52,6 +52,7 @@ from operators.anomaly import (
     Skipped,
     ZScoreRule,
 )
+from operators.groups import group_keys
 from operators.steps import LogicStep, shard_of
 
 __all__ = ["AnomalyOut", "detect_anomalies", "detect_peer_anomalies"]
@@ -144,15 +145,14 @@ def detect_peer_anomalies(
     """A device against its peers of the same group, over window-result frames.
 
     ``dimensions`` maps a window key (device id) to its dimensions, e.g.
-    ``{"dev-1": {"zone": "z1"}}``; window results are routed by the shard of
-    their group so all peers of a group meet. A group-window is scored when
+    ``{"dev-1": {"zone": "z1"}}`` (the registry's metadata in the monitoring
+    flow); window results are routed by the shard of their group so all peers
+    of a group meet. A group-window is scored when
     all its devices reported, when a later window of the group is scored,
     after ``rule.max_wait`` or at end of input; results for a group-window
     already scored go to ``skipped``.
     """
-    groups = {
-        key: dims[rule.dimension] for key, dims in dimensions.items() if rule.dimension in dims
-    }
+    groups = group_keys(dimensions, rule.group_by)
     split = _sharder("key", lambda key: shard_of(groups.get(key or "", ""), shards))
     keyed = op.flat_map("shard", up, split)
     emitted = op.stateful_batch(

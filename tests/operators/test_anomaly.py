@@ -16,8 +16,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dataflows.monitoring import device_dimensions
 from iotflow.errors import ConfigError
 from iotflow.events import Detection, from_ms
+from operators.aggregation import Aggregation
 from operators.anomaly import (
     SCORE_LIMIT,
     AnomalyDetector,
@@ -29,6 +31,7 @@ from operators.anomaly import (
     detections,
     load_rules,
 )
+from twins.registry import Registry
 
 T0 = 1_767_268_800_000  # 2026-01-01T12:00:00Z
 NOW = datetime(2026, 1, 1, 13, 0, tzinfo=UTC)
@@ -510,8 +513,46 @@ def test_peer_one_outlier_does_not_hide_another() -> None:
     ]
     d = found[0]
     assert d.rule == "peer:zone:t_avg" and d.ts == from_ms(T0)
-    assert d.details["group"] == "z1" and d.details["peers"] == 6
+    assert d.details["group"] == "zone=z1" and d.details["peers"] == 6
     assert d.details["window_end"] == "2026-01-01T12:01:00+00:00"
+
+
+def test_peer_groups_are_registry_dimension_sets_keyed_like_group_statistics() -> None:
+    # building A floor 1 and floor 2 are separate peer groups; building B floor 1 too
+    registry = Registry()
+    registry.define_model("temp", {"properties": {"temperature": {"type": "float"}}})
+    for i in range(5):
+        registry.add_device(f"a1-{i}", "temp", building="A", floor=1, zone="east")
+        registry.add_device(f"a2-{i}", "temp", building="A", floor=2, zone="east")
+        registry.add_device(f"b1-{i}", "temp", building="B", floor=1, zone="east")
+    registry.add_device("roof", "temp", building="A")  # no floor: ungrouped
+    dims = device_dimensions(registry)
+    rule = PeerRule.model_validate(
+        {"kind": "peer", "column": "t_avg", "dimension": ["building", "floor"]}
+    )
+    assert rule.name == "peer:building+floor:t_avg"
+    # A's first floor runs at 20 degrees, the other floors at 25: only a1-0 (25) deviates
+    # from its floor; in one zone-wide peer group it would hide among the warm floors
+    values = {f"a1-{i}": 20.0 + i * 0.1 for i in range(5)} | {"a1-0": 25.0}
+    values |= {f"a2-{i}": 25.0 + i * 0.1 for i in range(5)}
+    values |= {f"b1-{i}": 25.0 + i * 0.1 for i in range(5)} | {"roof": 99.0}
+    logic = rule.build(None, dims, now)
+    found = detections(logic.on_batch(window_frame(values)))
+    assert [(d.key, d.details["group"], d.details["dimension"]) for d in found] == [
+        ("a1-0", "building=A|floor=1", "building+floor")
+    ]
+    assert found[0].details["peers"] == 4 and logic.counts["ungrouped"] == 1
+    by_zone = PeerRule(column="t_avg", dimension="zone").build(None, dims, now)
+    assert "a1-0" not in [d.key for d in detections(by_zone.on_batch(window_frame(values)))]
+    # the same key as the group statistics' row for that floor
+    agg = Aggregation.model_validate(
+        {"window": {"kind": "tumbling", "length": "1m"}, "group_by": [["building", "floor"]]}
+    )
+    readings = pl.DataFrame({"device_id": ["a1-0", "a2-0"], "ts_ms": [T0, T0], "t": [25.0, 25.0]})
+    keys = agg.analyze(readings, dims).get_column("key").to_list()
+    assert keys == ["building=A|floor=1", "building=A|floor=2"]
+    with pytest.raises(ConfigError, match="distinct"):
+        PeerRule(column="t_avg", dimension=["zone", "zone"])
 
 
 def test_peer_needs_min_peers() -> None:

@@ -162,4 +162,8 @@ def test_peer_flow_groups_by_zone_across_shards(shards: int) -> None:
     op.output("det", out.detections, TestingSink(found))
     run_main(flow)
     got = sorted((d.key, d.details["group"], d.details["window_start"][11:16]) for d in found)
-    assert got == [("d2", "north", "12:00"), ("d7", "south", "12:01"), ("d9", "south", "12:00")]
+    assert got == [
+        ("d2", "zone=north", "12:00"),
+        ("d7", "zone=south", "12:01"),
+        ("d9", "zone=south", "12:00"),
+    ]
