@@ -1,8 +1,9 @@
 """A monitoring deployment as data: windows, anomaly rules and CEP patterns over one telemetry stream.
 
 ``Monitoring`` composes the operator declarations (``Aggregation``, the rules
-of ``operators.anomaly``, a ``PatternSet``) and the device dimensions they
-group by. It loads from a dict, JSON or YAML; a wrong declaration fails at
+of ``operators.anomaly``, a ``PatternSet``) and device dimensions they group
+by (``dimensions``: added to, or overriding, the device registry's metadata,
+which the monitoring flow reads). It loads from a dict, JSON or YAML; a wrong declaration fails at
 load time naming the field. ``DEFAULT`` is the embedded deployment the
 ``monitoring`` flow runs without a file.
 

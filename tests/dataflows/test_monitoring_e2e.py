@@ -68,10 +68,14 @@ def iso(ms: int) -> str:
 
 
 def run(
-    settings: Settings, tmp_path: Path, messages: list[tuple[str, bytes]], mqtt_publish
+    settings: Settings,
+    tmp_path: Path,
+    messages: list[tuple[str, bytes]],
+    mqtt_publish,
+    deployment: dict | None = None,
 ) -> Settings:
     path = tmp_path / "monitoring.yaml"
-    path.write_text(yaml.safe_dump(DEPLOYMENT))
+    path.write_text(yaml.safe_dump(deployment or DEPLOYMENT))
     settings = settings.model_copy(
         update={
             "monitoring": path,
@@ -200,3 +204,57 @@ def test_surge_of_anomalous_readings_in_one_zone(
     # the third lab device completes the surge; then the group starts afresh and the
     # fourth is alone
     assert [(d["key"], d["ts"]) for d in surges] == [("lab", iso(T0 + 50_000))], surges
+
+
+def test_peer_rule_groups_devices_by_registry_building_and_floor(
+    settings: Settings, tmp_path: Path, mqtt_publish
+) -> None:
+    # no dimensions in the deployment: building and floor come from the registry file
+    registry = {
+        "models": {"temp": {"properties": {"temperature": {"type": "float"}}}},
+        "devices": {
+            f"a{i}": {"model": "temp", "building": "A", "floor": 1 if i <= 4 else 2}
+            for i in range(1, 9)
+        },
+    }
+    registry_path = tmp_path / "registry.yaml"
+    registry_path.write_text(yaml.safe_dump(registry))
+    deployment = {
+        "aggregation": {
+            "window": {"kind": "tumbling", "length": "1m"},
+            "allowed_lateness": "30s",
+            "stats": ["avg", "device_count"],
+            "group_by": [["device"], ["building", "floor"]],
+        },
+        "anomalies": [
+            {"kind": "peer", "column": "temperature_avg", "dimension": ["building", "floor"]}
+        ],
+    }
+    # floor 1 at 20 degrees but a4 at 26; floor 2 at 26: only a4 deviates from its floor
+    level = {"a1": 20.0, "a2": 20.2, "a3": 20.4, "a4": 26.0}
+    level |= {"a5": 26.0, "a6": 26.2, "a7": 26.4, "a8": 26.6}
+    topics = MqttTopics(settings.mqtt_base)
+    messages = [
+        (topics.telemetry(d), json.dumps({"ts": T0 + i * 10_000, "temperature": v}).encode())
+        for i in range(6)
+        for d, v in level.items()
+    ]
+    settings = run(
+        settings.model_copy(update={"registry": registry_path}),
+        tmp_path,
+        messages,
+        mqtt_publish,
+        deployment,
+    )
+    bootstrap = settings.require_kafka_bootstrap()
+    kafka = KafkaTopics(settings.topic_prefix)
+    groups = sorted(
+        (a["key"], a["device_count"])
+        for a in (json.loads(r.value) for r in read_topic(bootstrap, kafka.aggregates))
+        if a["group_by"] == "building+floor"
+    )
+    assert groups == [("building=A|floor=1", 4), ("building=A|floor=2", 4)]
+    detections = [json.loads(r.value) for r in read_topic(bootstrap, kafka.detections)]
+    assert [
+        (d["rule"], d["key"], d["details"]["group"], d["details"]["peers"]) for d in detections
+    ] == [("peer:building+floor:temperature_avg", "a4", "building=A|floor=1", 3)], detections
