@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.chaos import FAULTS, QUICK, fault_schedule
 from bench.harness import BENCHMARKS, load
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -100,3 +101,32 @@ def test_unknown_parameter_is_a_usage_error() -> None:
     done = bench("flow_throughput", "--quick", "--no-such-param", "3")
     assert done.returncode == 2
     assert "--no-such-param" in done.stderr
+
+
+def test_chaos_with_a_fixed_seed_loses_nothing_and_runs_nothing_twice() -> None:
+    done = bench("chaos", "--quick", "--seed", "7", timeout_s=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    counts = result["counts"]
+    # the same seed gives the same fault schedule, every kind of fault once
+    planned = fault_schedule(7, QUICK["duration"], QUICK["interval"], list(FAULTS))
+    assert result["params"]["schedule"] == [f.to_json() for f in planned]
+    assert {kind: counts[f"{kind}.injected"] for kind in FAULTS} == dict.fromkeys(FAULTS, 1)
+    assert counts["readings_lost"] == counts["commands_executed_twice"] == 0
+    assert counts["expired_executed"] == 0
+    for kind in ("bridge_kill", "flow_kill"):
+        assert counts[f"{kind}.readings_lost"] == 0
+    for kind in (
+        "duplicate_request",
+        "redelivery",
+        "link_drop",
+        "orchestrator_kill",
+        "device_offline",
+    ):
+        assert counts[f"{kind}.executed_twice"] == 0
+    # the faults did happen: copies came and were dropped, the expiring command expired
+    assert counts["duplicate_request.duplicates_before_dedup"] == 2
+    assert counts["redelivery.duplicates_before_dedup"] >= 1
+    assert counts["device_offline.expiring_audited_expired"] == 1
+    assert counts["device_offline.valid_executed"] == 2
+    assert counts["commands_done"] == counts["commands_requested"] - counts["commands_expired"]
