@@ -3,14 +3,18 @@
 Writes are idempotent on each table's natural key (``INSERT OR REPLACE`` on
 the primary key), so a replay after recovery leaves the table as it was.
 One worker owns the file (a single sink partition): DuckDB allows one
-writing process per database file.
+writing process per database file. ``BackgroundWriter`` moves the upserts
+(and the conversion to Arrow) off the flow's worker thread.
 """
 
 from __future__ import annotations
 
+import atexit
+import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +33,7 @@ __all__ = [
     "DETECTIONS",
     "EXTRA_STATS",
     "TWIN_HISTORY",
+    "BackgroundWriter",
     "DuckDBSink",
     "Table",
     "aggregate_rows",
@@ -258,6 +263,168 @@ def connect(path: Path | str, tables: Sequence[Table] = (AGGREGATES,)) -> duckdb
     return con
 
 
+def upsert(con: duckdb.DuckDBPyConnection, table: Table, batch: pa.Table) -> None:
+    """``INSERT OR REPLACE`` an Arrow batch into ``table``; of the batch's rows with one
+    natural key, the last wins."""
+    # DuckDB refuses a key twice in one INSERT OR REPLACE: keep the last row of each key
+    # (batches coalesced by BackgroundWriter may update a key).
+    ordered = batch.append_column("_row", pa.array(range(batch.num_rows), pa.int64()))
+    con.register("_batch", ordered)
+    try:
+        keys = ", ".join(f'"{k}"' for k in table.key)
+        con.execute(
+            f'INSERT OR REPLACE INTO "{table.name}" SELECT * EXCLUDE (_row) FROM _batch '
+            f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY _row DESC) = 1"
+        )
+    finally:
+        con.unregister("_batch")
+
+
+class BackgroundWriter:
+    """Upserts items into one DuckDB table from a thread of its own.
+
+    A DuckDB commit costs ~10 ms however small the batch; on a flow's worker
+    thread it stalls everything queued behind it. Here ``put`` only queues:
+    the thread converts (``to_arrow``) and upserts what is queued at once, at
+    the latest ``interval`` after the oldest queued item was put, or as soon
+    as ``max_pending`` items wait.
+
+    Guarantees:
+
+    - **Bounded, never lossy.** At most ``max_pending`` items wait; ``put``
+      blocks while that many do (backpressure), it never drops.
+    - **Flush.** ``flush()`` returns once every item put before it is
+      committed; a sink calls it at each epoch's snapshot, so a recovery
+      snapshot never runs ahead of the rows. ``close()`` flushes and stops the
+      thread; an interpreter exit (a flow stopped with SIGINT) closes too.
+      Rows are upserted on their natural key, so a replay is harmless.
+    - **Errors are not swallowed.** A failed upsert stops the writer; the
+      error is raised from every later ``put`` and ``flush``, and from
+      ``close`` unless it was raised already.
+
+    Example::
+
+        >>> import tempfile
+        >>> from datetime import UTC
+        >>> path = Path(tempfile.mkdtemp()) / "audit.duckdb"
+        >>> writer = BackgroundWriter(path, DETECTIONS, detection_rows)
+        >>> writer.put([Detection("hot", "d1", datetime(2026, 1, 1, tzinfo=UTC), 31.0)])
+        >>> writer.close()
+        >>> duckdb.connect(str(path)).sql("SELECT rule, key FROM detections").fetchall()
+        [('hot', 'd1')]
+    """
+
+    def __init__(
+        self,
+        path: Path | str,
+        table: Table,
+        to_arrow: Callable[[list[Any]], pa.Table],
+        *,
+        interval: timedelta = timedelta(seconds=1),
+        max_pending: int = 100_000,
+    ) -> None:
+        if interval <= timedelta(0) or max_pending < 1:
+            msg = f"BackgroundWriter needs interval > 0 and max_pending >= 1, got {interval}, {max_pending}"
+            raise ConfigError(msg)
+        self._con = connect(path, [table])  # in the caller: a bad path fails here, named
+        self._table = table
+        self._to_arrow = to_arrow
+        self._interval_s = interval.total_seconds()
+        self._max_pending = max_pending
+        self._cond = threading.Condition()
+        self._pending: list[Any] = []
+        self._oldest = 0.0  # time.monotonic() of the oldest pending item's put
+        self._put = 0  # items put so far
+        self._written = 0  # items committed so far
+        self._flushes = 0  # flush() calls waiting
+        self._closing = False
+        self._error: BaseException | None = None
+        self._reported = False
+        self._thread = threading.Thread(target=self._run, name=f"duckdb-{table.name}", daemon=True)
+        self._thread.start()
+        atexit.register(self.close)
+
+    def put(self, items: list[Any]) -> None:
+        """Queue ``items`` for the table; blocks while ``max_pending`` items wait."""
+        with self._cond:
+            self._cond.wait_for(
+                lambda: (
+                    self._error is not None
+                    or self._closing
+                    or len(self._pending) < self._max_pending
+                )
+            )
+            self._raise()
+            if self._closing:
+                raise ConfigError(f"the {self._table.name} writer is closed; nothing more is taken")
+            if not self._pending:
+                self._oldest = time.monotonic()
+            self._pending.extend(items)
+            self._put += len(items)
+            self._cond.notify_all()
+
+    def flush(self) -> None:
+        """Return once every item put so far is committed (or raise the writer's error)."""
+        with self._cond:
+            target = self._put
+            self._flushes += 1
+            self._cond.notify_all()
+            try:
+                self._cond.wait_for(lambda: self._written >= target or self._error is not None)
+            finally:
+                self._flushes -= 1
+            self._raise()
+
+    def close(self) -> None:
+        """Flush, stop the thread and close the connection; idempotent."""
+        with self._cond:
+            if self._closing:
+                return
+            self._closing = True
+            self._cond.notify_all()
+        atexit.unregister(self.close)
+        self._thread.join()
+        self._con.close()
+        if not self._reported:
+            self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            self._reported = True
+            msg = f"writing {self._table.name} to DuckDB failed: {self._error}"
+            raise ConfigError(msg) from self._error
+
+    def _due(self) -> bool:
+        if self._closing or self._flushes or len(self._pending) >= self._max_pending:
+            return True
+        return time.monotonic() - self._oldest >= self._interval_s
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending or not self._due():
+                    if self._closing and not self._pending:
+                        return
+                    timeout = (
+                        None
+                        if not self._pending
+                        else max(0.0, self._oldest + self._interval_s - time.monotonic())
+                    )
+                    self._cond.wait(timeout)
+                batch, self._pending = self._pending, []
+                self._cond.notify_all()  # room for blocked puts
+            try:
+                upsert(self._con, self._table, self._to_arrow(batch))
+            except BaseException as exc:  # raised again in the caller's thread
+                with self._cond:
+                    self._error = exc
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                self._written += len(batch)
+                self._cond.notify_all()
+
+
 class _Partition(StatefulSinkPartition[Any, None]):
     def __init__(self, path: Path, table: Table, to_arrow: Callable[[list[Any]], pa.Table]) -> None:
         self._con = connect(path, [table])
@@ -265,23 +432,28 @@ class _Partition(StatefulSinkPartition[Any, None]):
         self._to_arrow = to_arrow
 
     def write_batch(self, items: list[Any]) -> None:
-        batch = self._to_arrow(items)
-        # DuckDB refuses a key twice in one INSERT OR REPLACE; replays repeat identical rows, keep one.
-        self._con.register("_batch", batch)
-        try:
-            keys = ", ".join(f'"{k}"' for k in self._table.key)
-            self._con.execute(
-                f'INSERT OR REPLACE INTO "{self._table.name}" '
-                f"SELECT * FROM _batch QUALIFY row_number() OVER (PARTITION BY {keys}) = 1"
-            )
-        finally:
-            self._con.unregister("_batch")
+        upsert(self._con, self._table, self._to_arrow(items))
 
     def snapshot(self) -> None:
         return None
 
     def close(self) -> None:
         self._con.close()
+
+
+class _BackgroundPartition(StatefulSinkPartition[Any, None]):
+    def __init__(self, writer: BackgroundWriter) -> None:
+        self._writer = writer
+
+    def write_batch(self, items: list[Any]) -> None:
+        self._writer.put(items)
+
+    def snapshot(self) -> None:
+        # the epoch ends: its rows are committed before Bytewax records the snapshot
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
 
 
 class DuckDBSink(FixedPartitionedSink[Any, None]):
@@ -291,10 +463,15 @@ class DuckDBSink(FixedPartitionedSink[Any, None]):
     shares one database between the connections of a process; run a flow that
     writes DuckDB in one process, ``-w`` threads are fine).
 
+    ``background`` (a flush interval) writes through a ``BackgroundWriter``
+    per table: the worker only queues, and each epoch's snapshot waits until
+    its rows are committed. Without it, each batch is upserted on the worker.
+
     Example::
 
         sink = DuckDBSink(Path("iot.duckdb"), AGGREGATES, aggregate_rows)
         both = DuckDBSink(Path("iot.duckdb"), AGGREGATES, stats_rows, also={DETECTIONS: detection_rows})
+        audit = DuckDBSink(Path("iot.duckdb"), COMMAND_AUDIT, rows, background=timedelta(seconds=1))
     """
 
     def __init__(
@@ -304,8 +481,10 @@ class DuckDBSink(FixedPartitionedSink[Any, None]):
         to_arrow: Callable[[list[Any]], pa.Table],
         *,
         also: Mapping[Table, Callable[[list[Any]], pa.Table]] | None = None,
+        background: timedelta | None = None,
     ) -> None:
         self._path = Path(path)
+        self._background = background
         self._routes = {table.name: (table, to_arrow)}
         self._routes.update({t.name: (t, f) for t, f in (also or {}).items()})
 
@@ -320,9 +499,14 @@ class DuckDBSink(FixedPartitionedSink[Any, None]):
             msg = f"no DuckDB table {item_key!r} in this sink; tables: {', '.join(self._routes)}"
             raise ConfigError(msg) from None
 
-    def build_part(self, step_id: str, for_part: str, resume_state: None) -> _Partition:
+    def build_part(
+        self, step_id: str, for_part: str, resume_state: None
+    ) -> _Partition | _BackgroundPartition:
         table, to_arrow = self._routes[for_part]
-        return _Partition(self._path, table, to_arrow)
+        if self._background is None:
+            return _Partition(self._path, table, to_arrow)
+        writer = BackgroundWriter(self._path, table, to_arrow, interval=self._background)
+        return _BackgroundPartition(writer)
 
 
 def command_history(
