@@ -133,6 +133,10 @@ class CommandRecord:
         return self.command.command_id
 
     @property
+    def device_id(self) -> str:
+        return self.command.device_id
+
+    @property
     def terminal(self) -> bool:
         return self.state in TERMINAL
 

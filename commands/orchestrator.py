@@ -10,7 +10,8 @@ for Bytewax by ``operators.steps.LogicStep``. It takes one item at a time:
   an ``InvalidRequest`` (audited as REJECTED when it has a usable command id);
 - a ``DeviceAck`` or ``DeviceState`` from a device,
 
-and returns what it decided: ``Write`` items for the device writers,
+and returns what it decided: ``Write`` items for the device writers (or, with
+a ``deliver`` hook, what the writers made of them),
 ``CommandEvent`` and coordinators' ``PlanEvent`` items for the audit trail,
 ``Dropped`` items for the dead-letter topic.
 
@@ -41,14 +42,19 @@ Guarantees:
 - **Expiry.** Nothing is written at or after ``expires_at``: a queued command
   that reaches it is EXPIRED without being sent, a command waiting to be
   re-sent is EXPIRED instead, and one that expires in flight is EXPIRED at its
-  ack deadline unless the device answers first. A ``failed`` answer at or
+  ack deadline unless the device answers first. With ``deliver`` (the device
+  writers, which check ``expires_at`` again on a fresh clock read), a command
+  that expires between the decision and the writer is EXPIRED, ``applied``
+  False (never sent; unknown if an earlier attempt was), and not recorded SENT. A ``failed`` answer at or
   after ``expires_at`` (a device refusing a command that reached it late:
   the MQTT 5 expiry counts whole seconds) is EXPIRED too, not applied.
 - **Duplicates.** A request whose command id is known (live or finished within
   ``remember`` after its expiry; later, a replay is expired on arrival and never
   sent) does nothing; the same id with other content
   is dropped to the dead letters. An ack or state for a finished command
-  changes nothing. A replayed coordinator start does nothing.
+  changes nothing. A replayed coordinator start does nothing. A finished
+  command keeps only its id, device, terminal state and request digest
+  (``commands.remembered``): ~40 snapshot bytes each.
 - **Coordinators** (``commands.coordinator``): started once, given each
   terminal outcome of the commands they issued exactly once, their timers and
   progress handled, their snapshots kept in this one's.
@@ -88,6 +94,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from commands.coordinator import Coordinator, restore_coordinator
 from commands.instructions import Instruction
 from commands.model import EVENT_OF, CommandRecord, CommandState
+from commands.remembered import Remembered
 from commands.validation import (
     CancelRequest,
     CommandValidator,
@@ -106,6 +113,7 @@ from twins.registry import Registry
 __all__ = [
     "STATE_VERSION",
     "CoordinatorBuilder",
+    "Deliver",
     "Dropped",
     "Orchestrator",
     "OrchestratorConfig",
@@ -113,14 +121,20 @@ __all__ = [
     "Write",
 ]
 
-STATE_VERSION = 1
-"""The layout of ``Orchestrator.snapshot``; a snapshot of another layout is refused."""
+STATE_VERSION = 2
+"""The layout of ``Orchestrator.snapshot``; layout 1 (finished commands as full records)
+is still read, any other is refused."""
 
 S = CommandState
 _LIVE = (S.SENT, S.ACKED, S.RETRYING)
 
 CoordinatorBuilder = Callable[[Mapping[str, Any], Registry, datetime], Coordinator]
 """Builds a coordinator from its declaration (``CoordinatorRequest.spec``)."""
+
+Deliver = Callable[["Write"], Any]
+"""Hands a ``Write`` to its device writer right before it leaves the step and returns
+the writer's message (``commands.writers``), or a ``Dropped`` when the command expired
+meanwhile: it is then not sent."""
 
 
 def _utcnow() -> datetime:
@@ -213,10 +227,17 @@ class OrchestratorConfig(BaseModel):
         *,
         builders: Mapping[str, CoordinatorBuilder] | None = None,
         jitter_draw: Callable[[str, int], float] | None = None,
+        deliver: Deliver | None = None,
     ) -> Orchestrator:
         """An orchestrator, fresh or resumed from ``resume_state`` (its ``snapshot()``)."""
         return Orchestrator(
-            self, registry, now, resume_state, builders=builders, jitter_draw=jitter_draw
+            self,
+            registry,
+            now,
+            resume_state,
+            builders=builders,
+            jitter_draw=jitter_draw,
+            deliver=deliver,
         )
 
 
@@ -232,6 +253,7 @@ class Orchestrator:
         *,
         builders: Mapping[str, CoordinatorBuilder] | None = None,
         jitter_draw: Callable[[str, int], float] | None = None,
+        deliver: Deliver | None = None,
     ) -> None:
         if config.default_protocol not in config.ack_timeout:
             msg = (
@@ -244,6 +266,7 @@ class Orchestrator:
         self._now = now
         self._builders = dict(builders or {})
         self._draw = jitter_draw or self._seeded_draw
+        self._deliver = deliver
         self.validator = CommandValidator(
             registry,
             protocols=config.ack_timeout,
@@ -251,12 +274,12 @@ class Orchestrator:
             max_ttl=config.max_ttl,
             max_future_skew=config.max_future_skew,
         )
-        self.records: dict[str, CommandRecord] = {}
+        self.records: dict[str, CommandRecord] = {}  # live commands; finished ones: _remembered
+        self._remembered = Remembered()
         self._queues: dict[str, list[str]] = {}
         self._in_flight: dict[str, str] = {}
         self.reported: dict[str, dict[str, Any]] = {}
         self._timers: list[tuple[datetime, int, str]] = []
-        self._forget: list[tuple[datetime, str]] = []
         self.coordinators: dict[str, Coordinator] = {}
         self._finished: dict[str, datetime] = {}
         self._seq = 0
@@ -335,11 +358,12 @@ class Orchestrator:
         return min(times) if times else None
 
     def snapshot(self) -> dict[str, Any]:
-        """Plain data: every remembered record, reported states, coordinators, counters."""
+        """Plain data: live records, finished commands, reported states, coordinators, counters."""
         return {
             "version": STATE_VERSION,
             "seq": self._seq,
             "records": [rec.to_data() for rec in self.records.values()],
+            "remembered": self._remembered.to_data(),
             "reported": {d: dict(r) for d, r in self.reported.items()},
             "coordinators": [c.snapshot() for c in self.coordinators.values()],
             "finished": {cid: t.isoformat() for cid, t in self._finished.items()},
@@ -359,6 +383,14 @@ class Orchestrator:
     def in_flight(self, device_id: str) -> str | None:
         """The id of the device's command that was sent and has not finished, if any."""
         return self._in_flight.get(device_id)
+
+    def state_of(self, command_id: str) -> CommandState | None:
+        """Where a command stands: live or finished (while remembered); None if unknown."""
+        rec = self.records.get(command_id)
+        if rec is not None:
+            return rec.state
+        finished = self._remembered.get(command_id)
+        return None if finished is None else finished.state
 
     # -- requests -------------------------------------------------------------------------
 
@@ -390,17 +422,17 @@ class Orchestrator:
             self._count("invalid_requests")
             out.append(Dropped("commands", problem, msgspec.json.encode(command), now))
             return
-        known = self.records.get(command.command_id)
         digest = _digest(command)
+        known = self.records.get(command.command_id) or self._remembered.get(command.command_id)
         if known is not None:
             if known.digest == digest:
                 self._count("duplicate_requests")
             else:
                 self._count("reused_ids")
+                device = known.device_id
                 reason = (
                     f"command_id {command.command_id!r} is already used by another command "
-                    f"({known.command.name} for {known.command.device_id}); "
-                    "a command id names exactly one write"
+                    f"(for {device}); a command id names exactly one write"
                 )
                 out.append(Dropped("commands", reason, msgspec.json.encode(command), now))
             return
@@ -501,7 +533,7 @@ class Orchestrator:
         if item.command_id is None:
             out.append(Dropped("commands", item.reason, item.payload, now))
             return
-        if item.command_id in self.records:
+        if item.command_id in self.records or item.command_id in self._remembered:
             self._count("duplicate_requests")
             return
         # audited under its id, so the sender can look up why; the device is never involved
@@ -518,19 +550,19 @@ class Orchestrator:
 
     def _ack(self, item: DeviceAck, now: datetime, out: list[Any]) -> None:
         ack = item.ack
-        rec = self.records.get(ack.command_id)
+        rec = self.records.get(ack.command_id) or self._remembered.get(ack.command_id)
         if rec is None:
             self._count("acks_unknown")
             return
-        if rec.command.device_id != item.device_id:
+        if rec.device_id != item.device_id:
             self._count("acks_wrong_device")
             reason = (
                 f"device {item.device_id!r} acked command {ack.command_id!r}, which was sent "
-                f"to {rec.command.device_id!r}; ignored"
+                f"to {rec.device_id!r}; ignored"
             )
             out.append(Dropped("acks", reason, msgspec.json.encode(ack), now))
             return
-        if rec.terminal:
+        if not isinstance(rec, CommandRecord):
             self._count("acks_duplicate")
             return
         if rec.state not in _LIVE:
@@ -603,11 +635,21 @@ class Orchestrator:
             self._queues.pop(device_id, None)
 
     def _send(self, rec: CommandRecord, now: datetime, out: list[Any]) -> None:
+        write = Write(rec.command, rec.protocol, rec.attempts + 1, rec.metadata)
+        message = write if self._deliver is None else self._deliver(write)
+        if isinstance(message, Dropped):  # expired on its way to the writer
+            sent_before = rec.attempts > 0
+            detail = message.reason + (
+                f"; sent {rec.attempts} times before, never confirmed" if sent_before else ""
+            )
+            applied = None if sent_before else False
+            self._finish(rec, S.EXPIRED, now, out, applied=applied, reason="expired", detail=detail)
+            return
         rec.move(S.SENT, now)
         rec.attempts += 1
         self._set_deadline(rec, now + self._ack_timeout(rec))
         self._count("sends")
-        out.append(Write(rec.command, rec.protocol, rec.attempts, rec.metadata))
+        out.append(message)
         self._emit(rec, now, out)
 
     def _deadline(self, rec: CommandRecord, now: datetime, out: list[Any]) -> None:
@@ -676,8 +718,7 @@ class Orchestrator:
         if self._in_flight.get(device_id) == rec.command_id:
             del self._in_flight[device_id]
             self._dirty[device_id] = None
-        forget_at = max(now, rec.command.expires_at) + self.config.remember
-        heapq.heappush(self._forget, (forget_at, rec.command_id))
+        self._remember(rec, now)
         correlation = rec.command.correlation_id
         if correlation is not None and correlation in self.coordinators:
             self._outcomes.append((correlation, event))
@@ -696,13 +737,17 @@ class Orchestrator:
                 del self._dirty[device_id]
                 self._pump(device_id, now, out)
 
+    def _remember(self, rec: CommandRecord, now: datetime) -> None:
+        """Keep of a finished command only what de-duplication needs."""
+        del self.records[rec.command_id]
+        forget_at = max(now, rec.command.expires_at) + self.config.remember
+        self._remembered.add(
+            rec.command_id, rec.command.device_id, rec.state, rec.digest, forget_at
+        )
+
     def _purge(self, now: datetime) -> None:
         """Forget finished commands and coordinators once ``remember`` has passed."""
-        while self._forget and self._forget[0][0] <= now:
-            _, command_id = heapq.heappop(self._forget)
-            rec = self.records.get(command_id)
-            if rec is not None and rec.terminal:
-                del self.records[command_id]
+        self._remembered.purge(now)
         for coordinator_id, finished_at in list(self._finished.items()):
             if finished_at + self.config.remember <= now:
                 del self._finished[coordinator_id]
@@ -758,29 +803,29 @@ class Orchestrator:
 
     def _restore(self, state: dict[str, Any]) -> None:
         version = state.get("version") if isinstance(state, dict) else None
-        if version != STATE_VERSION:
+        if version not in (1, STATE_VERSION):
             msg = (
                 f"the recovery store holds orchestrator state of layout {version!r}, this "
-                f"version writes layout {STATE_VERSION}; finish the old commands with the old "
-                "version, or start with a new recovery directory"
+                f"version reads layouts 1 and {STATE_VERSION}; finish the old commands with "
+                "the old version, or start with a new recovery directory"
             )
             raise ConfigError(msg)
         self._seq = state["seq"]
         self.stats = dict(state["stats"])
         self.reported = {d: dict(r) for d, r in state["reported"].items()}
         self._finished = {c: datetime.fromisoformat(t) for c, t in state["finished"].items()}
+        self._remembered = Remembered.from_data(state.get("remembered", {}))
         records = [CommandRecord.from_data(data) for data in state["records"]]
         for rec in sorted(records, key=lambda r: r.seq):
+            rec.digest = rec.digest[:16]  # layout 1 kept all 64 hex digits
             self.records[rec.command_id] = rec
-            if rec.terminal:
-                forget_at = max(rec.updated_at or rec.command.expires_at, rec.command.expires_at)
-                self._forget.append((forget_at + self.config.remember, rec.command_id))
+            if rec.terminal:  # layout 1 kept finished commands whole
+                self._remember(rec, rec.updated_at or rec.command.expires_at)
             elif rec.state is S.QUEUED:
                 self._enqueue(rec)  # marks the device dirty: the next call sends its head
             elif rec.state in _LIVE:
                 self._in_flight[rec.command.device_id] = rec.command_id
                 self._push_timer(rec)
-        heapq.heapify(self._forget)
         for snap in state["coordinators"]:
             coordinator = restore_coordinator(snap)
             self.coordinators[coordinator.coordinator_id] = coordinator
@@ -799,7 +844,7 @@ def _short(values: Mapping[str, Any]) -> str:
 
 
 def _digest(command: Command) -> str:
-    """What the sender asked for (not the normalized params), key order aside."""
+    """What the sender asked for (not the normalized params), key order aside: 64 bits, hex."""
     body = (command.device_id, command.name, command.expires_at.isoformat(), command.correlation_id)
     text = msgspec.json.encode([body, command.params], order="sorted")
-    return hashlib.sha256(text).hexdigest()
+    return hashlib.sha256(text).hexdigest()[:16]

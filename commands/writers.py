@@ -2,9 +2,11 @@
 
 A writer is pure: ``encode(write, now)`` returns the message to hand to its
 transport (``MqttCommand``, ``KafkaCommand`` or ``HttpCall``), or a
-``Dropped`` when the command expired between the orchestrator and the writer
-(``expires_at`` is checked again right before each send: a stale command is
-never written). The transports are the connectors' sinks:
+``Dropped`` when the command expired between the orchestrator's decision and
+the writer (``expires_at`` is checked again right before each send: a stale
+command is never written). The orchestrator flow runs the writers as the
+orchestrator's ``deliver`` hook, so such a command is reported EXPIRED
+(``applied`` False, never sent) in the same step. The transports are the connectors' sinks:
 ``connectors.mqtt.MqttSink`` (QoS 1, never retained, MQTT 5 message expiry),
 ``connectors.kafka.KafkaOutput`` and ``connectors.command_writers.HttpSink``
 (httpx, credentials from settings). A new protocol is a writer here plus a

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -10,6 +12,7 @@ from cmdkit import T0, Clock, make_command
 
 from commands.coordinator import PlanEvent, PlanEventKind
 from commands.instructions import Instruction
+from commands.model import CommandRecord, CommandState
 from commands.orchestrator import (
     Dropped,
     Orchestrator,
@@ -18,6 +21,7 @@ from commands.orchestrator import (
     Write,
 )
 from commands.validation import DeviceAck, DeviceState, InvalidRequest, decode_request
+from commands.writers import MqttCommand, MqttWriter
 from iotflow.errors import ConfigError
 from iotflow.events import Ack, AckStatus, Command, CommandEvent, CommandEventKind
 from twins.registry import Registry
@@ -141,13 +145,15 @@ def test_no_answer_is_retried_with_exponential_backoff_then_failed(
     orch: Orchestrator, clock: Clock
 ) -> None:
     orch.on_batch(make_command("c1", ttl_s=600))
-    seen = []
+    seen, events = [], []
     for _ in range(20):
         when = orch.next_timer()
         if when is None:
             break
         clock.t = when
-        seen += [(clock.t - T0, step) for step in trace(orch.on_timer())]
+        out = orch.on_timer()
+        events += out
+        seen += [(clock.t - T0, step) for step in trace(out)]
     assert seen == [
         (timedelta(seconds=1), ("c1", "retried")),
         (timedelta(seconds=2), ("c1", "write")),
@@ -157,9 +163,9 @@ def test_no_answer_is_retried_with_exponential_backoff_then_failed(
         (timedelta(seconds=5), ("c1", "sent")),
         (timedelta(seconds=6), ("c1", "failed")),
     ]
-    assert orch.records["c1"].attempts == 3
-    failed = orch.records["c1"]
-    assert (failed.state.value, failed.applied) == ("failed", None)
+    failed = events[-1]
+    assert (failed.kind.value, failed.attempt, failed.applied) == ("failed", 3, None)
+    assert orch.state_of("c1") is CommandState.FAILED
 
 
 def test_backoff_is_capped_and_jittered_by_the_injected_draw(registry: Registry) -> None:
@@ -226,6 +232,47 @@ def test_a_command_expiring_between_retries_is_not_sent_again(
     assert events(out)[0].applied is None  # sent once, never confirmed
 
 
+def _late_writer(clock: Clock, lag_s: float) -> Callable[[Write], Any]:
+    """A deliver hook whose writer reads the clock ``lag_s`` after the orchestrator did."""
+    writer = MqttWriter("home")
+    return lambda write: writer.encode(write, clock.t + timedelta(seconds=lag_s))
+
+
+def test_a_command_expiring_on_its_way_to_the_writer_is_expired_never_sent(
+    registry: Registry, clock: Clock
+) -> None:
+    orch = OrchestratorConfig(ack_timeout={"mqtt": "1s"}, backoff="1s", jitter=0).build(
+        None, registry, clock, deliver=_late_writer(clock, 0.5)
+    )
+    out = orch.on_batch(make_command("ok", ttl_s=60))
+    assert [type(o).__name__ for o in out][2:] == ["MqttCommand", "CommandEvent"]
+    out = orch.on_batch(make_command("late", device_id="hvac-0002", ttl_s=0.3))
+    assert trace(out) == [("late", "requested"), ("late", "queued"), ("late", "expired")]
+    expired = events(out)[-1]
+    assert (expired.applied, expired.reason, expired.attempt) == (False, "expired", None)
+    assert "before the mqtt writer could send it" in (expired.detail or "")
+    assert not [o for o in out if isinstance(o, MqttCommand)]
+    assert orch.state_of("late") is CommandState.EXPIRED
+    assert orch.in_flight("hvac-0002") is None  # the device is free for its next command
+
+
+def test_a_resend_expiring_on_its_way_to_the_writer_was_maybe_applied(
+    registry: Registry, clock: Clock
+) -> None:
+    orch = OrchestratorConfig(ack_timeout={"mqtt": "1s"}, backoff="1s", jitter=0).build(
+        None, registry, clock, deliver=_late_writer(clock, 0.5)
+    )
+    orch.on_batch(make_command("c1", ttl_s=2.2))  # sent at 0 s, no answer
+    clock.advance(seconds=1)
+    assert trace(orch.on_timer()) == [("c1", "retried")]
+    clock.advance(seconds=1)  # the re-send is due at 2 s; the writer sees 2.5 s
+    out = orch.on_timer()
+    assert trace(out) == [("c1", "expired")]
+    expired = events(out)[0]
+    assert (expired.applied, expired.reason) == (None, "expired")
+    assert "sent 1 times before, never confirmed" in (expired.detail or "")
+
+
 def test_a_late_ack_during_backoff_still_completes(orch: Orchestrator, clock: Clock) -> None:
     orch.on_batch(make_command("c1"))
     clock.advance(seconds=1)
@@ -263,7 +310,7 @@ def test_a_redelivered_ack_does_nothing(orch: Orchestrator) -> None:
     orch.on_batch(done("hvac-0001", "c1"))
     assert orch.on_batch(done("hvac-0001", "c1")) == []
     assert orch.on_batch(DeviceAck("hvac-0001", Ack("c1", AckStatus.FAILED))) == []
-    assert orch.records["c1"].state.value == "done"
+    assert orch.state_of("c1") is CommandState.DONE
     assert orch.in_flight("hvac-0001") == "c2"
     assert orch.stats["acks_duplicate"] == 2
 
@@ -479,6 +526,49 @@ def test_restored_queues_are_pumped_without_new_input(
     assert trace(again.on_timer()) == [("c2", "write"), ("c2", "sent")]
 
 
+def test_finished_commands_are_remembered_compactly_and_still_deduplicated(
+    orch: Orchestrator, registry: Registry, clock: Clock
+) -> None:
+    orch.on_batch(make_command("c1"))
+    orch.on_batch(done("hvac-0001", "c1"))
+    snap = json.loads(json.dumps(orch.snapshot()))  # plain data
+    assert snap["records"] == []  # only live commands are kept whole
+    [lines] = snap["remembered"].values()
+    assert lines.startswith("c1\thvac-0001\tdone\t")
+    again = orch.config.build(snap, registry, clock)
+    assert again.state_of("c1") is CommandState.DONE
+    assert again.on_batch(make_command("c1")) == []  # a replay
+    [reused] = again.on_batch(make_command("c1", params={"setpoint": 30.0}))
+    assert isinstance(reused, Dropped)
+    assert "already used by another command (for hvac-0001)" in reused.reason
+    [wrong] = again.on_batch(done("hvac-0002", "c1"))
+    assert isinstance(wrong, Dropped)
+    assert again.on_batch(done("hvac-0001", "c1")) == []
+    assert again.stats["duplicate_requests"] == 1
+
+
+def test_a_layout_1_snapshot_is_read(orch: Orchestrator, registry: Registry, clock: Clock) -> None:
+    orch.on_batch(make_command("c1"))
+    orch.on_batch(make_command("c2", params={"setpoint": 23.0}))
+    finished = CommandRecord(make_command("c1"), 1, "mqtt", CommandState.DONE, attempts=1)
+    finished.digest = "f" * 64  # layout 1 kept the whole sha256
+    snap = orch.snapshot()
+    live = [r for r in snap["records"] if r["command"]["command_id"] == "c2"]
+    live[0]["digest"] = live[0]["digest"] + "0" * 48
+    old = {
+        **{k: v for k, v in snap.items() if k != "remembered"},
+        "version": 1,
+        "records": [finished.to_data(), *live],
+    }
+    again = orch.config.build(old, registry, clock)
+    assert again.state_of("c1") is CommandState.DONE
+    assert again.state_of("c2") is CommandState.QUEUED
+    # the replay adds nothing; the restored queue moves on (c1 finished)
+    out = again.on_batch(make_command("c2", params={"setpoint": 23.0}))
+    assert trace(out) == [("c2", "write"), ("c2", "sent")]
+    assert again.stats["duplicate_requests"] == 1
+
+
 def test_a_snapshot_of_another_layout_is_refused(orch: Orchestrator, registry: Registry) -> None:
     snap = orch.snapshot() | {"version": 0}
     with pytest.raises(ConfigError, match="layout 0"):
@@ -492,9 +582,9 @@ def test_finished_commands_are_forgotten_after_remember(registry: Registry) -> N
     orch.on_batch(done("hvac-0001", "c1"))
     clock.advance(minutes=30)
     assert orch.on_batch(make_command("c1")) == []
-    clock.advance(minutes=32)  # 1 h after its expiry
+    clock.advance(minutes=32)  # 1 h after its expiry, and past its minute's forget bucket
     orch.on_batch(DeviceState("hvac-0001", {}))
-    assert "c1" not in orch.records
+    assert orch.state_of("c1") is None
     # a replay after that finds the command expired: audited again, never written
     assert trace(orch.on_batch(make_command("c1"))) == [("c1", "requested"), ("c1", "expired")]
 
