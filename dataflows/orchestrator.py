@@ -32,12 +32,14 @@ Outputs:
 - ``{prefix}.commands.events``: every command and coordinator transition, keyed
   by command id or plan id;
 - DuckDB ``command_audit``: the same transitions, upserted on their natural key in
-  batches (within ``AUDIT_FLUSH`` of the event);
+  batches by a writer thread of their own (within ``AUDIT_FLUSH`` of the event;
+  every epoch's snapshot and the flow's end wait until its rows are in);
 - ``{prefix}.deadletter``: requests and device messages that could not be used.
 """
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -116,9 +118,9 @@ def device_command_topic(prefix: str) -> str:
     return f"{prefix}.commands.device"
 
 
-def audit_rows(collected: list[list[list[Any]]]) -> pa.Table:
-    """Collected batches of command and plan events as an Arrow table (``command_audit``)."""
-    rows = [audit_row(e) for batches in collected for batch in batches for e in batch]
+def audit_rows(batches: list[list[Any]]) -> pa.Table:
+    """Lists of command and plan events as an Arrow table (``command_audit``)."""
+    rows = [audit_row(e) for batch in batches for e in batch]
     return pa.Table.from_pylist(rows, schema=COMMAND_AUDIT.schema)
 
 
@@ -199,26 +201,32 @@ class _Routed:
 
 
 @dataclass(frozen=True)
-class _Router:
-    """Encodes writes with their protocol's writer; events and dead letters as Kafka records."""
+class _Writers:
+    """The orchestrator's ``deliver`` hook: a write encoded by its protocol's writer, which
+    checks ``expires_at`` on a fresh clock read right before the command leaves."""
 
-    topics: KafkaTopics
     writers: dict[str, Any]
     now: Callable[[], datetime]
 
+    def __call__(self, write: Write) -> Any:
+        return self.writers[write.protocol].encode(write, self.now())
+
+
+@dataclass(frozen=True)
+class _Router:
+    """Sorts the writers' messages by transport; events and dead letters as Kafka records."""
+
+    topics: KafkaTopics
+
     def route(self, batch: list[Any]) -> _Routed:
         routed = _Routed()
-        now = self.now()
         for item in batch:
             if isinstance(item, CommandEvent | PlanEvent):
                 routed.events.append(item)
                 routed.kafka.append(
                     message(self.topics.command_events, record_key(item), encode_event(item))
                 )
-                continue
-            if isinstance(item, Write):
-                item = self.writers[item.protocol].encode(item, now)
-            if isinstance(item, Dropped):
+            elif isinstance(item, Dropped):
                 letter = dead_letter(item.source, item.reason, item.payload, to_ms(item.ts))
                 routed.kafka.append(self.dead(letter))
             elif isinstance(item, MqttCommand):
@@ -287,7 +295,8 @@ def build_flow(
             f"writers: {', '.join(known)}"
         )
         raise ConfigError(msg)
-    router = _Router(topics, {p: known[p] for p in config.ack_timeout}, now)
+    router = _Router(topics)
+    deliver = _Writers({p: known[p] for p in config.ack_timeout}, now)
 
     flow = Dataflow("orchestrator")
     raw = op.input("requests", flow, requests or KafkaInput(bootstrap, [topics.command_requests]))
@@ -309,7 +318,9 @@ def build_flow(
     decided = op.stateful_batch(
         "orchestrate",
         keyed,
-        lambda state: LogicStep(_Batched(config.build(state, registry, now, builders=builders))),
+        lambda state: LogicStep(
+            _Batched(config.build(state, registry, now, builders=builders, deliver=deliver))
+        ),
     )
     routed = op.map("route", op.key_rm("unkey", decided), router.route)
 
@@ -344,24 +355,26 @@ def build_flow(
             ],
         ),
     )
-    # A DuckDB upsert costs ~10 ms however small (its commit), on the worker that also
-    # handles acks: write the audit in batches, at least once a second.
-    audit = op.collect(
-        "audit_batches",
-        op.filter_map(
-            "audit_events",
-            routed,
-            lambda r: (COMMAND_AUDIT.name, r.events) if r.events else None,
-        ),
-        AUDIT_FLUSH,
-        max_size=1000,
+    # A DuckDB upsert costs ~10 ms however small (its commit): off the worker that handles
+    # acks, in batches at least once a second.
+    audit = op.filter_map(
+        "audit_events", routed, lambda r: (COMMAND_AUDIT.name, r.events) if r.events else None
     )
-    op.output("duckdb", audit, DuckDBSink(settings.duckdb, COMMAND_AUDIT, audit_rows))
+    op.output(
+        "duckdb",
+        audit,
+        DuckDBSink(settings.duckdb, COMMAND_AUDIT, audit_rows, background=AUDIT_FLUSH),
+    )
     return flow
 
 
 def __getattr__(name: str) -> Dataflow:
     # Built on first access so importing the module needs no broker.
     if name == "flow":
-        return build_flow()
+        flow = build_flow()
+        # What exists now (modules of pyarrow, polars, duckdb, pydantic...) lives as long as
+        # the process: keep it out of the collector's full passes, which otherwise walk it all
+        # and stall the worker (and every command waiting on it) for tens of milliseconds.
+        gc.freeze()
+        return flow
     raise AttributeError(name)
