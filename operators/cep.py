@@ -39,6 +39,11 @@ pattern: it neither matches nor breaks a run.
   (``window_start`` != the previous ``window_end``) also resets it. Detects
   when the count reaches ``times``; then ``skip_past_last_event`` restarts the
   count (detections at N, 2N, ...), ``no_skip`` detects every further event.
+  With ``times: 1`` the order of events cannot matter, so such a pattern is
+  *instant*: each event whose condition holds is a detection as soon as it
+  arrives, without waiting for the watermark, and an event late for the
+  other patterns still counts for it (it is still rejected for them). Instant
+  detections of a batch come before the ones the watermark released.
 * ``range``: for each event, the values of the key's events less than
   ``within`` before it (and it); detects when ``max - min > exceeds``.
   Edge-triggered: one detection per excursion; it re-arms once an event sees
@@ -222,6 +227,28 @@ class _Kind:
 
     def restore(self, state: Any) -> None:
         raise NotImplementedError
+
+
+class _Instant(_Kind):
+    """A threshold of one event (``times: 1``): a detection per event whose condition
+    holds, whatever the order; no state."""
+
+    p: ThresholdPattern
+
+    def process(self, frame: pl.DataFrame, by_key: Callable[[], pl.DataFrame]) -> list[Any]:
+        value_col = self.col("value") if self.p.value is not None else None
+        value = pl.col(value_col) if value_col else pl.lit(None, pl.Float64)
+        hits = frame.filter(pl.col(self.col("cond"))).select(KEY, TS, value.alias("_value"))
+        return [
+            self.detection(key, ts, value=v, details={"times": 1, "events_ts_ms": [ts]})
+            for key, ts, v in hits.iter_rows()
+        ]
+
+    def snapshot(self) -> Any:
+        return {}
+
+    def restore(self, state: Any) -> None:
+        pass  # stateless (a state of the ordered threshold from before is moot)
 
 
 class _Threshold(_Kind):
@@ -1035,6 +1062,8 @@ class CepEngine:
             stats = {"detections": 0, "timed_out": 0, "discarded": 0, "ungrouped": 0}
             self._pattern_stats[p.name] = stats
             self.kinds.append((p, self._kind(p, f"p{i}", stats, dimensions)))
+        self._instant = [(p, k) for p, k in self.kinds if isinstance(k, _Instant)]
+        self._ordered = [(p, k) for p, k in self.kinds if not isinstance(k, _Instant)]
         exprs = [e for p in chosen for e in self._exprs(p)]
         self.names = sorted(set().union(*(e.names for e in exprs)))
         self._string_names = set().union(*(e.string_names for e in exprs))
@@ -1081,7 +1110,7 @@ class CepEngine:
         dims: Mapping[str, Mapping[str, str]] | None,
     ) -> _Kind:
         if isinstance(p, ThresholdPattern):
-            return _Threshold(p, slot, stats)
+            return _Instant(p, slot, stats) if p.times == 1 else _Threshold(p, slot, stats)
         if isinstance(p, RangePattern):
             return _Range(p, slot, stats)
         if isinstance(p, RatePattern):
@@ -1255,10 +1284,6 @@ class CepEngine:
             future = ok & (pl.col(time) > to_ms(self._now()) + self._skew_ms)
             self._reject(out, "future", frame.filter(future).drop(SEQ))
             ok = ok & ~future
-        if self._boundary is not None:
-            late = ok & (pl.col(time) < self._boundary)
-            self._reject(out, "late", frame.filter(late).drop(SEQ))
-            ok = ok & ~late
         frame = frame.filter(ok)
         if frame.is_empty():
             return None
@@ -1270,15 +1295,25 @@ class CepEngine:
                 ]
             )
         # NaN counts as missing everywhere, once, before the conditions run
-        frame = frame.with_columns(cs.float().fill_nan(None))
+        prepared = frame.with_columns(cs.float().fill_nan(None))
         ids = [pl.col(key).cast(pl.Utf8).alias(KEY), pl.col(time).cast(pl.Int64).alias(TS)]
         if self.spec.start:
             start = pl.col(self.spec.start) if self.spec.start in frame.columns else pl.lit(None)
             ids.append(start.cast(pl.Int64).alias(START))
-        frame = self._with_key_ids(frame.with_columns(ids))
-        return frame.select(
+        prepared = self._with_key_ids(prepared.with_columns(ids)).select(
             *self._schema_ids(), *(e.alias(name) for name, e in self._derived.items())
         )
+        if self._instant:
+            arrived = prepared.sort(TS, SEQ)
+            for pattern, kind in self._instant:
+                out.extend(self._with_actions(pattern, kind.process(arrived, lambda: arrived)))
+        if not self._ordered:
+            return None  # nothing waits for the watermark, so nothing is late
+        if self._boundary is not None:
+            late = frame.get_column(time) < self._boundary
+            self._reject(out, "late", frame.filter(late).drop(SEQ, *absent))
+            prepared = prepared.filter(~late)
+        return prepared
 
     def _with_key_ids(self, frame: pl.DataFrame) -> pl.DataFrame:
         # integer ids per key (first-seen order): per-key sorts and joins on ints
@@ -1319,7 +1354,7 @@ class CepEngine:
                         cache.append(ready[np.argsort(t, kind="stable")])
                 return cache[0]
 
-            for pattern, kind in self.kinds:
+            for pattern, kind in self._ordered:
                 out.extend(self._with_actions(pattern, kind.process(ready, by_key)))
         for pattern, kind in self.kinds:
             out.extend(self._with_actions(pattern, kind.advance(boundary)))

@@ -840,6 +840,27 @@ def test_late_future_and_incomplete_rows_are_rejected_and_counted() -> None:
     assert late.boundary_ms == at(200) and late.rows["ts_ms"].to_list() == [at(150)]
 
 
+def test_a_one_event_threshold_detects_on_arrival_even_when_late_for_the_others() -> None:
+    now = {"name": "now", "kind": "threshold", "input": "readings", "condition": "t > 90"}
+    twice = {**now, "name": "twice", "times": 2}
+    engine = build({"allowed_lateness": "1m", "patterns": [twice, now]}, ManualClock(at(0)))
+    # no waiting for the 1 minute lateness: the hot reading is a detection at once
+    out = engine.on_batch(frame([("a", 10, {"t": 95.0}), ("b", 11, {"t": 20.0})]))
+    assert dets(out) == [("now", "a", 10.0)]
+    assert out[0].details == {"times": 1, "events_ts_ms": [at(10)]}
+    engine.on_batch(frame([("a", 200, {"t": 20.0})]))  # the others processed up to 140 s
+    out = engine.on_batch(frame([("a", 100, {"t": 96.0}), ("a", 101, {"t": 97.0})]))
+    # late for "twice" (rejected for it), still two detections of "now"
+    assert dets(out) == [("now", "a", 100.0), ("now", "a", 101.0)]
+    assert [(r.reason, r.rows.height) for r in out if isinstance(r, RejectedRows)] == [("late", 2)]
+    assert dets(engine.on_eof()) == []
+    # alone, a one-event threshold has nothing to wait for: nothing is ever late
+    alone = build({"allowed_lateness": "0s", "patterns": [now]}, ManualClock(at(0)))
+    run(alone, frame([("a", 50, {"t": 95.0})]), eof=False)
+    assert dets(alone.on_batch(frame([("b", 5, {"t": 95.0})]))) == [("now", "b", 5.0)]
+    assert alone.stats()["late"] == 0 and alone.next_timer() is None
+
+
 def test_out_of_order_rows_within_lateness_are_processed_in_time_order() -> None:
     engine = build({"allowed_lateness": "10s", "patterns": [seq([OPEN, MOTION])]})
     out = run(
