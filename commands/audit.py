@@ -29,6 +29,7 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import msgspec
@@ -40,6 +41,7 @@ __all__ = [
     "AUDIT_COLUMNS",
     "KIND_ORDER",
     "AuditEvent",
+    "audit_columns",
     "audit_row",
     "encode_event",
     "event_key",
@@ -113,40 +115,55 @@ def encode_event(event: AuditEvent) -> bytes:
 
 def audit_row(event: AuditEvent) -> dict[str, Any]:
     """The ``command_audit`` row of an event (keys: ``AUDIT_COLUMNS``)."""
+    return dict(zip(AUDIT_COLUMNS, _values(event), strict=True))
+
+
+def audit_columns(events: Iterable[AuditEvent]) -> dict[str, list[Any]]:
+    """The ``command_audit`` rows of events as one list per column (``AUDIT_COLUMNS``):
+    what an Arrow table is built from, without a dict per row."""
+    rows = [_values(e) for e in events]
+    if not rows:
+        return {name: [] for name in AUDIT_COLUMNS}
+    return dict(zip(AUDIT_COLUMNS, map(list, zip(*rows, strict=True)), strict=True))
+
+
+def _values(event: AuditEvent) -> tuple[Any, ...]:
+    """An event's row values in ``AUDIT_COLUMNS`` order."""
+    kind = event.kind.value
     if isinstance(event, CommandEvent):
-        return {
-            "event_key": event_key(event),
-            "entity": "command",
-            "subject": event.command_id,
-            "kind": event.kind.value,
-            "kind_order": KIND_ORDER[event.kind.value],
-            "ts": event.ts,
-            "device_id": event.device_id or None,
-            "command_id": event.command_id,
-            "correlation_id": event.correlation_id,
-            "name": event.name,
-            "attempt": event.attempt,
-            "applied": event.applied,
-            "reason": event.reason,
-            "detail": event.detail,
-            "step": None,
-            "wave": None,
-        }
-    return {
-        "event_key": event_key(event),
-        "entity": "plan",
-        "subject": event.plan_id,
-        "kind": event.kind.value,
-        "kind_order": KIND_ORDER[event.kind.value],
-        "ts": event.ts,
-        "device_id": event.device_id,
-        "command_id": event.command_id,
-        "correlation_id": event.plan_id,
-        "name": None,
-        "attempt": None,
-        "applied": None,
-        "reason": None,
-        "detail": event.detail,
-        "step": event.step,
-        "wave": event.wave,
-    }
+        return (
+            event_key(event),
+            "command",
+            event.command_id,
+            kind,
+            KIND_ORDER[kind],
+            event.ts,
+            event.device_id or None,
+            event.command_id,
+            event.correlation_id,
+            event.name,
+            event.attempt,
+            event.applied,
+            event.reason,
+            event.detail,
+            None,
+            None,
+        )
+    return (
+        event_key(event),
+        "plan",
+        event.plan_id,
+        kind,
+        KIND_ORDER[kind],
+        event.ts,
+        event.device_id,
+        event.command_id,
+        event.plan_id,
+        None,
+        None,
+        None,
+        None,
+        event.detail,
+        event.step,
+        event.wave,
+    )

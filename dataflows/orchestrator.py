@@ -51,7 +51,7 @@ import pyarrow as pa
 from bytewax.dataflow import Dataflow, Stream
 from bytewax.inputs import Source
 
-from commands.audit import audit_row, encode_event, record_key
+from commands.audit import audit_columns, encode_event, record_key
 from commands.coordinator import PlanEvent, coordinator_builders
 from commands.orchestrator import Dropped, Orchestrator, OrchestratorConfig, Write
 from commands.validation import (
@@ -120,8 +120,8 @@ def device_command_topic(prefix: str) -> str:
 
 def audit_rows(batches: list[list[Any]]) -> pa.Table:
     """Lists of command and plan events as an Arrow table (``command_audit``)."""
-    rows = [audit_row(e) for batch in batches for e in batch]
-    return pa.Table.from_pylist(rows, schema=COMMAND_AUDIT.schema)
+    columns = audit_columns(e for batch in batches for e in batch)
+    return pa.table(columns, schema=COMMAND_AUDIT.schema)
 
 
 def _device_input(
