@@ -1,8 +1,12 @@
-"""What the command benchmarks share: the orchestrator flow on private brokers, and its events."""
+"""What the command benchmarks share: the orchestrator flow on private brokers, its events,
+and a wire tap that sees commands and acks pass through the broker."""
 
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
+import queue
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -12,19 +16,22 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import yaml
 from confluent_kafka import Producer
 
 from bench._latency import KafkaWatch, tail_log
 from bench.harness import BenchError
 from connectors.kafka import ensure_topics, producer_config
+from connectors.mqtt import connect_client
 from infra.flowproc import FlowProcess
+from infra.simulator import Fleet, FleetConfig, FleetStats
 from infra.stack import StackInfo
 from iotflow.errors import StackError
 from iotflow.settings import Settings
-from iotflow.topics import KafkaTopics
+from iotflow.topics import KafkaTopics, MqttTopics
 
-__all__ = ["CommandWatch", "Outcome", "orchestrator_flow", "producer"]
+__all__ = ["CommandWatch", "FleetProcess", "Outcome", "WireTap", "orchestrator_flow", "producer"]
 
 
 @contextmanager
@@ -67,6 +74,7 @@ def producer(bootstrap: str) -> Producer:
 class Outcome:
     """A command's events as the flow reported them."""
 
+    requested_ts: datetime | None
     sent_ts: datetime | None
     done_ts: datetime | None
     done_seen_at: float | None  # time.time() when the DONE event was consumed
@@ -114,9 +122,11 @@ class CommandWatch:
     def outcome(self, command_id: str) -> Outcome:
         self._drain()
         evs = self._events.get(command_id, [])
+        requested = next((e for _, e in evs if e["kind"] == "requested"), None)
         sent = next((e for _, e in evs if e["kind"] == "sent"), None)
         done = next(((at, e) for at, e in evs if e["kind"] == "done"), None)
         return Outcome(
+            None if requested is None else datetime.fromisoformat(requested["ts"]),
             None if sent is None else datetime.fromisoformat(sent["ts"]),
             None if done is None else datetime.fromisoformat(done[1]["ts"]),
             None if done is None else done[0],
@@ -129,3 +139,149 @@ class CommandWatch:
 
     def close(self) -> None:
         self._watch.close()
+
+
+class _Ids(msgspec.Struct):
+    command_id: str
+    status: str | None = None
+
+
+@dataclass(frozen=True)
+class _TapSpec:
+    url: str
+    base: str
+    expect: int  # done acks to wait for
+    timeout_s: float
+
+
+def _tap_process(spec: _TapSpec, results: Any) -> None:
+    """Record when each command and each ``done`` ack passed the broker (time.time())."""
+    topics = MqttTopics(spec.base)
+    decode = msgspec.json.Decoder(_Ids).decode
+    cmd_at: dict[str, float] = {}
+    ack_at: dict[str, float] = {}
+    lock = threading.Lock()
+    all_acked = threading.Event()
+
+    def on_message(_c: Any, _u: Any, msg: Any) -> None:
+        at = time.time()
+        try:
+            ids = decode(msg.payload)
+        except msgspec.DecodeError:
+            return
+        with lock:
+            if msg.topic.endswith("/cmd"):
+                cmd_at.setdefault(ids.command_id, at)
+            elif ids.status == "done" and ids.command_id not in ack_at:
+                ack_at[ids.command_id] = at
+                if len(ack_at) >= spec.expect:
+                    all_acked.set()
+
+    subscribed = threading.Event()
+    client = connect_client(
+        spec.url,
+        on_connect=lambda c: c.subscribe([(topics.cmd(), 0), (topics.ack(), 0)]),
+        on_subscribe=lambda *_a: subscribed.set(),
+        on_message=on_message,
+    )
+    subscribed.wait(10)
+    results.put({"ready": True})
+    all_acked.wait(spec.timeout_s)
+    client.disconnect()
+    client.loop_stop()
+    with lock:
+        results.put({"cmd_at": cmd_at, "ack_at": ack_at})
+
+
+class WireTap:
+    """A separate process subscribed to every device's ``cmd`` and ``ack`` topic (QoS 0).
+
+    It stamps when each command and each ``done`` ack went through the broker,
+    as a device or the flow would see it, without sharing a process (and its
+    GIL) with the flow or the simulated devices. ``result`` waits until
+    ``expect`` commands were acked done (or ``timeout_s``) and returns
+    ``(cmd_at, ack_at)``: command id -> ``time.time()`` of the first sighting.
+    """
+
+    def __init__(self, url: str, base: str, expect: int, timeout_s: float) -> None:
+        ctx = mp.get_context("spawn")
+        self._results = ctx.Queue()
+        spec = _TapSpec(url, base, expect, timeout_s)
+        self._proc = ctx.Process(target=_tap_process, args=(spec, self._results), daemon=True)
+        self._proc.start()
+        self._timeout_s = timeout_s
+        self._get(30, "did not subscribe")
+
+    def _get(self, timeout_s: float, what: str) -> dict[str, Any]:
+        try:
+            return self._results.get(timeout=timeout_s)
+        except queue.Empty:
+            self.stop()
+            raise BenchError(f"the wire tap {what} within {timeout_s}s") from None
+
+    def result(self) -> tuple[dict[str, float], dict[str, float]]:
+        got = self._get(self._timeout_s + 10, "did not report")
+        self._proc.join(5)
+        return got["cmd_at"], got["ack_at"]
+
+    def stop(self) -> None:
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join()
+
+
+def _fleet_process(config: dict[str, Any], url: str, inbox: Any, outbox: Any) -> None:
+    try:
+        with Fleet(FleetConfig.model_validate(config), url, schedule_telemetry=False) as fleet:
+            outbox.put(fleet.device_ids)
+            inbox.get()  # the word to stop
+        outbox.put(fleet.stats)
+    except BaseException as exc:  # reported to the bench, which raises it
+        outbox.put(exc)
+        raise
+
+
+class FleetProcess:
+    """A ``Fleet`` (commands only, no telemetry) in a process of its own.
+
+    Real devices do not share the benchmark's process: here they do not share
+    its interpreter lock or its garbage collector either, so the figures do not
+    carry the harness's own pauses. ``stop()`` stops the fleet (it answers what
+    it received first) and returns its ``FleetStats``.
+    """
+
+    def __init__(self, config: FleetConfig, url: str, timeout_s: float = 60.0) -> None:
+        ctx = mp.get_context("spawn")
+        self._inbox, self._outbox = ctx.Queue(), ctx.Queue()
+        self._proc = ctx.Process(
+            target=_fleet_process,
+            args=(config.model_dump(mode="json"), url, self._inbox, self._outbox),
+            daemon=True,
+        )
+        self._proc.start()
+        self._timeout_s = timeout_s
+        self.device_ids: list[str] = self._get("start")
+
+    def _get(self, what: str) -> Any:
+        try:
+            got = self._outbox.get(timeout=self._timeout_s)
+        except queue.Empty:
+            self.kill()
+            raise BenchError(
+                f"the fleet process did not {what} within {self._timeout_s}s"
+            ) from None
+        if isinstance(got, BaseException):
+            self.kill()
+            raise BenchError(f"the fleet process failed to {what}: {got!r}") from got
+        return got
+
+    def stop(self) -> FleetStats:
+        self._inbox.put("stop")
+        stats: FleetStats = self._get("stop")
+        self._proc.join(10)
+        return stats
+
+    def kill(self) -> None:
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join()
