@@ -6,7 +6,8 @@ real processes:
 - telemetry: a paho publisher sends ``readings_per_s`` QoS 1 readings (each
   with a unique ``seq``) -> the ingest bridge (``python -m iotflow.cli
   bridge``) -> ``{prefix}.ingest`` -> the telemetry flow on Kafka ingest with
-  a recovery store -> 5 s windows on Kafka and DuckDB;
+  a recovery store -> ``window_s`` windows (``lateness_s`` allowed lateness)
+  on Kafka and DuckDB;
 - commands: ``commands_per_s`` requests on ``{prefix}.commands.requests`` ->
   the orchestrator flow with a recovery store -> MQTT -> simulated devices
   with persistent sessions (``infra.simulator.Fleet``), in three fleets: HVAC
@@ -116,6 +117,10 @@ DEFAULTS: dict[str, Any] = {
     "faults": ",".join(FAULTS),
     "readings_per_s": 200.0,
     "commands_per_s": 4.0,
+    "window_s": 5.0,
+    # A restarted telemetry flow replays readings seconds old while its watermark moved on
+    # with the wall clock (Bytewax's event clock): the lateness must cover a restart.
+    "lateness_s": 20.0,
     "settle_timeout_s": 180.0,
 }
 QUICK: dict[str, Any] = {"duration": 21.0, "interval": 3.0, "settle_timeout_s": 120.0}
@@ -202,7 +207,15 @@ def _iso(dt: datetime) -> str:
 class _Telemetry:
     """Publisher -> bridge -> Kafka ingest -> telemetry flow (recovery store) -> DuckDB/Kafka."""
 
-    def __init__(self, info: StackInfo, workdir: Path, readings: int, rate: float) -> None:
+    def __init__(
+        self,
+        info: StackInfo,
+        workdir: Path,
+        readings: int,
+        rate: float,
+        window_s: float,
+        lateness_s: float,
+    ) -> None:
         tag = uuid.uuid4().hex[:8]
         self.settings = Settings(
             _env_file=None,
@@ -213,10 +226,8 @@ class _Telemetry:
             ingest="kafka",
             recovery_dir=workdir / "telemetry-store",
             duckdb=workdir / "telemetry.duckdb",
-            window_s=5.0,
-            # generous: a restarted flow replays seconds-old readings while its watermark
-            # has moved on with the wall clock
-            lateness_s=60.0,
+            window_s=window_s,
+            lateness_s=lateness_s,
         )
         self.workdir = workdir
         self.bootstrap = info.kafka_bootstrap
@@ -608,7 +619,14 @@ def run(params: dict[str, Any], log: Callable[[str], None] = _stderr) -> Measure
     readings = int(float(params["readings_per_s"]) * duration_s)
     with private_stack() as info, tempfile.TemporaryDirectory(prefix="iotflow-chaos-") as tmp:
         workdir = Path(tmp)
-        telemetry = _Telemetry(info, workdir, readings, float(params["readings_per_s"]))
+        telemetry = _Telemetry(
+            info,
+            workdir,
+            readings,
+            float(params["readings_per_s"]),
+            float(params["window_s"]),
+            float(params["lateness_s"]),
+        )
         commands = _Commands(info, workdir)
         try:
             telemetry.publisher.start()
