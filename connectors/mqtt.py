@@ -34,7 +34,12 @@ from urllib.parse import unquote, urlsplit
 import msgspec
 import paho.mqtt.client as mqtt
 from bytewax.inputs import DynamicSource, StatelessSourcePartition
-from bytewax.outputs import DynamicSink, StatelessSinkPartition
+from bytewax.outputs import (
+    DynamicSink,
+    FixedPartitionedSink,
+    StatefulSinkPartition,
+    StatelessSinkPartition,
+)
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
@@ -51,6 +56,7 @@ from iotflow.events import DeviceMessage
 from iotflow.settings import Settings, redact_url
 
 __all__ = [
+    "MqttEpochSink",
     "MqttMessage",
     "MqttSink",
     "MqttSource",
@@ -700,6 +706,11 @@ class _MqttSinkPartition(StatelessSinkPartition[MqttMessage]):
         self._client.on_publish = on_publish
 
     def write_batch(self, items: list[MqttMessage]) -> None:
+        # At least once: a batch counts as written when the broker acknowledged all of it.
+        self.confirm(self.publish(items))
+
+    def publish(self, items: list[MqttMessage]) -> list[tuple[mqtt.MQTTMessageInfo, str]]:
+        """Hand ``items`` to the client; return the QoS > 0 ones to ``confirm``."""
         for item in items:
             if item.retain and item.topic.endswith("/cmd"):
                 msg = f"refusing a retained command on {item.topic!r}: commands are never retained"
@@ -716,7 +727,10 @@ class _MqttSinkPartition(StatelessSinkPartition[MqttMessage]):
                 raise PublishRejected(msg)
             if item.qos > 0:
                 pending.append((info, item.topic))
-        # At least once: a batch counts as written when the broker acknowledged all of it.
+        return pending
+
+    def confirm(self, pending: list[tuple[mqtt.MQTTMessageInfo, str]]) -> None:
+        """Wait for the broker's acks of ``pending``; PublishRejected for a refused one."""
         for info, topic in pending:
             info.wait_for_publish(30)
             if not info.is_published():
@@ -735,6 +749,28 @@ class _MqttSinkPartition(StatelessSinkPartition[MqttMessage]):
     def close(self) -> None:
         self._client.disconnect()
         self._client.loop_stop()
+
+
+class _MqttEpochPartition(StatefulSinkPartition[MqttMessage, None]):
+    def __init__(self, inner: _MqttSinkPartition) -> None:
+        self._inner = inner
+        self._pending: list[tuple[mqtt.MQTTMessageInfo, str]] = []
+
+    def write_batch(self, items: list[MqttMessage]) -> None:
+        acked, waiting = [], []
+        for entry in self._pending:
+            (acked if entry[0].is_published() else waiting).append(entry)
+        self._inner.confirm(acked)  # no wait: only raises for a refused message
+        self._pending = waiting + self._inner.publish(items)
+
+    def snapshot(self) -> None:
+        # the epoch ends: everything it published is acknowledged before Bytewax records it
+        self._inner.confirm(self._pending)
+        self._pending = []
+
+    def close(self) -> None:
+        self.snapshot()
+        self._inner.close()
 
 
 class MqttSink(DynamicSink[MqttMessage]):
@@ -757,3 +793,30 @@ class MqttSink(DynamicSink[MqttMessage]):
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _MqttSinkPartition:
         return _MqttSinkPartition(self._url, f"{self._client_id}-{worker_index}", self._tls)
+
+
+class MqttEpochSink(FixedPartitionedSink[MqttMessage, None]):
+    """``MqttSink`` that waits for the broker's acks once per epoch instead of per batch.
+
+    A batch is handed to the client and the worker moves on; at the end of each
+    epoch (its snapshot) the sink waits until the broker acknowledged every
+    QoS 1 message of the epoch, so a recovery snapshot never runs ahead of the
+    broker: at least once, per epoch. A refused message (PUBACK 0x87) raises
+    ``PublishRejected`` at the next batch or at the epoch's end. For flows where
+    a broker round trip per batch would hold up everything behind it (command
+    round trips). Items arrive as ``(key, MqttMessage)`` (any key: one partition).
+    """
+
+    def __init__(
+        self, url: str, *, client_id: str = "iotflow-sink", tls: MqttTls | None = None
+    ) -> None:
+        self._sink = MqttSink(url, client_id=client_id, tls=tls)
+
+    def list_parts(self) -> list[str]:
+        return ["mqtt"]
+
+    def part_fn(self, item_key: str) -> int:
+        return 0
+
+    def build_part(self, step_id: str, for_part: str, resume_state: None) -> _MqttEpochPartition:
+        return _MqttEpochPartition(self._sink.build(step_id, 0, 1))

@@ -25,7 +25,8 @@ route outcomes back between shards.
 Outputs:
 
 - device writes (``commands.writers``): MQTT ``{base}/devices/{id}/cmd`` (QoS 1,
-  never retained, MQTT 5 message expiry = seconds until ``expires_at``), a
+  never retained, MQTT 5 message expiry = seconds until ``expires_at``; the
+  broker's acks are awaited at each epoch's end, ``connectors.mqtt.MqttEpochSink``), a
   Kafka topic (``{prefix}.commands.device``, or the device's ``topic``
   metadata), HTTP (``IOTFLOW_HTTP_URL``; without it, devices on ``http`` are
   rejected: no writer);
@@ -74,7 +75,7 @@ from connectors.command_writers import HttpSink
 from connectors.decode import dead_letter
 from connectors.duckdb_store import COMMAND_AUDIT, DuckDBSink
 from connectors.kafka import KafkaInput, KafkaOutput, message
-from connectors.mqtt import MqttMessage, MqttSink, MqttSource
+from connectors.mqtt import MqttEpochSink, MqttMessage, MqttSource
 from connectors.recovery import ensure_store
 from iotflow.declarations import load_file, validate
 from iotflow.errors import ConfigError
@@ -324,10 +325,12 @@ def build_flow(
     )
     routed = op.map("route", op.key_rm("unkey", decided), router.route)
 
+    # The broker's acks are awaited once per epoch, not per batch: a round trip to the
+    # broker per batch held up every ack and request queued behind it.
     op.output(
         "mqtt_commands",
-        op.flat_map("mqtt_items", routed, lambda r: r.mqtt),
-        MqttSink(settings.require_mqtt_url(), client_id=f"{CLIENT_ID}-cmd"),
+        op.flat_map("mqtt_items", routed, lambda r: [("mqtt", m) for m in r.mqtt]),
+        MqttEpochSink(settings.require_mqtt_url(), client_id=f"{CLIENT_ID}-cmd"),
     )
     if "http" in config.ack_timeout:
         op.output(

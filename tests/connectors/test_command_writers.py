@@ -1,10 +1,12 @@
-"""HttpSink against a real HTTP server standing in for a device API (the device is the mock)."""
+"""The device writers' transports: HttpSink against a real HTTP server standing in for a
+device API (the device is the mock), and the MQTT command sink against the real broker."""
 
 from __future__ import annotations
 
 import json
 import logging
 import threading
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -14,7 +16,9 @@ import pytest
 
 from commands.writers import HttpCall
 from connectors.command_writers import HttpSink
-from iotflow.errors import ConfigError
+from connectors.mqtt import MqttEpochSink, MqttMessage, connect_client
+from infra.stack import StackInfo
+from iotflow.errors import ConfigError, PublishRejected
 from iotflow.settings import Settings
 
 TOKEN = "s3cret-token-value"
@@ -121,3 +125,38 @@ def test_bad_settings_are_named() -> None:
         Settings(_env_file=None, http_url="http://u:pw@ha.local:8123", http_token=TOKEN)
     )
     assert repr(sink) == "HttpSink('http://u:***@ha.local:8123', token=***)"
+
+
+def test_the_command_sink_publishes_without_waiting_and_settles_at_each_epoch(
+    stack: StackInfo,
+) -> None:
+    base = f"t{uuid.uuid4().hex[:10]}"
+    got: list[tuple[str, bytes]] = []
+    arrived, subscribed = threading.Event(), threading.Event()
+
+    def on_message(_c: Any, _u: Any, msg: Any) -> None:
+        got.append((msg.topic, msg.payload))
+        if len(got) == 3:
+            arrived.set()
+
+    device = connect_client(
+        stack.mqtt_url,
+        on_connect=lambda c: c.subscribe(f"{base}/devices/+/cmd", qos=1),
+        on_subscribe=lambda *_a: subscribed.set(),
+        on_message=on_message,
+    )
+    part = MqttEpochSink(stack.mqtt_url, client_id=f"cmd-{base}").build_part("out", "mqtt", None)
+    try:
+        assert subscribed.wait(10)
+        cmd = [MqttMessage(f"{base}/devices/d{n}/cmd", b"go%d" % n, expiry_s=30) for n in range(3)]
+        part.write_batch(cmd[:2])
+        part.snapshot()  # the epoch ends: both were acknowledged by the broker
+        part.write_batch(cmd[2:])
+        with pytest.raises(PublishRejected, match="never retained"):
+            part.write_batch([MqttMessage(f"{base}/devices/d0/cmd", b"x", retain=True)])
+        part.close()  # waits for the last one too
+        assert arrived.wait(10)
+        assert sorted(got) == [(m.topic, m.payload) for m in cmd]
+    finally:
+        device.disconnect()
+        device.loop_stop()
