@@ -59,7 +59,9 @@ class Remembered:
     """
 
     def __init__(self) -> None:
-        self._index: dict[str, Finished] = {}
+        # plain tuples of strings: the collector stops tracking them (a NamedTuple it never
+        # does), so hundreds of thousands of them add nothing to its full passes
+        self._index: dict[str, tuple[str, str, str]] = {}
         self._logs: dict[
             int, bytearray
         ] = {}  # bucket start (epoch s) -> "id\tdevice\tstate\tdigest\n"...
@@ -71,7 +73,11 @@ class Remembered:
         return command_id in self._index
 
     def get(self, command_id: str) -> Finished | None:
-        return self._index.get(command_id)
+        entry = self._index.get(command_id)
+        if entry is None:
+            return None
+        device_id, state, digest = entry
+        return Finished(device_id, _STATES[state], digest)
 
     def add(
         self,
@@ -82,12 +88,11 @@ class Remembered:
         forget_at: datetime,
     ) -> None:
         """Remember a finished command until ``forget_at`` (rounded up to its bucket's end)."""
-        # one string object per device, not one per command
-        entry = Finished(sys.intern(device_id), state, digest)
-        self._index[command_id] = entry
+        device_id = sys.intern(device_id)  # one string object per device, not per command
+        self._index[command_id] = (device_id, state.value, digest)
         bucket = int(forget_at.timestamp()) // BUCKET_S * BUCKET_S
         log = self._logs.setdefault(bucket, bytearray())
-        log += f"{command_id}\t{entry.device_id}\t{state.value}\t{digest}\n".encode()
+        log += f"{command_id}\t{device_id}\t{state.value}\t{digest}\n".encode()
 
     def purge(self, now: datetime) -> None:
         """Forget every command whose bucket ended at or before ``now``."""
@@ -108,5 +113,5 @@ class Remembered:
             memory._logs[int(bucket)] = bytearray(text.encode())
             for line in text.splitlines():
                 command_id, device_id, state, digest = line.split("\t")
-                memory._index[command_id] = Finished(sys.intern(device_id), _STATES[state], digest)
+                memory._index[command_id] = (sys.intern(device_id), state, digest)
         return memory
