@@ -17,6 +17,11 @@ from iotflow.frame import to_readings
 NOW = 1_767_268_800_000
 
 
+def columnar() -> TelemetryDecoder:
+    """A decoder that takes the columnar path for batches of any size."""
+    return TelemetryDecoder(columnar_min=1)
+
+
 def msg(device: str, payload: bytes, received: int = NOW) -> DeviceMessage:
     return DeviceMessage(f"iotflow/devices/{device}/telemetry", payload, received)
 
@@ -31,7 +36,7 @@ def same_as_exact(decoder: TelemetryDecoder, messages: list[DeviceMessage]) -> N
 
 def test_clean_batch_takes_the_columnar_path_and_keeps_order() -> None:
     messages = [msg(f"d{i}", b'{"ts": %d, "t": %d.5, "h": 1}' % (NOW + i, i)) for i in range(50)]
-    out = TelemetryDecoder().decode_frame(messages)
+    out = columnar().decode_frame(messages)
     assert out.dead == []
     assert out.ok.columns == ["device_id", "ts_ms", "t", "h"]
     assert out.ok.schema["t"] == pl.Float64 and out.ok.schema["ts_ms"] == pl.Int64
@@ -52,7 +57,7 @@ def test_bad_messages_become_dead_letters_and_valid_neighbours_survive() -> None
         msg("i", b'[{"ts": 1767268800000, "t": 2}, {"ts": "x", "t": 3}]'),
         msg("j", b'{"ts": 1767268800000, "t": 4}'),
     ]
-    out = TelemetryDecoder().decode_frame(messages)
+    out = columnar().decode_frame(messages)
     assert out.ok.get_column("device_id").to_list() == ["a", "i", "j"]
     assert out.ok.get_column("t").to_list() == [1.0, 2.0, 4.0]
     reasons = " | ".join(d.reason for d in out.dead)
@@ -63,7 +68,7 @@ def test_bad_messages_become_dead_letters_and_valid_neighbours_survive() -> None
 
 
 def test_missing_or_null_ts_takes_the_receive_time() -> None:
-    out = TelemetryDecoder().decode_frame(
+    out = columnar().decode_frame(
         [msg("a", b'{"t": 1}', NOW + 7), msg("b", b'{"ts": null, "t": 2}', NOW + 9)]
     )
     assert out.ok.get_column("ts_ms").to_list() == [NOW + 7, NOW + 9]
@@ -71,24 +76,26 @@ def test_missing_or_null_ts_takes_the_receive_time() -> None:
 
 def test_a_string_field_sends_the_batch_down_the_exact_path_with_the_same_result() -> None:
     messages = [msg("a", b'{"ts": 1767268800000, "t": 1, "s": "ok"}'), msg("b", b'{"t": "hot"}')]
-    same_as_exact(TelemetryDecoder(), messages)
+    same_as_exact(columnar(), messages)
 
 
 def test_a_source_mapping_uses_the_exact_path() -> None:
-    decoder = TelemetryDecoder(SourceMapping.model_validate({"temperature": "payload.v"}))
+    decoder = TelemetryDecoder(
+        SourceMapping.model_validate({"temperature": "payload.v"}), columnar_min=1
+    )
     out = decoder.decode_frame([msg("a", b'{"ts": 1767268800000, "v": 3}')])
     assert out.ok.rows() == [("a", NOW, 3.0)]
 
 
 def test_oversized_payload_is_rejected_with_its_size() -> None:
     big = b'{"t": 1, "pad": "' + b"x" * 2000 + b'"}'
-    out = TelemetryDecoder(max_payload_bytes=1000).decode_frame([msg("a", big)])
+    out = TelemetryDecoder(max_payload_bytes=1000, columnar_min=1).decode_frame([msg("a", big)])
     assert out.ok.height == 0
     assert "bytes; the limit is 1000" in out.dead[0].reason
 
 
 def test_empty_batch() -> None:
-    out = TelemetryDecoder().decode_frame([])
+    out = columnar().decode_frame([])
     assert out.ok.height == 0 and out.dead == []
 
 
@@ -120,8 +127,8 @@ def test_columnar_and_exact_decoders_agree_on_any_batch(
     batch: list[tuple[str, bytes, int]],
 ) -> None:
     messages = [msg(device, payload, NOW + skew) for device, payload, skew in batch]
-    framed = TelemetryDecoder().decode_frame(messages)
-    exact = TelemetryDecoder().decode(messages)
+    framed = columnar().decode_frame(messages)
+    exact = columnar().decode(messages)
     expected = [r for r in exact.ok if not {"device_id", "ts_ms"} & set(r.metrics)]
     got = to_readings(framed.ok)
     assert len(got) == len(expected)
@@ -137,17 +144,17 @@ def test_a_field_first_seen_after_the_inferred_rows_is_kept() -> None:
     messages = [msg("a", b'{"ts": %d, "t": 1}' % (NOW + i)) for i in range(300)]
     messages.append(msg("b", b'{"ts": 1767268800000, "t": 2, "late": 7}'))
     messages.append(msg("c", b'{"ts": 1767268800000, "t": 2.5, "n": null}'))
-    out = TelemetryDecoder().decode_frame(messages)
+    out = columnar().decode_frame(messages)
     assert out.ok.height == 302
     assert out.ok.get_column("late").to_list()[-2:] == [7.0, None]
-    same_as_exact(TelemetryDecoder(), messages)
+    same_as_exact(columnar(), messages)
 
 
 def test_integer_metric_turning_float_later_is_exact() -> None:
     messages = [msg("a", b'{"ts": %d, "n": 3}' % (NOW + i)) for i in range(200)]
     messages.append(msg("a", b'{"ts": 1767268800000, "n": 3.25}'))
-    same_as_exact(TelemetryDecoder(), messages)
-    assert TelemetryDecoder().decode_frame(messages).ok.get_column("n").to_list()[-1] == 3.25
+    same_as_exact(columnar(), messages)
+    assert columnar().decode_frame(messages).ok.get_column("n").to_list()[-1] == 3.25
 
 
 def test_stray_closing_brace_or_key_with_braces_decodes_like_the_exact_path() -> None:
@@ -158,8 +165,8 @@ def test_stray_closing_brace_or_key_with_braces_decodes_like_the_exact_path() ->
         msg("y", b'{"ts": 1767268800000, "a}": 3}'),
         msg("z", b'{"ts": 1767268800000, "b{": 4}'),
     ]
-    same_as_exact(TelemetryDecoder(), messages)
-    out = TelemetryDecoder().decode_frame(messages)
+    same_as_exact(columnar(), messages)
+    out = columnar().decode_frame(messages)
     assert [d.topic.split("/")[2] for d in out.dead] == ["x"]
     assert out.ok.get_column("a}").to_list()[-2:] == [3.0, None]
 
@@ -169,15 +176,15 @@ def test_a_late_new_field_named_like_null_is_kept() -> None:
     messages = [msg(f"d{i}", b'{"ts": %d, "t": 1}' % (NOW + i)) for i in range(150)]
     messages.append(msg("x", b'{"ts": 1767268800000, "t": 1, "nullx": 5}'))
     messages.append(msg("y", b'{"ts": 1767268800000, "t": null, "h": 2}'))
-    same_as_exact(TelemetryDecoder(), messages)
-    assert TelemetryDecoder().decode_frame(messages).ok.get_column("nullx").to_list()[-2:] == [
+    same_as_exact(columnar(), messages)
+    assert columnar().decode_frame(messages).ok.get_column("nullx").to_list()[-2:] == [
         5.0,
         None,
     ]
 
 
 def test_topics_without_a_valid_device_level_are_dead_letters_in_every_batch() -> None:
-    decoder = TelemetryDecoder()
+    decoder = columnar()
     good = msg("a", b'{"ts": 1767268800000, "t": 1}')
     short = DeviceMessage("iotflow", b'{"ts": 1767268800000, "t": 2}', NOW)
     hostile = msg("b#", b'{"ts": 1767268800000, "t": 3}')
@@ -186,3 +193,14 @@ def test_topics_without_a_valid_device_level_are_dead_letters_in_every_batch() -
         assert out.ok.get_column("t").to_list() == [1.0, 1.0]
         assert [d.topic for d in out.dead] == ["iotflow", hostile.topic]
         same_as_exact(decoder, [good, short, hostile, good])
+
+
+def test_small_batches_decode_one_by_one_with_the_same_result() -> None:
+    messages = [msg(f"d{i}", b'{"ts": %d, "t": %d.5, "h": 1}' % (NOW + i, i)) for i in range(300)]
+    messages[7] = msg("bad", b"{not json}")
+    default = TelemetryDecoder()
+    assert default.columnar_min == 200
+    for size in (1, 10, 199, 200, 300):
+        batch = messages[:size]
+        same_as_exact(default, batch)
+        assert default.decode_frame(batch).ok.equals(columnar().decode_frame(batch).ok)
