@@ -235,7 +235,13 @@ def run(params: dict[str, Any]) -> Measured:
     }
     counts["twins"] = len(names)
     if len(seen_probes) != len(sent_at) or counts["duplicate_probes"] or dead:
-        raise BenchError(f"incomplete or wrong work: {counts}")
+        missing = sorted(
+            (at - start_at, key) for key, at in sent_at.items() if key not in seen_probes
+        )
+        first = ", ".join(f"{d} ts {ts} sent at +{s:.2f}s" for s, (d, ts) in missing[:5])
+        raise BenchError(
+            f"incomplete or wrong work: {counts}; first missing probes: {first or '-'}"
+        )
     if not lags:
         raise BenchError(f"no background update after the warm-up: {counts}")
     counts["twins_all_within_1s"] = sum(

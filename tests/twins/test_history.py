@@ -34,8 +34,8 @@ def db(tmp_path):
             batches.append(out.changes)
     path = tmp_path / "h.duckdb"
     sink = DuckDBSink(path, TWIN_HISTORY, history_rows).build_part("s", TWIN_HISTORY.name, None)
-    sink.write_batch([batches])
-    sink.write_batch([batches])  # a replay changes nothing
+    sink.write_batch(batches)
+    sink.write_batch(batches)  # a replay changes nothing
     sink.close()
     return path
 
