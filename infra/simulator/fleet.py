@@ -595,7 +595,7 @@ class Fleet:
             return
         # the reconnect cannot run on this network thread: go_offline joins it
         bounce = threading.Thread(target=self._bounce, name="iotflow-simulator-bounce", daemon=True)
-        self._bounces.append(bounce)
+        self._bounces = [b for b in self._bounces if b.is_alive()] + [bounce]
         bounce.start()
 
     def _bounce(self) -> None:
