@@ -238,7 +238,13 @@ class _Instant(_Kind):
     def process(self, frame: pl.DataFrame, by_key: Callable[[], pl.DataFrame]) -> list[Any]:
         value_col = self.col("value") if self.p.value is not None else None
         value = pl.col(value_col) if value_col else pl.lit(None, pl.Float64)
-        hits = frame.filter(pl.col(self.col("cond"))).select(KEY, TS, value.alias("_value"))
+        hits = (
+            frame.lazy()
+            .filter(pl.col(self.col("cond")))
+            .sort(TS, SEQ)
+            .select(KEY, TS, value.alias("_value"))
+            .collect()
+        )
         return [
             self.detection(key, ts, value=v, details={"times": 1, "events_ts_ms": [ts]})
             for key, ts, v in hits.iter_rows()
@@ -1265,69 +1271,74 @@ class CepEngine:
         if frame.is_empty():
             return None
         self._stats["rows"] += frame.height
-        n = frame.height
-        frame = frame.with_columns(
-            pl.int_range(self._seq, self._seq + n, dtype=pl.Int64).alias(SEQ)
-        )
-        self._seq += n
         absent = [c for c in self.names if c not in frame.columns]
         if absent:
-            self._stats["missing_column_rows"] += n * len(absent)
+            self._stats["missing_column_rows"] += frame.height * len(absent)
             for c in absent:
                 if c not in self._warned:
                     self._warned.add(c)
                     log.warning("CEP input %r has no column %r; reading it as null", self.input, c)
-        incomplete = pl.col(key).is_null() | pl.col(time).is_null()
-        self._reject(out, "incomplete", frame.filter(incomplete).drop(SEQ))
-        ok = ~incomplete
+        # cheap column checks first; the filters run only when something is to be rejected
+        keys, times = frame.get_column(key), frame.get_column(time)
+        bad: dict[str, pl.Expr] = {}
+        if keys.null_count() or times.null_count():
+            bad["incomplete"] = pl.col(key).is_null() | pl.col(time).is_null()
         if self._skew_ms is not None:
-            future = ok & (pl.col(time) > to_ms(self._now()) + self._skew_ms)
-            self._reject(out, "future", frame.filter(future).drop(SEQ))
-            ok = ok & ~future
-        frame = frame.filter(ok)
-        if frame.is_empty():
-            return None
-        if absent:  # typed nulls, so comparisons and arithmetic stay valid
-            frame = frame.with_columns(
-                [
-                    pl.lit(None, pl.Utf8 if c in self._string_names else pl.Float64).alias(c)
-                    for c in absent
-                ]
-            )
-        # NaN counts as missing everywhere, once, before the conditions run
-        prepared = frame.with_columns(cs.float().fill_nan(None))
+            limit = to_ms(self._now()) + self._skew_ms
+            if times.max() > limit:  # type: ignore[operator]
+                bad["future"] = pl.col(time) > limit
+        if bad:
+            ok = pl.lit(True)
+            for reason, mask in bad.items():
+                self._reject(out, reason, frame.filter(ok & mask))
+                ok = ok & ~mask.fill_null(False)
+            frame = frame.filter(ok)
+            if frame.is_empty():
+                return None
+        n = frame.height
         ids = [pl.col(key).cast(pl.Utf8).alias(KEY), pl.col(time).cast(pl.Int64).alias(TS)]
+        ids.append(pl.int_range(self._seq, self._seq + n, dtype=pl.Int64).alias(SEQ))
+        self._seq += n
         if self.spec.start:
             start = pl.col(self.spec.start) if self.spec.start in frame.columns else pl.lit(None)
             ids.append(start.cast(pl.Int64).alias(START))
-        prepared = self._with_key_ids(prepared.with_columns(ids)).select(
-            *self._schema_ids(), *(e.alias(name) for name, e in self._derived.items())
-        )
-        if self._instant:
-            arrived = prepared.sort(TS, SEQ)
-            for pattern, kind in self._instant:
-                out.extend(self._with_actions(pattern, kind.process(arrived, lambda: arrived)))
+        # typed nulls for absent columns, so comparisons and arithmetic stay valid; NaN
+        # counts as missing everywhere, once, before the conditions run
+        nulls = [
+            pl.lit(None, pl.Utf8 if c in self._string_names else pl.Float64).alias(c)
+            for c in absent
+        ]
+        rows = frame.lazy().with_columns(nulls).with_columns(cs.float().fill_nan(None))
+        rows = rows.with_columns(ids)
+        derived = (e.alias(name) for name, e in self._derived.items())
+        if self._ordered:
+            prepared = self._with_key_ids(rows).select(*self._schema_ids(), *derived)
+        else:  # instant patterns need no key ids: spare the join
+            no_ids = rows.with_columns(pl.lit(None, pl.Int64).alias(KID))
+            prepared = no_ids.select(*self._schema_ids(), *derived).collect()
+        for pattern, kind in self._instant:
+            out.extend(self._with_actions(pattern, kind.process(prepared, lambda: prepared)))
         if not self._ordered:
             return None  # nothing waits for the watermark, so nothing is late
         if self._boundary is not None:
             late = frame.get_column(time) < self._boundary
-            self._reject(out, "late", frame.filter(late).drop(SEQ, *absent))
-            prepared = prepared.filter(~late)
+            if late.any():
+                self._reject(out, "late", frame.filter(late))
+                prepared = prepared.filter(~late)
         return prepared
 
-    def _with_key_ids(self, frame: pl.DataFrame) -> pl.DataFrame:
+    def _with_key_ids(self, rows: pl.LazyFrame) -> pl.DataFrame:
         # integer ids per key (first-seen order): per-key sorts and joins on ints
-        # are several times faster than on strings
-        keys = frame.select(pl.col(KEY).unique(maintain_order=True))
-        new = keys.join(self._keytab, on=KEY, how="anti", maintain_order="left")
-        if not new.is_empty():
-            start = self._keytab.height
-            new = new.with_columns(
-                pl.int_range(start, start + new.height, dtype=pl.Int64).alias(KID)
-            )
-            self._keytab = pl.concat([self._keytab, new])
-            self._keys.extend(new[KEY].to_list())
-        return frame.join(self._keytab, on=KEY, how="left", maintain_order="left")
+        # are several times faster than on strings; new keys are rare once warm
+        frame = rows.join(self._keytab.lazy(), on=KEY, how="left", maintain_order="left").collect()
+        if frame[KID].null_count() == 0:
+            return frame
+        keys = frame.filter(pl.col(KID).is_null()).select(pl.col(KEY).unique(maintain_order=True))
+        start = self._keytab.height
+        new = keys.with_columns(pl.int_range(start, start + keys.height, dtype=pl.Int64).alias(KID))
+        self._keytab = pl.concat([self._keytab, new])
+        self._keys.extend(new[KEY].to_list())
+        return frame.drop(KID).join(self._keytab, on=KEY, how="left", maintain_order="left")
 
     def _schema_ids(self) -> list[str]:
         return [KEY, KID, TS, SEQ] + ([START] if self.spec.start else [])
