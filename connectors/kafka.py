@@ -2,6 +2,8 @@
 
 ``KafkaOutput`` is Bytewax's ``KafkaSink`` with an idempotent, ``acks=all``
 producer tuned for low latency, that creates its topics when missing.
+``KafkaEpochOutput`` is the same producer waiting for the broker once per
+epoch instead of once per batch.
 ``read_topic`` and ``tail`` read a topic for tests, the demo and ``iotflow tail``
 (Debian's kcat cannot talk to the local Kafka-compatible broker).
 confluent-kafka errors are translated into ``iotflow.errors`` at this boundary.
@@ -10,8 +12,11 @@ confluent-kafka errors are translated into ``iotflow.errors`` at this boundary.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from bytewax.connectors.kafka import KafkaSink, KafkaSinkMessage, KafkaSource
+from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
+from confluent_kafka import Producer
 
 from connectors.kafka_client import (
     COMPACTED,
@@ -24,10 +29,12 @@ from connectors.kafka_client import (
     security_config,
     tail,
 )
+from iotflow.errors import BrokerUnavailable, PublishRejected
 
 __all__ = [
     "COMPACTED",
     "DEFAULT_PARTITIONS",
+    "KafkaEpochOutput",
     "KafkaInput",
     "KafkaOutput",
     "KafkaRecord",
@@ -62,6 +69,79 @@ class KafkaOutput(KafkaSink):
         if worker_index == 0:
             ensure_topics(self._bootstrap, self._topics, configs=self._configs)
         return super().build(step_id, worker_index, worker_count)
+
+
+class _EpochPartition(StatefulSinkPartition[KafkaSinkMessage[bytes, bytes], None]):
+    def __init__(self, producer: Producer, bootstrap: str) -> None:
+        self._producer = producer
+        self._bootstrap = bootstrap
+        self._failed: list[str] = []
+
+    def _delivered(self, err: Any, msg: Any) -> None:
+        if err is not None:
+            self._failed.append(f"{msg.topic()}: {err}")
+
+    def write_batch(self, items: list[KafkaSinkMessage[bytes, bytes]]) -> None:
+        self._raise()
+        for msg in items:
+            args = (msg.topic, msg.value, msg.key)
+            try:
+                self._producer.produce(*args, headers=msg.headers, on_delivery=self._delivered)
+            except BufferError:  # the local queue is full: let it drain, then go on
+                self._producer.flush(30)
+                self._producer.produce(*args, headers=msg.headers, on_delivery=self._delivered)
+        self._producer.poll(0)
+
+    def snapshot(self) -> None:
+        # the epoch ends: every record it produced is acknowledged before Bytewax records it
+        left = self._producer.flush(30)
+        if left:
+            msg = f"Kafka at {self._bootstrap} did not acknowledge {left} records within 30s"
+            raise BrokerUnavailable(msg)
+        self._raise()
+
+    def close(self) -> None:
+        self.snapshot()
+
+    def _raise(self) -> None:
+        if self._failed:
+            shown = "; ".join(self._failed[:3])
+            msg = f"Kafka at {self._bootstrap} refused {len(self._failed)} records: {shown}"
+            raise PublishRejected(msg)
+
+
+class KafkaEpochOutput(FixedPartitionedSink[KafkaSinkMessage[bytes, bytes], None]):
+    """``KafkaOutput`` that waits for the broker once per epoch instead of per batch.
+
+    Bytewax's ``KafkaSink`` flushes the producer after every batch: a broker
+    round trip that holds up everything queued behind it. Here a batch is
+    handed to the producer (which sends within ``linger.ms``) and the worker
+    moves on; at the end of each epoch (its snapshot) the sink waits until the
+    broker acknowledged every record of the epoch, so a recovery snapshot never
+    runs ahead of Kafka: at least once, per epoch. A record the broker refused
+    raises ``PublishRejected`` at the next batch or at the epoch's end. Items
+    arrive as ``(key, KafkaSinkMessage)`` (any key: one partition, one producer).
+    """
+
+    def __init__(
+        self,
+        bootstrap: str,
+        topics: Iterable[str],
+        configs: Mapping[str, Mapping[str, str]] | None = None,
+    ) -> None:
+        self._bootstrap = bootstrap
+        self._topics = list(topics)
+        self._configs = configs
+
+    def list_parts(self) -> list[str]:
+        return ["kafka"]
+
+    def part_fn(self, item_key: str) -> int:
+        return 0
+
+    def build_part(self, step_id: str, for_part: str, resume_state: None) -> _EpochPartition:
+        ensure_topics(self._bootstrap, self._topics, configs=self._configs)
+        return _EpochPartition(Producer(producer_config(self._bootstrap)), self._bootstrap)
 
 
 class KafkaInput(KafkaSource):

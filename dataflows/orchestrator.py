@@ -31,7 +31,8 @@ Outputs:
   metadata), HTTP (``IOTFLOW_HTTP_URL``; without it, devices on ``http`` are
   rejected: no writer);
 - ``{prefix}.commands.events``: every command and coordinator transition, keyed
-  by command id or plan id;
+  by command id or plan id (the producer is flushed at each epoch's end,
+  ``connectors.kafka.KafkaEpochOutput``);
 - DuckDB ``command_audit``: the same transitions, upserted on their natural key in
   batches by a writer thread of their own (within ``AUDIT_FLUSH`` of the event;
   every epoch's snapshot and the flow's end wait until its rows are in);
@@ -74,7 +75,7 @@ from connectors.bridge import ingest_topic, topic_matcher, unwrap_records
 from connectors.command_writers import HttpSink
 from connectors.decode import dead_letter
 from connectors.duckdb_store import COMMAND_AUDIT, DuckDBSink
-from connectors.kafka import KafkaInput, KafkaOutput, message
+from connectors.kafka import KafkaEpochOutput, KafkaInput, message
 from connectors.mqtt import MqttEpochSink, MqttMessage, MqttSource
 from connectors.recovery import ensure_store
 from iotflow.declarations import load_file, validate
@@ -341,14 +342,17 @@ def build_flow(
     device_dead = op.flat_map("device_dead", decoded_devices, lambda d: d[1])
     if ingest_dead is not None:
         device_dead = op.merge("device_dead_all", device_dead, ingest_dead)
+    # Events, dead letters and Kafka device commands: the producer is flushed once per
+    # epoch, not per batch (a broker round trip per batch held up the acks behind it).
+    to_kafka = op.merge(
+        "to_kafka",
+        op.flat_map("kafka_items", routed, lambda r: r.kafka),
+        op.map("device_letters", device_dead, router.dead),
+    )
     op.output(
         "kafka",
-        op.merge(
-            "to_kafka",
-            op.flat_map("kafka_items", routed, lambda r: r.kafka),
-            op.map("device_letters", device_dead, router.dead),
-        ),
-        KafkaOutput(
+        op.key_on("one_producer", to_kafka, lambda _record: "kafka"),
+        KafkaEpochOutput(
             bootstrap,
             [
                 topics.command_events,

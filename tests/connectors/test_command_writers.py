@@ -1,5 +1,6 @@
 """The device writers' transports: HttpSink against a real HTTP server standing in for a
-device API (the device is the mock), and the MQTT command sink against the real broker."""
+device API (the device is the mock); the orchestrator's MQTT and Kafka sinks (broker acks
+awaited once per epoch) against the real brokers."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 
 from commands.writers import HttpCall
 from connectors.command_writers import HttpSink
+from connectors.kafka import KafkaEpochOutput, message, read_topic
 from connectors.mqtt import MqttEpochSink, MqttMessage, connect_client
 from infra.stack import StackInfo
 from iotflow.errors import ConfigError, PublishRejected
@@ -160,3 +162,19 @@ def test_the_command_sink_publishes_without_waiting_and_settles_at_each_epoch(
     finally:
         device.disconnect()
         device.loop_stop()
+
+
+def test_the_events_sink_has_every_record_acknowledged_at_each_epoch(stack: StackInfo) -> None:
+    topic = f"t{uuid.uuid4().hex[:10]}.commands.events"
+    sink = KafkaEpochOutput(stack.kafka_bootstrap, [topic])
+    part = sink.build_part("kafka", "kafka", None)
+    part.write_batch([message(topic, f"c{n}", b"e%d" % n) for n in range(3)])
+    part.snapshot()  # the epoch ends: all three are in the topic now
+    assert sorted(r.value for r in read_topic(stack.kafka_bootstrap, topic)) == [
+        b"e0",
+        b"e1",
+        b"e2",
+    ]
+    part.write_batch([message(topic, "c3", b"e3")])
+    part.close()
+    assert len(read_topic(stack.kafka_bootstrap, topic)) == 4
