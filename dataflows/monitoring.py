@@ -163,16 +163,19 @@ def build_flow(
     if ingest.dead is not None:
         dead = op.merge("rejected_all", dead, ingest.dead)
 
-    stats = window_stats("windows", frames, spec.aggregation, dims)
+    stats = window_stats("windows", frames, spec.aggregation, dims, shards=spec.shards)
     dead = op.merge("dead", dead, op.flat_map("late_letters", stats.late, _late_letters))
     detections: list[Stream[Detection]] = []
     actions: list[Stream[Any]] = []
     if spec.reading_rules:
-        detections.append(detect_anomalies("anomalies", frames, spec.reading_rules).detections)
+        found = detect_anomalies("anomalies", frames, spec.reading_rules, shards=spec.shards)
+        detections.append(found.detections)
     wide = op.map("wide", stats.down, to_wide)
     device_wide = op.map("device_wide", wide, lambda f: f.filter(pl.col("group_by") == "device"))
     for rule in spec.peer_rules:
-        found = detect_peer_anomalies(f"peers-{rule.name}", device_wide, rule, dims)
+        found = detect_peer_anomalies(
+            f"peers-{rule.name}", device_wide, rule, dims, shards=spec.shards
+        )
         detections.append(found.detections)
     if spec.patterns is not None:
         inputs = sorted({p.input for p in spec.patterns.patterns})
@@ -183,7 +186,7 @@ def build_flow(
                 up = wide
             else:
                 continue  # other inputs (commands) are fed by the orchestration flow
-            out = cep(f"cep-{name}", up, spec.patterns, name, dims)
+            out = cep(f"cep-{name}", up, spec.patterns, name, dims, shards=spec.shards)
             detections.append(out.detections)
             actions.append(out.actions)
             dead = op.merge(

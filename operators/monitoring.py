@@ -46,6 +46,12 @@ class Monitoring(BaseModel):
     anomalies: list[Rule] = Field(default_factory=list)
     patterns: PatternSet | None = None
     dimensions: dict[str, dict[str, str]] = Field(default_factory=dict)
+    shards: int = Field(8, ge=1)
+    """Keys each stateful step spreads its devices (or groups) over: the unit Bytewax
+    hands to workers, so at least the number of workers. Every shard costs a fixed
+    ~1 ms per batch, which dominates at low rates (small batches): one worker is
+    fastest, with the lowest latency, at ``shards: 1``. Changing it needs a fresh
+    recovery store (a device's state stays with its old shard)."""
 
     @property
     def reading_rules(self) -> list[ZScoreRule | EwmaRule | MadRule]:

@@ -43,6 +43,7 @@ def test_the_default_deployment_is_valid() -> None:
         ("aggregation: {window: {kind: tumbling, length: 1m}}\nextra: 1", "extra"),
         ("aggregation: [", "not valid YAML"),
         ("anomalies: []", "aggregation"),
+        ("aggregation: {window: {kind: tumbling, length: 1m}}\nshards: 0", "shards"),
     ],
 )
 def test_bad_declarations_name_the_field(text: str, words: str) -> None:
