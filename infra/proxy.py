@@ -55,6 +55,11 @@ def _reset(sock: socket.socket) -> None:
     # SO_LINGER 0: close with RST, as a dropped link looks to the client
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    # close() alone does not end a recv() blocked in a pump thread (the kernel keeps
+    # the socket open until that read returns), so an idle link would survive a cut;
+    # SHUT_RD wakes the reader without sending a FIN ahead of the RST.
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RD)
     with contextlib.suppress(OSError):
         sock.close()
 
