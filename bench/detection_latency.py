@@ -80,6 +80,7 @@ DEFAULTS: dict[str, Any] = {
     "warmup_s": 3.0,
     "window": "1m",
     "pattern_lateness": "1s",
+    "window_lateness": "10s",
     "idle_stop_s": 1.5,
     "timeout_s": 120.0,
 }
@@ -97,11 +98,12 @@ COMPLETE_COUNTS = ["detected"]
 RULE = "overheating_now"
 
 
-def deployment(window: str, lateness: str) -> dict[str, Any]:
+def deployment(window: str, lateness: str, window_lateness: str = "10s") -> dict[str, Any]:
     return {
+        "shards": 1,  # one worker: more shards only add per-batch cost
         "aggregation": {
             "window": {"kind": "tumbling", "length": window},
-            "allowed_lateness": "1s",
+            "allowed_lateness": window_lateness,
             "stats": ["avg", "max"],
             "group_by": [["device"]],
         },
@@ -137,7 +139,13 @@ def run(params: dict[str, Any]) -> Measured:
 
     with private_stack() as info, tempfile.TemporaryDirectory(prefix="iotflow-bench-") as tmp:
         with monitoring_flow(
-            info, Path(tmp), deployment(str(params["window"]), str(params["pattern_lateness"])),
+            info,
+            Path(tmp),
+            deployment(
+                str(params["window"]),
+                str(params["pattern_lateness"]),
+                str(params["window_lateness"]),
+            ),
             idle_stop_s=float(params["idle_stop_s"]),
         ) as (flow, settings):  # fmt: skip
             topics = KafkaTopics(settings.topic_prefix)

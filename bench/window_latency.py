@@ -86,6 +86,7 @@ COMPLETE_COUNTS = ["readings_in_windows"]
 
 def deployment(window: str, lateness: str) -> dict[str, Any]:
     return {
+        "shards": 1,  # one worker: more shards only add per-batch cost
         "aggregation": {
             "window": {"kind": "tumbling", "length": window},
             "allowed_lateness": lateness,

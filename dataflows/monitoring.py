@@ -25,7 +25,7 @@ Outputs:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import bytewax.operators as op
@@ -93,15 +93,32 @@ def _iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat().replace("+00:00", "Z")
 
 
+def _iso_expr(column: str) -> pl.Expr:
+    """``_iso`` of an epoch-ms column, in polars (microseconds only when not whole seconds)."""
+    at = pl.from_epoch(column, time_unit="ms")
+    whole = at.dt.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return (
+        pl.when(pl.col(column) % 1000 == 0)
+        .then(whole)
+        .otherwise(at.dt.strftime("%Y-%m-%dT%H:%M:%S%.6fZ"))
+    )
+
+
 def aggregate_messages(topic: str, results: pl.DataFrame) -> list[Any]:
-    """One Kafka record per result row; the key is the row's natural key."""
-    out = []
-    for row in results.iter_rows(named=True):
-        start, end = _iso(row.pop("window_start_ms")), _iso(row.pop("window_end_ms"))
-        row["window_start"], row["window_end"] = start, end
-        key = f"{row['group_by']}|{row['key']}|{row['metric']}|{start}|{end}"
-        out.append(message(topic, key, _encode(row)))
-    return out
+    """One Kafka record per result row, its fields as JSON with ISO 8601 window times; the
+    key is the row's natural key. Encoded by polars: a window close of 10,000 devices
+    makes 20,000 records, and a Python dict and JSON encode per row took 3x longer."""
+    if results.height == 0:
+        return []
+    fields = [c for c in results.columns if c not in ("window_start_ms", "window_end_ms")]
+    start, end = _iso_expr("window_start_ms"), _iso_expr("window_end_ms")
+    key = pl.concat_str(
+        [pl.col("group_by"), pl.col("key"), pl.col("metric"), start, end], separator="|"
+    )
+    value = pl.struct(*fields, start.alias("window_start"), end.alias("window_end"))
+    table = results.select(key.alias("k"), value.struct.json_encode().cast(pl.Binary).alias("v"))
+    keys, values = table.get_column("k").to_list(), table.get_column("v").to_list()
+    return [message(topic, k, v) for k, v in zip(keys, values, strict=True)]
 
 
 def _late_letters(late: LateFrame) -> list[Any]:
@@ -234,7 +251,15 @@ def build_flow(
     op.output(
         "duckdb",
         op.merge("to_duckdb", *to_duckdb),
-        DuckDBSink(settings.duckdb, AGGREGATES, stats_rows, also={DETECTIONS: detection_rows}),
+        # upserts commit on a thread of their own: a window close's rows would hold the
+        # worker (and every reading behind it) for tens of milliseconds
+        DuckDBSink(
+            settings.duckdb,
+            AGGREGATES,
+            stats_rows,
+            also={DETECTIONS: detection_rows},
+            background=timedelta(seconds=1),
+        ),
     )
     return flow
 
