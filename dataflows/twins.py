@@ -18,7 +18,8 @@ Inputs:
 Devices are spread over ``shards`` keys of one ``stateful_batch`` step
 (``twins.sync.TwinSync`` per shard, a batch at a time).
 
-Outputs:
+Outputs (Kafka through ``KafkaEpochOutput``: the worker never waits for the broker
+within an epoch; every record is acknowledged before the epoch's snapshot):
 
 - ``{prefix}.twins`` (created compacted): every twin change with its version, key device_id,
 - ``{prefix}.commands.requests``: ``iotflow.events.Command`` JSON made from deltas, key device_id,
@@ -51,7 +52,7 @@ from bytewax.inputs import Source
 from connectors.decode import dead_letter
 from connectors.duckdb_store import DETECTIONS, TWIN_HISTORY, DuckDBSink, detection_rows
 from connectors.ingest import device_messages
-from connectors.kafka import COMPACTED, KafkaInput, KafkaOutput, message
+from connectors.kafka import COMPACTED, KafkaEpochOutput, KafkaInput, message
 from connectors.recovery import bind_definition, ensure_store
 from iotflow.events import Detection, DeviceMessage, to_ms
 from iotflow.settings import Settings
@@ -197,8 +198,13 @@ def _check_recovery(settings: Settings, registry: Registry, shards: int) -> None
     bind_definition(settings.recovery_dir, "twins", definition)
 
 
+def _record(topic: str, key: str, value: Any) -> tuple[str, Any]:
+    """A Kafka record for ``KafkaEpochOutput`` (one producer: every record under one key)."""
+    return ("kafka", message(topic, key, _encode(value)))
+
+
 def _messages(topic: str, key: Callable[[Any], str], items: Iterable[Any]) -> list[Any]:
-    return [message(topic, key(item), _encode(item)) for item in items]
+    return [_record(topic, key(item), item) for item in items]
 
 
 def build_flow(
@@ -274,16 +280,14 @@ def build_flow(
         op.map(
             "detection_msgs",
             detections,
-            lambda d: message(topics.detections, f"{d.rule}|{d.key}", _encode(d)),
+            lambda d: _record(topics.detections, f"{d.rule}|{d.key}", d),
         ),
-        op.map(
-            "dead_msgs", dead, lambda d: message(topics.deadletter, d.topic or d.source, _encode(d))
-        ),
+        op.map("dead_msgs", dead, lambda d: _record(topics.deadletter, d.topic or d.source, d)),
     )
     op.output(
         "kafka",
         to_kafka,
-        KafkaOutput(
+        KafkaEpochOutput(
             bootstrap,
             [
                 topics.twins,
