@@ -8,9 +8,10 @@ producer, and sends the PUBACK for a message only from the Kafka delivery
 callback that confirmed it. A bridge that dies (even by SIGKILL) has
 acknowledged nothing that Kafka does not hold; the broker redelivers the
 rest to the next bridge with the same client id. Duplicates are possible (a
-message Kafka took but whose PUBACK died with the process comes again):
-consumers drop them downstream by natural key (``connectors.dedupe``, DuckDB
-upserts).
+message Kafka took but whose PUBACK died with the process comes again): the
+bridge marks every record that may repeat an earlier one (header
+``redelivered``), and the flows' Kafka ingest drops the repeats before any
+window sees them (``connectors.reading_dedupe``).
 
 The record layout on ``{prefix}.ingest`` (see ``ingest_record``):
 
@@ -21,7 +22,10 @@ The record layout on ``{prefix}.ingest`` (see ``ingest_record``):
   order),
 - headers: ``mqtt_topic`` (UTF-8) and ``received_ms`` (the bridge's receive
   time, epoch milliseconds as ASCII digits); the Kafka timestamp is the
-  receive time too.
+  receive time too. ``redelivered`` (``b"1"``) only on a record that may
+  repeat one written before: the broker resent the MQTT message (its DUP
+  flag: a resumed session resends what the last connection did not
+  acknowledge) or the bridge retried a Kafka delivery that may have landed.
 
 A record without a usable ``mqtt_topic`` header is not valid ingest input: a
 reader (``unwrap_records``) turns it into a dead letter that names the
@@ -55,7 +59,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import paho.mqtt.client as mqtt
@@ -71,6 +75,7 @@ from iotflow.topics import KafkaTopics, MqttTopics
 __all__ = [
     "HEADER_MQTT_TOPIC",
     "HEADER_RECEIVED_MS",
+    "HEADER_REDELIVERED",
     "BridgeStats",
     "IngestBatch",
     "IngestBridge",
@@ -87,6 +92,7 @@ log = logging.getLogger("iotflow.bridge")
 
 HEADER_MQTT_TOPIC = "mqtt_topic"
 HEADER_RECEIVED_MS = "received_ms"
+HEADER_REDELIVERED = "redelivered"
 
 # Kafka errors that mean "this message can never be written as it is": dead-letter it.
 _TOO_LARGE = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_MSG_SIZE})
@@ -119,9 +125,12 @@ def ingest_key(mqtt_topic: str) -> bytes:
 
 
 def ingest_record(
-    mqtt_topic: str, payload: bytes, received_ms: int
+    mqtt_topic: str, payload: bytes, received_ms: int, *, redelivered: bool = False
 ) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
     """(key, value, headers) of the ingest record for one MQTT message.
+
+    ``redelivered`` marks a message that may already be on the topic (see the
+    module docstring); only marked records are ever dropped as duplicates.
 
     Example::
 
@@ -132,6 +141,8 @@ def ingest_record(
         (HEADER_MQTT_TOPIC, mqtt_topic.encode()),
         (HEADER_RECEIVED_MS, str(received_ms).encode()),
     ]
+    if redelivered:
+        headers.append((HEADER_REDELIVERED, b"1"))
     return ingest_key(mqtt_topic), payload, headers
 
 
@@ -198,13 +209,15 @@ class IngestBatch:
     messages: list[DeviceMessage] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
     skipped: int = 0  # valid records for other MQTT topics (state, ack): not this flow's input
+    redelivered: list[int] = field(default_factory=list)  # indices into messages: marked records
+    duplicates: int = 0  # redelivered duplicates dropped (connectors.reading_dedupe)
 
 
-def _header(headers: Iterable[tuple[str, bytes | None]] | None, name: str) -> bytes | None:
-    for key, value in headers or ():
-        if key == name:
-            return value
-    return None
+class _Rejected(NamedTuple):
+    """Why an ingest record cannot be a device message, and its MQTT topic when known."""
+
+    reason: str
+    topic: str | None
 
 
 def unwrap_records(
@@ -216,7 +229,8 @@ def unwrap_records(
     Records whose MQTT topic ``accept`` refuses are skipped (counted): they are
     another flow's input. A record with no ``mqtt_topic`` header, a topic that
     is not UTF-8, a ``received_ms`` that is not digits, or no value becomes a
-    dead letter with the reason; nothing raises.
+    dead letter with the reason; nothing raises. The indices of the messages
+    whose record carried the ``redelivered`` header are in ``redelivered``.
     """
     out = IngestBatch()
     for rec in records:
@@ -224,28 +238,40 @@ def unwrap_records(
         ts = getattr(rec, "timestamp", None)
         kafka_ms = ts[1] if isinstance(ts, tuple) and len(ts) == 2 and ts[1] > 0 else 0
         result = _unwrap_one(getattr(rec, "headers", None), value, kafka_ms, accept)
-        if isinstance(result, DeviceMessage):
-            out.messages.append(result)
-        elif result is None:
+        if result is None:
             out.skipped += 1
-        else:
-            reason, topic = result
+        elif isinstance(result, _Rejected):
             where = (
                 f"ingest record {getattr(rec, 'topic', '?')}"
                 f"[{getattr(rec, 'partition', '?')}]@{getattr(rec, 'offset', '?')}"
             )
             payload = value if isinstance(value, bytes) else b""
-            out.dead.append(dead_letter("ingest", f"{where}: {reason}", payload, kafka_ms, topic))
+            out.dead.append(
+                dead_letter("ingest", f"{where}: {result.reason}", payload, kafka_ms, result.topic)
+            )
+        else:
+            message, redelivered = result
+            if redelivered:
+                out.redelivered.append(len(out.messages))
+            out.messages.append(message)
     return out
 
 
 def _unwrap_one(
     headers: Any, value: Any, kafka_ms: int, accept: Callable[[str], bool] | None
-) -> DeviceMessage | tuple[str, str | None] | None:
-    """A device message, None to skip, or (reason, mqtt topic) to dead-letter."""
-    raw_topic = _header(headers, HEADER_MQTT_TOPIC)
+) -> tuple[DeviceMessage, bool] | _Rejected | None:
+    """(device message, redelivered), None to skip, or why to dead-letter it."""
+    raw_topic = raw_ms = None
+    redelivered = False
+    for name, header in headers or ():  # one pass: this runs for every record
+        if name == HEADER_MQTT_TOPIC:
+            raw_topic = header
+        elif name == HEADER_RECEIVED_MS:
+            raw_ms = header
+        elif name == HEADER_REDELIVERED:
+            redelivered = True
     if raw_topic is None:
-        return (
+        return _Rejected(
             f"no {HEADER_MQTT_TOPIC!r} header; ingest records carry the MQTT topic there "
             "(write them with `iotflow bridge` or connectors.bridge.ingest_record)",
             None,
@@ -253,23 +279,22 @@ def _unwrap_one(
     try:
         topic = raw_topic.decode("utf-8")
     except UnicodeDecodeError:
-        return f"the {HEADER_MQTT_TOPIC!r} header is not UTF-8", None
+        return _Rejected(f"the {HEADER_MQTT_TOPIC!r} header is not UTF-8", None)
     if not topic:
-        return f"the {HEADER_MQTT_TOPIC!r} header is empty", None
+        return _Rejected(f"the {HEADER_MQTT_TOPIC!r} header is empty", None)
     if accept is not None and not accept(topic):
         return None
     received_ms = kafka_ms
-    raw_ms = _header(headers, HEADER_RECEIVED_MS)
     if raw_ms is not None:
         if not raw_ms.isdigit() or len(raw_ms) > 15:
-            return (
+            return _Rejected(
                 f"the {HEADER_RECEIVED_MS!r} header {raw_ms[:20]!r} is not epoch milliseconds",
                 topic,
             )
         received_ms = int(raw_ms)
     if not isinstance(value, bytes):
-        return "the record has no value (a tombstone is not a device message)", topic
-    return DeviceMessage(topic, value, received_ms)
+        return _Rejected("the record has no value (a tombstone is not a device message)", topic)
+    return DeviceMessage(topic, value, received_ms), redelivered
 
 
 @dataclass
@@ -277,6 +302,7 @@ class BridgeStats:
     """Counters of a running bridge (read them from any thread; they only grow)."""
 
     received: int = 0
+    redelivered: int = 0  # received with the MQTT DUP flag: marked as possible repeats
     forwarded: int = 0  # confirmed by Kafka
     acked: int = 0  # PUBACKs sent to the MQTT broker
     dead_lettered: int = 0
@@ -286,7 +312,8 @@ class BridgeStats:
 
     def line(self) -> str:
         return (
-            f"received {self.received} forwarded {self.forwarded} acked {self.acked} "
+            f"received {self.received} (redelivered {self.redelivered}) "
+            f"forwarded {self.forwarded} acked {self.acked} "
             f"dead-lettered {self.dead_lettered} retried {self.retried} "
             f"reconnects {self.reconnects}"
         )
@@ -302,6 +329,7 @@ class _Pending:
     topic: str
     payload: bytes
     received_ms: int
+    redelivered: bool = False  # may already be on Kafka (MQTT DUP flag, or a retried delivery)
     dead_reason: str | None = None  # set when it travels as a dead letter instead
 
 
@@ -486,8 +514,18 @@ class IngestBridge:
         with self._lock:
             epoch = self._epoch
         self.stats.received += 1
+        if msg.dup:
+            self.stats.redelivered += 1
         pending = _Pending(
-            epoch, msg.mid, msg.qos, msg.topic, msg.payload, time.time_ns() // 1_000_000
+            epoch,
+            msg.mid,
+            msg.qos,
+            msg.topic,
+            msg.payload,
+            time.time_ns() // 1_000_000,
+            # The broker sets DUP when it resends what an earlier connection of this session
+            # did not acknowledge: that connection's bridge may have written it already.
+            redelivered=bool(msg.dup),
         )
         self._produce(pending)
 
@@ -513,7 +551,9 @@ class IngestBridge:
                 None,
             )
         else:
-            key, value, headers = ingest_record(pending.topic, pending.payload, pending.received_ms)
+            key, value, headers = ingest_record(
+                pending.topic, pending.payload, pending.received_ms, redelivered=pending.redelivered
+            )
             topic = self.topic
         while True:
             try:
@@ -558,6 +598,9 @@ class IngestBridge:
             self._fatal = KafkaException(err)
         else:
             self.stats.retried += 1
+            # A delivery that failed (a timeout, say) may still have landed, and the idempotent
+            # producer does not cover a new produce call: mark the retry as a possible repeat.
+            pending.redelivered = True
             log.warning("bridge: Kafka delivery failed (%s); retrying", err.str())
             self._retry.append((time.monotonic() + _RETRY_DELAY_S, pending))
 

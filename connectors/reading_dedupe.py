@@ -1,0 +1,214 @@
+"""Drop the ingest bridge's redelivered duplicates of device messages, before any window.
+
+Why there are duplicates: the bridge (``connectors.bridge``) is at least once.
+Killed after Kafka took a record but before its PUBACK reached the MQTT
+broker, it leaves the broker to resend the message to the next bridge on the
+same session, and the reading lands on ``{prefix}.ingest`` twice: a window
+would count it twice. The bridge marks every record that may repeat an
+earlier one (header ``redelivered``: the broker's DUP flag, or a retried
+Kafka delivery). ``RedeliveryFilter`` drops a marked record when it has seen
+the same device message before; this is ``connectors.ingest.device_messages``'s
+Kafka path, so the telemetry, monitoring and twins flows get it alike.
+
+What counts as the same message: the same MQTT topic (so the same device)
+and the same payload, byte for byte. A redelivery is the same PUBLISH again,
+so both are identical; its receive time is not (the next bridge receives it
+later), so that is no part of the key. Unmarked records are never dropped: a
+device that sends the same bytes on purpose (a heartbeat without a timestamp)
+keeps every message. The one way to lose a reading: a marked record whose
+original never reached Kafka (the bridge died before producing it) while an
+earlier message of the same topic with the same bytes is still remembered;
+only a device that repeats payloads byte for byte can meet it, and only for
+a message in flight when the bridge died.
+
+Memory is bounded: each shard of devices remembers the 64-bit digests
+(BLAKE2b) of its last ``capacity`` messages, 8 bytes each, kept in a few
+immutable byte strings that are also the snapshot. The horizon is a number
+of messages, not a time: receive times jump over a bridge outage (the resent
+copy is stamped when the bridge is back), while the distance from an
+original to its redelivery is what that bridge had in flight (its receive
+maximum plus the broker's resend burst) plus whatever other bridges sharing
+the subscription forwarded meanwhile. A redelivery arriving more than
+``capacity`` messages of its shard after its original gets through.
+
+Collisions: a marked record is dropped wrongly only when its digest equals one
+of the at most ``capacity`` remembered digests of its shard without being the
+same message: a chance of at most ``capacity / 2**64`` per marked record
+(16,384 / 1.8e19, about 1e-15; a billion redeliveries, about 1e-6).
+Collisions among unmarked records cost nothing: those are never dropped.
+
+State is plain data, snapshotted with the flow's recovery store: a flow
+restarted from a snapshot remembers what it had seen then, and the input it
+replays from there meets the same state, so a redelivery arriving after a
+restart is dropped all the same.
+
+Example::
+
+    >>> from iotflow.events import DeviceMessage
+    >>> f = RedeliveryFilter(capacity=1000)
+    >>> first = DeviceMessage("b/devices/d1/telemetry", b'{"t": 1}', 100)
+    >>> resent = DeviceMessage("b/devices/d1/telemetry", b'{"t": 1}', 900)
+    >>> heartbeat = DeviceMessage("b/devices/d1/telemetry", b'{"t": 1}', 950)
+    >>> [m.received_ms for m in f.keep([first])]
+    [100]
+    >>> [m.received_ms for m in f.keep([resent, heartbeat], redelivered=[0])]
+    [950]
+    >>> f.counts["duplicates"]
+    1
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import deque
+from collections.abc import Callable, Sequence
+from hashlib import blake2b
+from typing import Any
+
+from connectors.bridge import IngestBatch, unwrap_records
+from iotflow.errors import ConfigError
+from iotflow.events import DeviceMessage
+
+__all__ = ["DEFAULT_CAPACITY", "RedeliveryFilter", "message_digest"]
+
+DEFAULT_CAPACITY = 16_384  # messages remembered per shard
+_LAYOUT = 1  # of the snapshot; another one is refused, never misread
+_DIGEST_BYTES = 8
+
+
+def message_digest(message: DeviceMessage) -> bytes:
+    """The 8-byte BLAKE2b digest of a message's topic and payload (never its receive time).
+
+    The same in every process (a snapshot restored elsewhere still matches).
+    An MQTT topic never holds U+0000, so the separator makes the pair unambiguous.
+    """
+    return blake2b(
+        message.topic.encode() + b"\0" + message.payload, digest_size=_DIGEST_BYTES
+    ).digest()
+
+
+class RedeliveryFilter:
+    """Drops marked device messages already seen among a shard's last ``capacity``.
+
+    ``on_batch(records)`` unwraps ingest records (``connectors.bridge.unwrap_records``
+    with ``accept``) and returns one ``IngestBatch`` without the duplicates
+    (counted in its ``duplicates``); ``keep(messages, redelivered)`` is the
+    same on device messages. Order is kept. ``counts`` (``messages``,
+    ``redelivered``, ``duplicates``) only grow and survive a restart.
+    ``resume_state`` is a ``snapshot()``; another layout raises ``ConfigError``.
+    """
+
+    def __init__(
+        self,
+        capacity: int = DEFAULT_CAPACITY,
+        accept: Callable[[str], bool] | None = None,
+        resume_state: dict[str, Any] | None = None,
+    ) -> None:
+        if capacity < 1:
+            msg = f"capacity {capacity} must be at least 1 (messages remembered per shard)"
+            raise ConfigError(msg)
+        self.capacity = capacity
+        self._accept = accept
+        # Digests, oldest first, in immutable chunks: a snapshot copies no digest,
+        # and forgetting drops whole chunks from the left.
+        self._chunks: deque[bytes] = deque()
+        self._remembered = 0
+        self._chunk_max = max(1, capacity // 16) * _DIGEST_BYTES
+        self.counts = {"messages": 0, "redelivered": 0, "duplicates": 0}
+        if resume_state is not None:
+            self._resume(resume_state)
+
+    def _resume(self, state: dict[str, Any]) -> None:
+        layout = state.get("layout") if isinstance(state, dict) else None
+        if layout != _LAYOUT:
+            msg = (
+                f"the recovered ingest de-duplication state has layout {layout!r}, this "
+                f"version reads layout {_LAYOUT}; resume with the version that wrote the "
+                "recovery store, or point IOTFLOW_RECOVERY_DIR at a new directory"
+            )
+            raise ConfigError(msg)
+        chunks = state["digests"]
+        if state["capacity"] != self.capacity:
+            # Resized (IOTFLOW_INGEST_DEDUPE_RECORDS changed): keep the newest `capacity`.
+            joined = b"".join(chunks)[-self.capacity * _DIGEST_BYTES :]
+            chunks = [joined] if joined else []
+        self._chunks.extend(chunks)
+        self._remembered = sum(len(c) for c in self._chunks) // _DIGEST_BYTES
+        self.counts.update(state["counts"])
+
+    def on_batch(self, records: list[Any]) -> list[IngestBatch]:
+        """One shard's ingest records -> one ``IngestBatch`` without redelivered duplicates."""
+        batch = unwrap_records(records, self._accept)
+        before = len(batch.messages)
+        batch.messages = self.keep(batch.messages, batch.redelivered)
+        batch.duplicates = before - len(batch.messages)
+        batch.redelivered = []  # indices into the messages before filtering
+        return [batch]
+
+    def keep(
+        self, messages: Sequence[DeviceMessage], redelivered: Sequence[int] = ()
+    ) -> list[DeviceMessage]:
+        """The messages to pass on, in order: all but the ``redelivered`` ones (indices,
+        ascending) already seen, earlier in this call or among the remembered.
+        Every message is remembered, dropped ones too (a second redelivery of the
+        same message must still find it)."""
+        digests = [message_digest(m) for m in messages]
+        self.counts["messages"] += len(digests)
+        kept = messages if isinstance(messages, list) else list(messages)
+        if redelivered:
+            self.counts["redelivered"] += len(redelivered)
+            seen = self._seen_before(digests, redelivered)
+            if seen:
+                kept = [m for i, m in enumerate(messages) if i not in seen]
+                self.counts["duplicates"] += len(seen)
+        self._remember(digests)
+        return kept
+
+    def _seen_before(self, digests: list[bytes], redelivered: Sequence[int]) -> set[int]:
+        """Indices of the redelivered digests seen earlier in ``digests`` or remembered."""
+        first: dict[bytes, int] = {}
+        for i, d in enumerate(digests):
+            first.setdefault(d, i)
+        # Rare (a bridge restart): a set of every remembered digest, as native ints.
+        order = sys.byteorder
+        remembered = set().union(*(memoryview(c).cast("Q") for c in self._chunks))
+        return {
+            i
+            for i in redelivered
+            if first[digests[i]] < i or int.from_bytes(digests[i], order) in remembered
+        }
+
+    def _remember(self, digests: list[bytes]) -> None:
+        if not digests:
+            return
+        new = b"".join(digests)
+        if self._chunks and len(self._chunks[-1]) < self._chunk_max:
+            self._chunks[-1] += new  # a new bytes object: snapshots taken stay as they were
+        else:
+            self._chunks.append(new)
+        self._remembered += len(digests)
+        self._forget()
+
+    def _forget(self) -> None:
+        """Drop the oldest chunks while the rest still holds ``capacity`` digests."""
+        while len(self._chunks) > 1:
+            oldest = len(self._chunks[0]) // _DIGEST_BYTES
+            if self._remembered - oldest < self.capacity:
+                break
+            self._chunks.popleft()
+            self._remembered -= oldest
+
+    @property
+    def remembered(self) -> int:
+        """How many digests are held now (``capacity`` up to one chunk more, once full)."""
+        return self._remembered
+
+    def snapshot(self) -> dict[str, Any]:
+        """Plain data: the layout, the capacity, the digests (byte strings, oldest first)
+        and the counts."""
+        return {
+            "layout": _LAYOUT,
+            "capacity": self.capacity,
+            "digests": list(self._chunks),
+            "counts": dict(self.counts),
+        }
