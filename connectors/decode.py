@@ -199,10 +199,11 @@ class TelemetryDecoder:
         dead: list[DeadLetter] = []
         readings: list[Reading] = []
         order: list[int] = []
+        reserved = _reserved()
         for index in sorted(slow):
             msg = messages[index]
             one = self.decode([msg])
-            clash = sorted({n for r in one.ok for n in _reserved().intersection(r.metrics)})
+            clash = sorted({n for r in one.ok for n in reserved.intersection(r.metrics)})
             if clash:
                 reason = (
                     f"metric name {clash[0]!r} is reserved for the reading frame; "
