@@ -127,6 +127,7 @@ is still read, any other is refused."""
 
 S = CommandState
 _LIVE = (S.SENT, S.ACKED, S.RETRYING)
+_PURGE_EVERY = timedelta(seconds=1)
 
 CoordinatorBuilder = Callable[[Mapping[str, Any], Registry, datetime], Coordinator]
 """Builds a coordinator from its declaration (``CoordinatorRequest.spec``)."""
@@ -276,6 +277,7 @@ class Orchestrator:
         )
         self.records: dict[str, CommandRecord] = {}  # live commands; finished ones: _remembered
         self._remembered = Remembered()
+        self._purge_due = datetime.min.replace(tzinfo=UTC)
         self._queues: dict[str, list[str]] = {}
         self._in_flight: dict[str, str] = {}
         self.reported: dict[str, dict[str, Any]] = {}
@@ -746,7 +748,11 @@ class Orchestrator:
         )
 
     def _purge(self, now: datetime) -> None:
-        """Forget finished commands and coordinators once ``remember`` has passed."""
+        """Forget finished commands and coordinators once ``remember`` has passed
+        (looked at once a second at most: it runs before every input)."""
+        if now < self._purge_due:
+            return
+        self._purge_due = now + _PURGE_EVERY
         self._remembered.purge(now)
         for coordinator_id, finished_at in list(self._finished.items()):
             if finished_at + self.config.remember <= now:
