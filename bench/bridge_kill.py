@@ -16,6 +16,20 @@ Counted: ``acked_by_broker`` (the publisher's PUBACKs), ``missing_from_kafka``
 ``kafka_records`` and ``duplicates`` (records beyond one per seq: the price
 of at least once). ``run_kill_scenario`` is what
 ``tests/connectors/test_bridge.py`` runs, smaller.
+
+Then the killed pass's ingest topic, duplicates and all, goes through the
+flows' Kafka ingest path (``bench.ingest_flow``: ``device_messages`` ->
+decode -> count, one worker, to the topic's end), ``flow_runs`` times with
+the de-duplication of redeliveries (``connectors.reading_dedupe``) and
+without it, alternating. ``duplicates_after_dedupe`` (readings decoded beyond
+one per seq) must be 0, else the run fails; ``duplicates_without_dedupe`` is
+what the windows would have counted twice. Figures: the fastest run of each
+(``ingest_flow_dedupe_msgs_per_s`` / ``ingest_flow_msgs_per_s``, input
+records per second from the first counted batch to the last); the same two
+steps in process, without Kafka or decoding (``ingest_step_*``: a
+``TestingSource`` of the clean pass's readings as unmarked ingest records,
+best of ``step_repeats``); and ``dedupe_logic_us_per_msg``, the filter's own
+work (digest and remember) per message in batches of 1,000.
 """
 
 from __future__ import annotations
@@ -32,12 +46,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import bytewax.operators as op
+from bytewax.connectors.kafka import KafkaSourceMessage
+from bytewax.dataflow import Dataflow
+from bytewax.testing import TestingSink, TestingSource, run_main
+
 from bench.harness import BenchError, Figure, Measured
+from bench.ingest_flow import Counted, count_kafka_ingest
 from bench.recovery import TopicProgress
 from bench.workload import private_stack
-from connectors.bridge import ingest_topic
+from connectors.bridge import ingest_record, ingest_topic, topic_matcher, unwrap_records
+from connectors.ingest import DEDUPE_SHARDS, drop_redeliveries, telemetry_filters
 from connectors.kafka import read_topic
 from connectors.mqtt import connect_client
+from connectors.reading_dedupe import RedeliveryFilter
+from iotflow.errors import StackError
 from iotflow.settings import Settings
 from iotflow.topics import MqttTopics
 
@@ -64,6 +87,8 @@ DEFAULTS: dict[str, Any] = {
     "max_in_flight": 1000,
     "rate": 4000.0,  # of the killed pass's publisher; the clean pass goes as fast as it can
     "timeout_s": 300.0,
+    "flow_runs": 3,  # counting runs over the killed pass's ingest topic, with and without de-dup
+    "step_repeats": 5,
 }
 QUICK: dict[str, Any] = {
     "messages": 5000,
@@ -71,9 +96,17 @@ QUICK: dict[str, Any] = {
     "kills": 2,
     "rate": 1000.0,
     "timeout_s": 90.0,
+    "flow_runs": 1,
+    "step_repeats": 2,
 }
-FIGURES = {"bridge_msgs_per_s", "killed_pass_s"}
-COMPLETE_COUNTS = ["in_kafka_clean", "in_kafka_killed"]
+FIGURES = {
+    "bridge_msgs_per_s",
+    "killed_pass_s",
+    "ingest_flow_msgs_per_s",
+    "ingest_flow_dedupe_msgs_per_s",
+    "dedupe_logic_us_per_msg",
+}
+COMPLETE_COUNTS = ["in_kafka_clean", "in_kafka_killed", "readings_after_dedupe"]
 
 
 class BridgeProcess:
@@ -290,8 +323,73 @@ def run_kill_scenario(
     )
 
 
+def _as_ingest_records(settings: Settings, messages: int, devices: int) -> list[Any]:
+    """The publisher's readings as the bridge writes them (unmarked), as Bytewax hands
+    Kafka records to a flow."""
+    topics = MqttTopics(settings.mqtt_base)
+    names = [topics.telemetry(f"dev-{d:05d}") for d in range(devices)]
+    out = []
+    for seq in range(messages):
+        body = b'{"seq": %d, "value": %d}' % (seq, seq % 97)
+        key, value, headers = ingest_record(names[seq % devices], body, 1_767_225_600_000 + seq)
+        out.append(KafkaSourceMessage(key, value, headers=headers, timestamp=(1, 0)))
+    return out
+
+
+def _step_seconds(records: list[Any], settings: Settings, dedupe: bool) -> float:
+    """Seconds for a Bytewax flow (one worker, in process) to turn ``records`` into device
+    message batches, through the de-duplication step or the plain unwrap."""
+    accept = topic_matcher(telemetry_filters(settings))
+    flow = Dataflow("bench_ingest_step")
+    stream = op.input("in", flow, TestingSource(records, batch_size=1000))
+    if dedupe:
+        batches = drop_redeliveries("dedupe", stream, accept, settings.ingest_dedupe_records)
+    else:
+        batches = op.flat_map_batch("unwrap", stream, lambda b: [unwrap_records(b, accept)])
+    out: list[Any] = []
+    op.output("out", op.map("count", batches, lambda b: len(b.messages)), TestingSink(out))
+    started = time.perf_counter()
+    run_main(flow)
+    seconds = time.perf_counter() - started
+    if sum(out) != len(records):
+        raise BenchError(f"the ingest step passed {sum(out)} of {len(records)} unique readings")
+    return seconds
+
+
+def _logic_us_per_msg(records: list[Any], settings: Settings, repeats: int) -> float:
+    """The filter's own work per message (digest, remember), batches of 1,000; best run."""
+    accept = topic_matcher(telemetry_filters(settings))
+    batches = [unwrap_records(records[i : i + 1000], accept) for i in range(0, len(records), 1000)]
+    best = float("inf")
+    for _ in range(repeats):
+        f = RedeliveryFilter(settings.ingest_dedupe_records // DEDUPE_SHARDS)
+        started = time.perf_counter()
+        for batch in batches:
+            f.keep(batch.messages, batch.redelivered)
+        best = min(best, time.perf_counter() - started)
+    return best / len(records) * 1e6
+
+
+def _through_ingest(
+    settings: Settings, workdir: Path, runs: int, timeout_s: float
+) -> tuple[Counted, Counted]:
+    """The ingest topic of ``settings`` counted through the Kafka ingest path with the
+    de-duplication and without, ``runs`` times each, alternating: the fastest of each."""
+    best: dict[str, Counted] = {}
+    for i in range(runs):
+        for name, remembered in (("dedupe", settings.ingest_dedupe_records), ("plain", 0)):
+            variant = settings.model_copy(update={"ingest_dedupe_records": remembered})
+            try:
+                counted = count_kafka_ingest(variant, workdir / f"count-{name}-{i}.log", timeout_s)
+            except StackError as exc:
+                raise BenchError(str(exc)) from exc
+            if name not in best or counted.seconds < best[name].seconds:
+                best[name] = counted
+    return best["dedupe"], best["plain"]
+
+
 def run(params: dict[str, Any]) -> Measured:
-    for name in ("messages", "devices", "max_in_flight"):
+    for name in ("messages", "devices", "max_in_flight", "flow_runs", "step_repeats"):
         if int(params[name]) < 1:
             raise BenchError(f"{name}={params[name]} must be at least 1")
     if int(params["kills"]) < 0:
@@ -305,8 +403,9 @@ def run(params: dict[str, Any]) -> Measured:
         passes = {}
         for name, kills in (("clean", 0), ("killed", int(params["kills"]))):
             tag = f"b{name[0]}{uuid.uuid4().hex[:8]}"
+            pass_settings = base.model_copy(update={"topic_prefix": tag, "mqtt_base": tag})
             passes[name] = run_kill_scenario(
-                base.model_copy(update={"topic_prefix": tag, "mqtt_base": tag}),
+                pass_settings,
                 Path(tmp),
                 messages=int(params["messages"]),
                 devices=int(params["devices"]),
@@ -315,7 +414,18 @@ def run(params: dict[str, Any]) -> Measured:
                 rate=float(params["rate"]) if kills else 0.0,
                 timeout_s=float(params["timeout_s"]),
             )
+        # pass_settings is the killed pass's now: its ingest topic holds the duplicates.
+        deduped, plain = _through_ingest(
+            pass_settings, Path(tmp), int(params["flow_runs"]), float(params["timeout_s"])
+        )
+    records = _as_ingest_records(base, int(params["messages"]), int(params["devices"]))
+    step_s = {"dedupe": float("inf"), "plain": float("inf")}
+    for _ in range(int(params["step_repeats"])):
+        for name in step_s:
+            step_s[name] = min(step_s[name], _step_seconds(records, base, name == "dedupe"))
+    logic_us = _logic_us_per_msg(records, base, int(params["step_repeats"]))
     clean, killed = passes["clean"], passes["killed"]
+    unique_killed = killed.kafka_records - killed.duplicates
     counts = {
         "sent": int(params["messages"]),
         "acked_by_broker_clean": clean.acked_by_broker,
@@ -327,9 +437,16 @@ def run(params: dict[str, Any]) -> Measured:
         "duplicates_killed": killed.duplicates,
         "duplicates_clean": clean.duplicates,
         "kills": killed.kills,
+        # Through the flows' Kafka ingest path; readings_after_dedupe must equal sent.
+        "readings_after_dedupe": deduped.readings,
+        "duplicates_after_dedupe": deduped.readings - unique_killed,
+        "duplicates_without_dedupe": plain.readings - unique_killed,
+        "dead_letters_through_ingest": deduped.dead + plain.dead,
     }
     if counts["missing_from_kafka"]:
         raise BenchError(f"acknowledged readings missing from Kafka: {counts}")
+    if counts["duplicates_after_dedupe"] or counts["dead_letters_through_ingest"]:
+        raise BenchError(f"the Kafka ingest path let duplicates or dead letters through: {counts}")
     for p in passes.values():
         if p.clean_exit_code != 0:
             raise BenchError(f"the bridge exited {p.clean_exit_code} on SIGTERM")
@@ -341,6 +458,15 @@ def run(params: dict[str, Any]) -> Measured:
             ),
             "clean_pass_s": Figure(round(clean.seconds, 3), "s"),
             "killed_pass_s": Figure(round(killed.seconds, 3), "s"),
+            "ingest_flow_msgs_per_s": Figure(round(plain.rate(killed.kafka_records), 1), "msgs/s"),
+            "ingest_flow_dedupe_msgs_per_s": Figure(
+                round(deduped.rate(killed.kafka_records), 1), "msgs/s"
+            ),
+            "ingest_step_msgs_per_s": Figure(round(len(records) / step_s["plain"], 1), "msgs/s"),
+            "ingest_step_dedupe_msgs_per_s": Figure(
+                round(len(records) / step_s["dedupe"], 1), "msgs/s"
+            ),
+            "dedupe_logic_us_per_msg": Figure(round(logic_us, 3), "us/msg"),
         },
         counts=counts,
     )
