@@ -20,6 +20,7 @@ from bench.bridge_kill import run_kill_scenario
 from connectors.bridge import (
     HEADER_MQTT_TOPIC,
     HEADER_RECEIVED_MS,
+    HEADER_REDELIVERED,
     IngestBridge,
     ingest_key,
     ingest_record,
@@ -28,6 +29,7 @@ from connectors.bridge import (
     unwrap_records,
 )
 from connectors.kafka import read_topic
+from connectors.mqtt import connect_client
 from infra.stack import StackInfo, free_port
 from iotflow.errors import BrokerUnavailable, ConfigError
 from iotflow.events import DeviceMessage
@@ -105,9 +107,14 @@ def test_ingest_record_round_trips_to_the_same_device_message() -> None:
     out = unwrap_records([rec])
     assert key == b"t-1"
     assert out.messages == [DeviceMessage("iotflow/devices/t-1/telemetry", b'{"t": 1}', 123)]
-    assert out.dead == [] and out.skipped == 0
+    assert out.dead == [] and out.skipped == 0 and out.redelivered == []
     # Other layouts are keyed by their topic, which keeps one device in one partition.
     assert ingest_key("zigbee2mqtt/kitchen") == b"zigbee2mqtt/kitchen"
+    # A possible repeat carries one more header, and the reader reports which it was.
+    *_, marked = ingest_record("iotflow/devices/t-1/telemetry", b"{}", 124, redelivered=True)
+    assert marked[-1] == (HEADER_REDELIVERED, b"1")
+    rec.headers = marked  # type: ignore[attr-defined]
+    assert unwrap_records([rec, rec]).redelivered == [0, 1]
 
 
 def test_topic_filters_match_like_the_broker_and_bad_ones_are_refused() -> None:
@@ -176,6 +183,47 @@ def test_everything_forwarded_is_acknowledged_so_a_restart_gets_nothing_again(
         for r in read_topic(settings.require_kafka_bootstrap(), ingest_topic(settings.topic_prefix))
     )
     assert values == [-1, *range(500)]
+
+
+def test_what_the_broker_resends_on_the_bridges_session_is_marked_redelivered(
+    settings: Settings, make_bridge, mqtt_publish
+) -> None:
+    """Messages delivered on the session but never acknowledged (as by a bridge killed
+    after Kafka took them) come again with the MQTT DUP flag: the bridge marks exactly
+    those, not the ones the broker queued meanwhile."""
+    t = MqttTopics(settings.mqtt_base)
+    client_id = f"bridge-{settings.topic_prefix}"
+    url = settings.require_mqtt_url()
+    got: list[bytes] = []
+    killed = connect_client(
+        url,
+        client_id,
+        clean_start=False,
+        session_expiry_s=600,
+        manual_ack=True,  # and it never acknowledges
+        on_connect=lambda c: c.subscribe([(t.telemetry(), 1)]),
+        on_message=lambda _c, _u, msg: got.append(msg.payload),
+    )
+    try:
+        time.sleep(0.5)
+        mqtt_publish(url, [(t.telemetry("d1"), b'{"n": %d}' % i) for i in range(5)])
+        deadline = time.monotonic() + 10
+        while len(got) < 5 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(got) == 5
+    finally:
+        killed.disconnect()
+        killed.loop_stop()
+    mqtt_publish(url, [(t.telemetry("d2"), b'{"queued": 1}')])  # waits in the session
+
+    run = make_bridge(client_id)
+    run.wait_acked(6)
+    records = ingest_records(
+        settings.require_kafka_bootstrap(), ingest_topic(settings.topic_prefix), 6
+    )
+    marked = {r.value(): dict(r.headers()).get(HEADER_REDELIVERED) for r in records}
+    assert marked == {**{b'{"n": %d}' % i: b"1" for i in range(5)}, b'{"queued": 1}': None}
+    assert run.bridge.stats.redelivered == 5 and run.bridge.stats.received == 6
 
 
 def test_a_payload_kafka_refuses_becomes_a_dead_letter_and_is_acknowledged(
@@ -256,3 +304,20 @@ def test_sigkill_while_readings_flow_loses_nothing_acknowledged(
     assert result.missing_from_kafka == []
     assert result.clean_exit_code == 0  # SIGTERM: flush, ack, disconnect
     assert len(result.notes) == 5
+    # Every repeat of a reading is marked, so the flows can drop it (connectors.reading_dedupe):
+    # one device's copies share a partition, so they come in the order written.
+    records = ingest_records(
+        settings.require_kafka_bootstrap(),
+        ingest_topic(settings.topic_prefix),
+        result.kafka_records,
+        timeout_s=60,
+    )
+    seen: set[int] = set()
+    unmarked_repeats = 0
+    for record in records:
+        seq = json.loads(record.value())["seq"]
+        if seq in seen and HEADER_REDELIVERED not in dict(record.headers() or []):
+            unmarked_repeats += 1
+        seen.add(seq)
+    assert len(records) == result.kafka_records
+    assert unmarked_repeats == 0
