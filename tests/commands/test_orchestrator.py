@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -545,6 +546,18 @@ def test_finished_commands_are_remembered_compactly_and_still_deduplicated(
     assert isinstance(wrong, Dropped)
     assert again.on_batch(done("hvac-0001", "c1")) == []
     assert again.stats["duplicate_requests"] == 1
+
+
+def test_a_remembered_command_costs_tens_of_snapshot_bytes(
+    orch: Orchestrator, clock: Clock
+) -> None:
+    empty = len(pickle.dumps(orch.snapshot()))
+    for n in range(1000):
+        orch.on_batch(make_command(f"cmd-{n:06d}", f"hvac-{n % 50:04d}", at=clock.t, ttl_s=300))
+        orch.on_batch(done(f"hvac-{n % 50:04d}", f"cmd-{n:06d}"))
+        clock.advance(seconds=0.002)
+    per_command = (len(pickle.dumps(orch.snapshot())) - empty) / 1000
+    assert per_command < 64  # as Bytewax stores it; whole records took ~290 bytes
 
 
 def test_a_layout_1_snapshot_is_read(orch: Orchestrator, registry: Registry, clock: Clock) -> None:
