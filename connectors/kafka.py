@@ -71,6 +71,10 @@ class KafkaOutput(KafkaSink):
         return super().build(step_id, worker_index, worker_count)
 
 
+Record = tuple[str, bytes, bytes]
+"""A record as ``KafkaEpochOutput`` takes lists of them: (topic, key, value)."""
+
+
 class _EpochPartition(StatefulSinkPartition[KafkaSinkMessage[bytes, bytes], None]):
     def __init__(self, producer: Producer, bootstrap: str) -> None:
         self._producer = producer
@@ -81,16 +85,22 @@ class _EpochPartition(StatefulSinkPartition[KafkaSinkMessage[bytes, bytes], None
         if err is not None:
             self._failed.append(f"{msg.topic()}: {err}")
 
-    def write_batch(self, items: list[KafkaSinkMessage[bytes, bytes]]) -> None:
+    def write_batch(self, items: list[KafkaSinkMessage[bytes, bytes] | list[Record]]) -> None:
         self._raise()
-        for msg in items:
-            args = (msg.topic, msg.value, msg.key)
-            try:
-                self._producer.produce(*args, headers=msg.headers, on_delivery=self._delivered)
-            except BufferError:  # the local queue is full: let it drain, then go on
-                self._producer.flush(30)
-                self._producer.produce(*args, headers=msg.headers, on_delivery=self._delivered)
+        for item in items:
+            if type(item) is list:
+                for topic, key, value in item:
+                    self._produce(topic, value, key, None)
+            else:
+                self._produce(item.topic, item.value, item.key, item.headers)  # type: ignore[union-attr]
         self._producer.poll(0)
+
+    def _produce(self, topic: str, value: bytes, key: bytes, headers: Any) -> None:
+        try:
+            self._producer.produce(topic, value, key, headers=headers, on_delivery=self._delivered)
+        except BufferError:  # the local queue is full: let it drain, then go on
+            self._producer.flush(30)
+            self._producer.produce(topic, value, key, headers=headers, on_delivery=self._delivered)
 
     def snapshot(self) -> None:
         # the epoch ends: every record it produced is acknowledged before Bytewax records it
@@ -120,7 +130,9 @@ class KafkaEpochOutput(FixedPartitionedSink[KafkaSinkMessage[bytes, bytes], None
     broker acknowledged every record of the epoch, so a recovery snapshot never
     runs ahead of Kafka: at least once, per epoch. A record the broker refused
     raises ``PublishRejected`` at the next batch or at the epoch's end. Items
-    arrive as ``(key, KafkaSinkMessage)`` (any key: one partition, one producer).
+    arrive as ``(key, KafkaSinkMessage)`` or ``(key, [(topic, key, value), ...])``
+    (any key: one partition, one producer); a list of records is one dataflow item
+    and no ``KafkaSinkMessage`` per record, for steps that emit many records at once.
     """
 
     def __init__(

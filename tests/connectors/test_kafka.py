@@ -9,6 +9,7 @@ from confluent_kafka.admin import AdminClient, ConfigResource
 
 from connectors.kafka import (
     COMPACTED,
+    KafkaEpochOutput,
     KafkaInput,
     KafkaOutput,
     ensure_topics,
@@ -67,3 +68,16 @@ def test_topics_created_with_a_config_carry_it(stack: StackInfo, names) -> None:
     assert configs[twins]["cleanup.policy"].value == "compact"
     # a topic created without a config keeps the broker's default (delete), however reported
     assert "compact" not in (getattr(configs[plain].get("cleanup.policy"), "value", None) or "")
+
+
+def test_epoch_output_takes_lists_of_records_beside_messages(stack: StackInfo, names) -> None:
+    """A step that emits many records hands them over as one list; they arrive as sent."""
+    topic = f"{names.kafka_prefix}.records"
+    part = KafkaEpochOutput(stack.kafka_bootstrap, [topic]).build_part("kafka", "kafka", None)
+    part.write_batch(
+        [[(topic, b"k%d" % i, b"%d" % i) for i in range(50)], message(topic, "k50", b"50")]
+    )
+    part.snapshot()  # the epoch ends: every record is in the topic
+    got = sorted((r.key, int(r.value)) for r in read_topic(stack.kafka_bootstrap, topic))
+    assert got == sorted((b"k%d" % i, i) for i in range(51))
+    part.close()
