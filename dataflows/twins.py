@@ -40,7 +40,7 @@ of other models (``ConfigError``).
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -53,7 +53,7 @@ from bytewax.inputs import Source
 from connectors.decode import dead_letter
 from connectors.duckdb_store import DETECTIONS, TWIN_HISTORY, DuckDBSink, detection_rows
 from connectors.ingest import device_messages
-from connectors.kafka import COMPACTED, KafkaEpochOutput, KafkaInput, message
+from connectors.kafka import COMPACTED, KafkaEpochOutput, KafkaInput
 from connectors.recovery import bind_definition, ensure_store
 from iotflow.events import Detection, DeviceMessage, to_ms
 from iotflow.settings import Settings
@@ -203,13 +203,21 @@ def _check_recovery(settings: Settings, registry: Registry, shards: int) -> None
     bind_definition(settings.recovery_dir, "twins", definition)
 
 
+def _records(twins_topic: str, requests_topic: str) -> Callable[[TwinOut], list[Any]]:
+    """A twin step output's changes and command requests as one item of Kafka records for
+    ``KafkaEpochOutput`` (a list: no dataflow item per record)."""
+
+    def records(out: TwinOut) -> list[Any]:
+        found = [(twins_topic, c.device_id.encode(), _encode(c)) for c in out.changes]
+        found += [(requests_topic, c.device_id.encode(), _encode(c)) for c in out.commands]
+        return [("kafka", found)] if found else []
+
+    return records
+
+
 def _record(topic: str, key: str, value: Any) -> tuple[str, Any]:
-    """A Kafka record for ``KafkaEpochOutput`` (one producer: every record under one key)."""
-    return ("kafka", message(topic, key, _encode(value)))
-
-
-def _messages(topic: str, key: Callable[[Any], str], items: Iterable[Any]) -> list[Any]:
-    return [_record(topic, key(item), item) for item in items]
+    """One Kafka record for ``KafkaEpochOutput`` (one producer: every record under one key)."""
+    return ("kafka", [(topic, key.encode(), _encode(value))])
 
 
 def build_flow(
@@ -274,14 +282,7 @@ def build_flow(
         detections = op.merge("all_detections", detections, predicted)
     to_kafka = op.merge(
         "to_kafka",
-        op.flat_map(
-            "change_msgs", outs, lambda o: _messages(topics.twins, lambda c: c.device_id, o.changes)
-        ),
-        op.flat_map(
-            "command_msgs",
-            outs,
-            lambda o: _messages(topics.command_requests, lambda c: c.device_id, o.commands),
-        ),
+        op.flat_map("twin_records", outs, _records(topics.twins, topics.command_requests)),
         op.map(
             "detection_msgs",
             detections,
