@@ -2,10 +2,12 @@
 
 End to end on a private Mosquitto and Tansu (``bench.workload.private_stack``)
 with the real monitoring flow (``python -m bytewax.run dataflows.monitoring:flow``)
-on a declaration written to a temp dir: per-device tumbling windows (avg, max)
-and one per-reading CEP rule, ``threshold`` ``temperature > 90`` times 1 on input
-``readings``, with the patterns' ``allowed_lateness`` 0 (a per-reading rule needs
-no reordering; any lateness holds every event back that long).
+on a declaration written to a temp dir, one worker and ``shards: 1``: per-device
+tumbling windows (avg, max; ``window_lateness``) and one per-reading CEP rule,
+``threshold`` ``temperature > 90`` times 1 on input ``readings``. A one-event
+threshold is *instant* in the CEP engine: it detects as the reading arrives,
+without waiting for the patterns' watermark, so ``pattern_lateness`` no longer
+bounds the figure (before, every detection waited about that long).
 
 Background load: ``background_per_s`` readings/s from ``devices`` devices, one
 flat reading per MQTT message (QoS 0), sent by ``publishers`` processes
@@ -20,16 +22,12 @@ detection is matched by (key, ts) through a side table. ``to_producer_*`` splits
 off the part up to the record's CreateTime (when the flow's Kafka producer took
 the detection); the rest is the Kafka hop (producer flush, broker, consumer
 fetch). Publishers, Mosquitto, Tansu, the flow and the consumer share this
-machine's cores.
+machine's cores: the p99 is the flow's worst stall while it competes for them.
 
-``pattern_lateness`` bounds the figure from below. The CEP engine releases an
-event once the watermark passes it, and its watermark is the largest event time
-seen minus the lateness *plus the wall time since that event arrived*; so an
-event whose trip into the flow took longer than the reference event's by more
-than the lateness (a flow stall, a CPU-starved poll) is rejected as late, and
-the monitoring flow does not route CEP rejects anywhere: the trigger is lost
-silently. Measured here under load: lateness 0 lost 10 % of the triggers even at
-2,000 readings/s, 200 ms lost 40 %; 1 s (the default) lost none.
+``window_lateness`` only keeps the background windows from turning readings
+late (dead letters fail the run) when the starved flow stalls; it does not
+touch the measured path. ``idle_stop_s`` is long for the same reason: a flow
+that saw no message for that long ends its input.
 
 The run fails unless every trigger was detected exactly once, no other
 detection appeared, no dead letter was written, and the window results
@@ -81,7 +79,7 @@ DEFAULTS: dict[str, Any] = {
     "window": "1m",
     "pattern_lateness": "1s",
     "window_lateness": "10s",
-    "idle_stop_s": 1.5,
+    "idle_stop_s": 5.0,  # a CPU-starved flow must not take a stall for the end of input
     "timeout_s": 120.0,
 }
 QUICK: dict[str, Any] = {
@@ -147,7 +145,7 @@ def run(params: dict[str, Any]) -> Measured:
                 str(params["window_lateness"]),
             ),
             idle_stop_s=float(params["idle_stop_s"]),
-        ) as (flow, settings):  # fmt: skip
+        ) as (flow, settings):
             topics = KafkaTopics(settings.topic_prefix)
             url, base = settings.require_mqtt_url(), settings.mqtt_base
             watch = KafkaWatch(info.kafka_bootstrap, [topics.detections, topics.deadletter])
@@ -190,7 +188,7 @@ def run(params: dict[str, Any]) -> Measured:
             finally:
                 load.stop()
             wait_flow(flow, timeout_s)
-            watch.settle(1.0, timeout_s)
+            watch.settle(5.0, timeout_s)  # the consumer thread may be starved for a while
             watch.close()
         aggregates = read_topic(info.kafka_bootstrap, topics.aggregates, timeout_s=60)
 
@@ -234,10 +232,7 @@ def run(params: dict[str, Any]) -> Measured:
         or dead
         or counts["readings_in_windows"] != readings_sent
     ):
-        raise BenchError(
-            f"incomplete or wrong work: {counts} (triggers missing with a small "
-            "pattern_lateness were rejected as late by the CEP watermark)"
-        )
+        raise BenchError(f"incomplete or wrong work: {counts}")
     return Measured(
         figures={
             "p50_ms": Figure(round(percentile(latencies, 50), 2), "ms"),

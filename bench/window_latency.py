@@ -23,10 +23,15 @@ are not measured. ``to_producer_*`` is the part up to the record's CreateTime
 (when the flow's Kafka producer took it). Publishers, Mosquitto, Tansu, the flow
 and the consumer share this machine's cores.
 
+One worker, ``shards: 1`` (more shards only add per-batch cost on one worker).
 ``lateness`` must cover the flow's worst stall: the window watermark advances
 with the wall clock between batches too, so readings delayed by more than the
 lateness behind the freshest one are late (dead letters). 500 ms lost 17 % of
-the readings under this machine's load; 2 s (the default) lost none.
+the readings under this machine's load; 2 s (the default) lost none at a load
+average of 7. At 10-12, with the publishers seconds behind their schedule, runs
+came up 3-8 % short of readings *without* dead letters (10 s lateness: none
+short; the same flow fed from memory with late input routes every late reading
+to the dead letters): the cause is not found yet.
 
 The run fails unless the window results (de-duplicated on their key) count
 every reading that was sent, and no dead letter (a late reading) was written.
@@ -70,7 +75,7 @@ DEFAULTS: dict[str, Any] = {
     "window": "5s",
     "lateness": "2s",
     "duration_s": 30.0,
-    "idle_stop_s": 1.5,
+    "idle_stop_s": 5.0,  # a CPU-starved flow must not take a stall for the end of input
     "timeout_s": 180.0,
 }
 QUICK: dict[str, Any] = {
@@ -92,7 +97,7 @@ def deployment(window: str, lateness: str) -> dict[str, Any]:
             "allowed_lateness": lateness,
             "stats": ["avg", "min", "max"],
             "group_by": [["device"]],
-        }
+        },
     }
 
 
@@ -132,7 +137,7 @@ def run(params: dict[str, Any]) -> Measured:
             finally:
                 load.stop()
             wait_flow(flow, timeout_s)
-            watch.settle(1.0, timeout_s)
+            watch.settle(5.0, timeout_s)  # the consumer thread may be starved for a while
             watch.close()
 
     # the earliest reading is a device period (minus a reading) older than the load's start
