@@ -61,7 +61,7 @@ from __future__ import annotations
 
 import sys
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from hashlib import blake2b
 from typing import Any
 
@@ -85,6 +85,12 @@ def message_digest(message: DeviceMessage) -> bytes:
     return blake2b(
         message.topic.encode() + b"\0" + message.payload, digest_size=_DIGEST_BYTES
     ).digest()
+
+
+def _numbered(chunk: bytes, start: int) -> Iterator[tuple[int, int]]:
+    """(digest as a native int, position) for each digest of a chunk, from ``start``."""
+    digests = memoryview(chunk).cast("Q")
+    return zip(digests, range(start, start + len(digests)), strict=True)
 
 
 class RedeliveryFilter:
@@ -113,7 +119,14 @@ class RedeliveryFilter:
         # and forgetting drops whole chunks from the left.
         self._chunks: deque[bytes] = deque()
         self._remembered = 0
+        self._end = 0  # position (a running count) just past the newest digest
         self._chunk_max = max(1, capacity // 16) * _DIGEST_BYTES
+        # Only while redelivered records come (the broker resends a whole backlog with DUP
+        # after a bridge restart): each remembered digest, as a native int, -> the position
+        # of its newest copy. Built from the chunks, kept in step with them, dropped once
+        # `capacity` messages passed without a mark; never in the snapshot.
+        self._index: dict[int, int] | None = None
+        self._unmarked_run = 0
         self.counts = {"messages": 0, "redelivered": 0, "duplicates": 0}
         if resume_state is not None:
             self._resume(resume_state)
@@ -133,7 +146,7 @@ class RedeliveryFilter:
             joined = b"".join(chunks)[-self.capacity * _DIGEST_BYTES :]
             chunks = [joined] if joined else []
         self._chunks.extend(chunks)
-        self._remembered = sum(len(c) for c in self._chunks) // _DIGEST_BYTES
+        self._remembered = self._end = sum(len(c) for c in self._chunks) // _DIGEST_BYTES
         self.counts.update(state["counts"])
 
     def on_batch(self, records: list[Any]) -> list[IngestBatch]:
@@ -156,11 +169,16 @@ class RedeliveryFilter:
         self.counts["messages"] += len(digests)
         kept = messages if isinstance(messages, list) else list(messages)
         if redelivered:
+            self._unmarked_run = 0
             self.counts["redelivered"] += len(redelivered)
             seen = self._seen_before(digests, redelivered)
             if seen:
                 kept = [m for i, m in enumerate(messages) if i not in seen]
                 self.counts["duplicates"] += len(seen)
+        else:
+            self._unmarked_run += len(digests)
+            if self._unmarked_run >= self.capacity:
+                self._index = None  # no redelivery within the whole horizon: free it
         self._remember(digests)
         return kept
 
@@ -169,14 +187,24 @@ class RedeliveryFilter:
         first: dict[bytes, int] = {}
         for i, d in enumerate(digests):
             first.setdefault(d, i)
-        # Rare (a bridge restart): a set of every remembered digest, as native ints.
+        index = self._index if self._index is not None else self._build_index()
         order = sys.byteorder
-        remembered = set().union(*(memoryview(c).cast("Q") for c in self._chunks))
         return {
             i
             for i in redelivered
-            if first[digests[i]] < i or int.from_bytes(digests[i], order) in remembered
+            if first[digests[i]] < i or int.from_bytes(digests[i], order) in index
         }
+
+    def _build_index(self) -> dict[int, int]:
+        index: dict[int, int] = {}
+        position = self._end - self._remembered
+        for chunk in self._chunks:
+            n = len(chunk) // _DIGEST_BYTES
+            # Later copies overwrite earlier ones: each digest maps to its newest position.
+            index.update(_numbered(chunk, position))
+            position += n
+        self._index = index
+        return index
 
     def _remember(self, digests: list[bytes]) -> None:
         if not digests:
@@ -186,17 +214,27 @@ class RedeliveryFilter:
             self._chunks[-1] += new  # a new bytes object: snapshots taken stay as they were
         else:
             self._chunks.append(new)
+        if self._index is not None:
+            self._index.update(_numbered(new, self._end))
+        self._end += len(digests)
         self._remembered += len(digests)
         self._forget()
 
     def _forget(self) -> None:
         """Drop the oldest chunks while the rest still holds ``capacity`` digests."""
+        index = self._index
         while len(self._chunks) > 1:
             oldest = len(self._chunks[0]) // _DIGEST_BYTES
             if self._remembered - oldest < self.capacity:
                 break
-            self._chunks.popleft()
+            chunk = self._chunks.popleft()
             self._remembered -= oldest
+            if index is not None:
+                stop = self._end - self._remembered  # past the dropped chunk's positions
+                get = index.get
+                for d in memoryview(chunk).cast("Q"):
+                    if get(d, stop) < stop:  # its newest copy went with the chunk
+                        del index[d]
 
     @property
     def remembered(self) -> int:

@@ -118,6 +118,32 @@ def test_the_horizon_holds_capacity_messages_and_memory_stays_bounded(
         assert f.keep([ancient], redelivered=[0]) == [ancient]
 
 
+@given(
+    capacity=st.integers(1, 40),
+    batches=st.lists(
+        st.lists(st.tuples(st.integers(0, 6), st.booleans()), min_size=1, max_size=6),
+        max_size=80,
+    ),
+)
+@settings(max_examples=300, deadline=None)
+def test_the_index_kept_during_redeliveries_answers_like_one_rebuilt_from_the_digests(
+    capacity: int, batches: list[list[tuple[int, bool]]]
+) -> None:
+    """Payloads repeat (the same bytes again and again), marks come and go, the horizon
+    turns over: the incrementally kept index never disagrees with the remembered digests."""
+    kept_by = {}
+    for rebuild in (False, True):
+        f = RedeliveryFilter(capacity=capacity)
+        kept: list[DeviceMessage] = []
+        for batch in batches:
+            if rebuild:
+                f._index = None  # the reference: built afresh from the digests every time
+            marked = [i for i, (_, mark) in enumerate(batch) if mark]
+            kept += f.keep([reading(0, n) for n, _ in batch], marked)
+        kept_by[rebuild] = kept
+    assert kept_by[False] == kept_by[True]
+
+
 @given(redelivered_streams(), st.integers(0, 200), st.lists(st.integers(0, 200), max_size=6))
 def test_a_filter_restored_from_its_snapshot_drops_exactly_what_it_would_have(
     case: tuple[list[tuple[DeviceMessage, bool]], list[DeviceMessage]],
