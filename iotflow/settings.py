@@ -4,22 +4,27 @@ When ``IOTFLOW_MQTT_URL`` or ``IOTFLOW_KAFKA_BOOTSTRAP`` is unset, the address
 of the local stack started by ``iotflow stack up`` (or ``iotflow demo``) is
 used, read from its state file. Secrets never appear in ``repr`` or logs:
 ``Settings.mqtt_url`` is a ``SecretStr`` and ``redact_url`` masks passwords.
+
+``EnvSettings`` is the small environment reader behind ``Settings`` (and the
+edge gateway's ``EdgeSettings``): a plain pydantic model, so a process that
+reads its settings does not carry pydantic-settings (about 2 MB resident on a
+gateway).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import types
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from iotflow.errors import ConfigError
 
-__all__ = ["Settings", "redact_url", "stack_state_path"]
+__all__ = ["EnvSettings", "Settings", "read_dotenv", "redact_url", "stack_state_path"]
 
 DEFAULT_STATE_DIR = Path(".iotflow")
 
@@ -40,7 +45,105 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-class Settings(BaseSettings):
+def read_dotenv(path: str | Path) -> dict[str, str]:
+    """``NAME=value`` lines of a ``.env`` file (empty when there is none).
+
+    Blank lines and ``#`` comments are skipped, an ``export`` prefix is
+    allowed, a value in matching single or double quotes is taken as written,
+    and an unquoted value ends at `` #`` (a comment).
+    """
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read the settings file {path}: {exc.strerror}") from None
+    values: dict[str, str] = {}
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        name, _, value = line.removeprefix("export ").partition("=")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        else:
+            value = value.split(" #", 1)[0].rstrip()
+        values[name.strip()] = value
+    return values
+
+
+def _kinds(annotation: Any) -> list[Any]:
+    """The types a field's annotation allows, without ``None`` (``list[str] | None`` -> ``[list]``)."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        return [k for a in get_args(annotation) if a is not type(None) for k in _kinds(a)]
+    return [get_origin(annotation) or annotation]
+
+
+def _takes_json(annotation: Any) -> bool:
+    """Whether a field's environment value is JSON (lists, dicts, models), as with pydantic-settings."""
+    return any(
+        isinstance(k, type) and issubclass(k, list | dict | set | tuple | BaseModel)
+        for k in _kinds(annotation)
+    )
+
+
+def _json_example(annotation: Any) -> str:
+    mapping = any(
+        isinstance(k, type) and issubclass(k, dict | BaseModel) for k in _kinds(annotation)
+    )
+    return '{"name": "value"}' if mapping else '["a", "b"]'
+
+
+class EnvSettings(BaseModel):
+    """A frozen settings model whose fields also come from ``{env_prefix}NAME`` variables.
+
+    Precedence, highest first: keyword arguments, the environment, the
+    ``_env_file`` (``.env`` by default; ``None`` reads none), the defaults.
+    Names match without regard to case; list, dict and model fields take
+    JSON (``IOTFLOW_MQTT_TOPICS='["a/+"]'``); every value is validated as the
+    field says, and a bad one raises pydantic's ``ValidationError`` naming the
+    field. Unknown variables are ignored. A subclass sets ``env_prefix``.
+
+    Example::
+
+        >>> class Demo(EnvSettings):
+        ...     env_prefix = "DEMO_"
+        ...     window_s: float = 60.0
+        >>> os.environ["DEMO_WINDOW_S"] = "10"
+        >>> Demo(_env_file=None).window_s
+        10.0
+        >>> del os.environ["DEMO_WINDOW_S"]
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    env_prefix: ClassVar[str] = "IOTFLOW_"
+
+    def __init__(self, _env_file: str | Path | None = ".env", **values: Any) -> None:
+        prefix = self.env_prefix.lower()
+        found = {} if _env_file is None else read_dotenv(_env_file)
+        found.update(os.environ)
+        by_name = {k.lower(): (k, v) for k, v in found.items() if k.lower().startswith(prefix)}
+        from_env: dict[str, Any] = {}
+        for name, field in type(self).model_fields.items():
+            if name in values or prefix + name not in by_name:
+                continue
+            var, raw = by_name[prefix + name]
+            if _takes_json(field.annotation):
+                try:
+                    from_env[name] = json.loads(raw)
+                except ValueError as exc:
+                    example = _json_example(field.annotation)
+                    msg = (
+                        f"{var} is not valid JSON ({exc}); write it as JSON, e.g. {var}='{example}'"
+                    )
+                    raise ConfigError(msg) from None
+            else:
+                from_env[name] = raw
+        super().__init__(**from_env, **values)
+
+
+class Settings(EnvSettings):
     """Everything a flow or command needs to find its brokers and stores.
 
     Example::
@@ -49,10 +152,6 @@ class Settings(BaseSettings):
         >>> s.mqtt_url_redacted
         'mqtt://u:***@localhost:1883'
     """
-
-    model_config = SettingsConfigDict(
-        env_prefix="IOTFLOW_", env_file=".env", extra="ignore", frozen=True
-    )
 
     mqtt_url: SecretStr | None = None
     kafka_bootstrap: str | None = None

@@ -61,3 +61,30 @@ def test_env_round_trip_keeps_every_setting(monkeypatch: pytest.MonkeyPatch) -> 
 def test_redact_url_leaves_password_free_urls_alone() -> None:
     assert redact_url("mqtt://h:1883") == "mqtt://h:1883"
     assert redact_url("mqtts://me:pw@h") == "mqtts://me:***@h"
+
+
+def test_dotenv_file_is_read_and_the_environment_wins(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    env = tmp_path / ".env"
+    env.write_text(
+        "# a gateway\n"
+        'export IOTFLOW_TOPIC_PREFIX="plant9"\n'
+        "IOTFLOW_WINDOW_S=15  # seconds\n"
+        'IOTFLOW_MQTT_TOPICS=["z2m/+"]\n'
+        "OTHER_TOOL=1\n"
+    )
+    monkeypatch.setenv("IOTFLOW_WINDOW_S", "20")
+    s = Settings(_env_file=env)
+    assert (s.topic_prefix, s.window_s, s.mqtt_topics) == ("plant9", 20, ["z2m/+"])
+    assert Settings(_env_file=env, topic_prefix="given").topic_prefix == "given"
+
+
+def test_a_list_setting_that_is_not_json_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("IOTFLOW_MQTT_TOPICS", "z2m/+")
+    with pytest.raises(
+        ConfigError, match=r"IOTFLOW_MQTT_TOPICS is not valid JSON.*\[\"a\", \"b\"\]"
+    ):
+        Settings(_env_file=None)
