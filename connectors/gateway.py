@@ -8,7 +8,9 @@ the gateway on ``{base}/gateways/{gateway_id}/status``: ``online``
 ``offline`` (retained), and ``offline`` on a clean close.
 
 Each poll hands the dataflow an ``Inbound(token, messages)``; the messages
-are **not** acknowledged then. ``GatewaySink`` writes what the edge logic
+are **not** acknowledged then. QoS 0 and 1 messages are read in bulk (the
+``on_publishes`` path of ``connectors.mqtt.connect_client``: no paho message
+object per message, MQTT 5 publish properties are not read). ``GatewaySink`` writes what the edge logic
 produced in order: local commands to the MQTT broker (QoS 1, waiting for the
 broker's PUBACK), uplink records into the store-and-forward buffer, and on a
 ``Checkpoint`` it commits the buffer with the logic's state and only then
@@ -51,7 +53,7 @@ from bytewax.inputs import DynamicSource, StatelessSourcePartition
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 from connectors.buffer import StoreAndForward, UplinkRecord
-from connectors.mqtt import MqttMessage, MqttSink, connect_client
+from connectors.mqtt import MqttMessage, MqttSink, RawPublish, connect_client
 from connectors.uplink import Uplink
 from iotflow.errors import BrokerError, ConfigError
 from iotflow.events import DeviceMessage
@@ -136,7 +138,9 @@ class _GatewayPartition(StatelessSourcePartition[Inbound]):
         ended: threading.Event | None,
     ) -> None:
         self._ended = ended
-        self._queue: queue.SimpleQueue[tuple[mqtt.MQTTMessage, int, int]] = queue.SimpleQueue()
+        # (messages, connection generation, received at ms) as the client's thread read them
+        self._queue: queue.SimpleQueue[tuple[list[RawPublish], int, int]] = queue.SimpleQueue()
+        self._carry: tuple[list[RawPublish], int, int] | None = None  # the rest of a long read
         self._batch_size = batch_size
         self._status_topic = MqttTopics(base).gateway_status(gateway_id)
         self._generation = 0  # bumped on every (re)connect: older acknowledgments are void
@@ -161,8 +165,11 @@ class _GatewayPartition(StatelessSourcePartition[Inbound]):
             client.publish(self._status_topic, b"online", qos=1, retain=True)
             subscribed.set()
 
-        def on_message(_c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
-            self._queue.put((msg, self._generation, time.time_ns() // 1_000_000))
+        def on_publishes(publishes: list[RawPublish]) -> None:
+            self._queue.put((publishes, self._generation, time.time_ns() // 1_000_000))
+
+        def on_message(_c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:  # QoS 2 only
+            on_publishes([(msg.topic, msg.payload, msg.qos, msg.mid)])
 
         self._client = connect_client(
             url,
@@ -175,6 +182,7 @@ class _GatewayPartition(StatelessSourcePartition[Inbound]):
             on_connect=on_connect,
             on_subscribe=on_subscribe,
             on_message=on_message,
+            on_publishes=on_publishes,
         )
         if not subscribed.wait(60) or refused:
             self.close()
@@ -185,12 +193,24 @@ class _GatewayPartition(StatelessSourcePartition[Inbound]):
     def next_batch(self) -> list[Inbound]:
         messages: list[DeviceMessage] = []
         tags: list[tuple[int, int, int]] = []
-        with contextlib.suppress(queue.Empty):
-            while len(messages) < self._batch_size:
-                msg, generation, received_ms = self._queue.get_nowait()
-                messages.append(DeviceMessage(msg.topic, msg.payload, received_ms))
-                if msg.qos > 0:
-                    tags.append((msg.mid, msg.qos, generation))
+        room = self._batch_size
+        while room > 0:
+            if self._carry is None:
+                try:
+                    self._carry = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            publishes, generation, received_ms = self._carry
+            if len(publishes) > room:  # the rest goes in the next batch
+                publishes, rest = publishes[:room], publishes[room:]
+                self._carry = (rest, generation, received_ms)
+            else:
+                self._carry = None
+            for topic, payload, qos, mid in publishes:
+                messages.append(DeviceMessage(topic, payload, received_ms))
+                if qos:
+                    tags.append((mid, qos, generation))
+            room -= len(publishes)
         if messages:
             self._last_message = time.monotonic()
             self._awake = None
@@ -219,9 +239,9 @@ class _GatewayPartition(StatelessSourcePartition[Inbound]):
         with self._lock:
             current = self._generation
             tags = [t for token in tokens for t in self._pending.pop(token, [])]
-        for mid, qos, generation in tags:
-            if generation == current:
-                self._client.ack(mid, qos)
+        acks = [(mid, qos) for mid, qos, generation in tags if generation == current]
+        if acks:  # the client reads in bulk (on_publishes), so it has ack_all: one write
+            self._client.ack_all(acks)  # type: ignore[attr-defined]
 
     def close(self) -> None:
         info = self._client.publish(self._status_topic, b"offline", qos=1, retain=True)

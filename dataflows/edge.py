@@ -61,13 +61,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import bytewax.operators as op
 import msgspec
 from bytewax.dataflow import Dataflow
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from connectors.buffer import StoreAndForward, UplinkRecord
 from connectors.decode import TelemetryDecoder, dead_letter
@@ -87,7 +86,7 @@ from connectors.uplink import AGGREGATE_STATS, Uplink
 from iotflow.errors import ConfigError
 from iotflow.events import Command, DeadLetter, Detection, Reading, from_ms, to_ms
 from iotflow.placement import Plan, plan
-from iotflow.settings import Settings
+from iotflow.settings import EnvSettings, Settings
 from iotflow.topics import KafkaTopics, MqttTopics, check_device_id
 from iotflow.workflow import (
     AggregateComponent,
@@ -128,7 +127,7 @@ DEFAULT_WORKFLOW = Workflow.from_dict(
 )
 
 
-class EdgeSettings(BaseSettings):
+class EdgeSettings(EnvSettings):
     """``IOTFLOW_EDGE_*`` settings of a gateway (also read from ``.env``).
 
     ``workflow``/``profile``: YAML or JSON files (default: ``DEFAULT_WORKFLOW``,
@@ -140,9 +139,7 @@ class EdgeSettings(BaseSettings):
     in-flight window). ``definitions``: follow ``{prefix}.edge.definitions``.
     """
 
-    model_config = SettingsConfigDict(
-        env_prefix="IOTFLOW_EDGE_", env_file=".env", extra="ignore", frozen=True
-    )
+    env_prefix: ClassVar[str] = "IOTFLOW_EDGE_"
 
     gateway_id: str = "gw1"
     workflow: Path | None = None
