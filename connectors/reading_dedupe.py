@@ -69,22 +69,23 @@ from connectors.bridge import IngestBatch, unwrap_records
 from iotflow.errors import ConfigError
 from iotflow.events import DeviceMessage
 
-__all__ = ["DEFAULT_CAPACITY", "RedeliveryFilter", "message_digest"]
+__all__ = ["DEFAULT_CAPACITY", "RedeliveryFilter", "message_digests"]
 
 DEFAULT_CAPACITY = 16_384  # messages remembered per shard
 _LAYOUT = 1  # of the snapshot; another one is refused, never misread
 _DIGEST_BYTES = 8
 
 
-def message_digest(message: DeviceMessage) -> bytes:
-    """The 8-byte BLAKE2b digest of a message's topic and payload (never its receive time).
+def message_digests(messages: Sequence[DeviceMessage]) -> list[bytes]:
+    """The 8-byte BLAKE2b digest of each message's topic and payload (never its receive time).
 
     The same in every process (a snapshot restored elsewhere still matches).
     An MQTT topic never holds U+0000, so the separator makes the pair unambiguous.
     """
-    return blake2b(
-        message.topic.encode() + b"\0" + message.payload, digest_size=_DIGEST_BYTES
-    ).digest()
+    return [
+        blake2b(m.topic.encode() + b"\0" + m.payload, digest_size=_DIGEST_BYTES).digest()
+        for m in messages
+    ]
 
 
 def _numbered(chunk: bytes, start: int) -> Iterator[tuple[int, int]]:
@@ -165,7 +166,7 @@ class RedeliveryFilter:
         ascending) already seen, earlier in this call or among the remembered.
         Every message is remembered, dropped ones too (a second redelivery of the
         same message must still find it)."""
-        digests = [message_digest(m) for m in messages]
+        digests = message_digests(messages)
         self.counts["messages"] += len(digests)
         kept = messages if isinstance(messages, list) else list(messages)
         if redelivered:

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from connectors.bridge import IngestBatch, ingest_record, topic_matcher, unwrap_records
 from connectors.ingest import drop_redeliveries
-from connectors.reading_dedupe import RedeliveryFilter, message_digest
+from connectors.reading_dedupe import RedeliveryFilter, message_digests
 from iotflow.errors import ConfigError
 from iotflow.events import DeviceMessage
 
@@ -92,8 +92,8 @@ def test_the_key_is_topic_and_payload_never_the_receive_time() -> None:
     resent = reading(1, 7, received_ms=99_999)
     kept = f.keep([state_topic, other_device, resent], redelivered=[0, 1, 2])
     assert kept == [state_topic, other_device]
-    assert message_digest(resent) == message_digest(reading(1, 7))
-    assert len(message_digest(resent)) == 8
+    assert message_digests([resent]) == message_digests([reading(1, 7)])
+    assert [len(d) for d in message_digests([resent, state_topic])] == [8, 8]
 
 
 @given(capacity=st.integers(1, 300), batch=st.integers(1, 50), total=st.integers(0, 2000))
