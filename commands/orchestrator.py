@@ -611,8 +611,18 @@ class Orchestrator:
         return self.config.ack_timeout[rec.protocol]
 
     def _push_timer(self, rec: CommandRecord) -> None:
-        if rec.deadline is not None:
-            heapq.heappush(self._timers, (rec.deadline, rec.seq, rec.command_id))
+        if rec.deadline is None:
+            return
+        heapq.heappush(self._timers, (rec.deadline, rec.seq, rec.command_id))
+        if len(self._timers) > 2 * len(self.records) + 1024:
+            # a superseded deadline (sent before its queue expiry, acked before its ack
+            # timeout) stays in the heap until its time: drop them all at once
+            self._timers = [
+                (r.deadline, r.seq, cid)
+                for cid, r in self.records.items()
+                if r.deadline is not None
+            ]
+            heapq.heapify(self._timers)
 
     def _set_deadline(self, rec: CommandRecord, when: datetime) -> None:
         rec.deadline = when
