@@ -493,6 +493,9 @@ class WindowAggregator:
         if not self._raw:
             return pl.DataFrame()
         raw = pl.concat(self._raw, how="diagonal_relaxed") if len(self._raw) > 1 else self._raw[0]
+        if panes >= self._open:  # every open pane (end of input, a quiet stream): no filter
+            self._raw, self._open = [], set()
+            return raw
         mask = pl.col(_PANE).is_in(sorted(panes))
         rest = raw.filter(~mask)
         self._raw = [rest] if rest.height else []
