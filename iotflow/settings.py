@@ -162,10 +162,10 @@ class Settings(EnvSettings):
     # With IOTFLOW_INGEST=kafka: end the input at the ingest topic's end offsets seen at
     # start (backfills, tests) instead of following it.
     ingest_until_end: bool = False
-    # With IOTFLOW_INGEST=kafka: how many recent device messages the flow remembers to drop
-    # the bridge's redelivered duplicates (connectors.reading_dedupe), over 16 shards of
-    # devices, 8 bytes each; 0 turns the de-duplication off.
-    ingest_dedupe_records: int = Field(262_144, ge=0)
+    # With IOTFLOW_INGEST=kafka: how many recent device messages the flow remembers per
+    # partition of the ingest topic to drop the bridge's redelivered duplicates
+    # (connectors.reading_dedupe), 8 bytes each; 0 turns the de-duplication off.
+    ingest_dedupe_records: int = Field(65_536, ge=0)
     recovery_dir: Path | None = None
     # The monitoring flow's deployment (operators.monitoring.Monitoring) as YAML or JSON.
     monitoring: Path | None = None
