@@ -8,12 +8,15 @@ made durable is gone); the Kafka ingest source resumes from the recovery
 store's offsets (at least once; outputs de-duplicate by natural key).
 
 On the Kafka path the bridge's redelivered duplicates never reach the flow:
-a stateful step sharded by device (``IOTFLOW_INGEST_DEDUPE_RECORDS``
-messages remembered, ``connectors.reading_dedupe``) drops them before the
-decoder, so windows count each reading once, across restarts of the bridge
-and of the flow. The direct MQTT path has no such step: its source hands
-over what it acknowledged and keeps no state across a crash, and the
-messages it hands over do not carry the broker's DUP flag.
+each Kafka partition of the input drops them as it reads
+(``DedupedIngest``, ``connectors.reading_dedupe``, remembering
+``IOTFLOW_INGEST_DEDUPE_RECORDS`` messages per partition in the recovery
+snapshot next to the partition's offset), so windows count each reading
+once, across restarts of the bridge and of the flow. The bridge keys records
+by device, so a message and its redelivery share a partition. The direct
+MQTT path has no such filter: its source hands over what it acknowledged and
+keeps no state across a crash, and the messages it hands over do not carry
+the broker's DUP flag.
 """
 
 from __future__ import annotations
@@ -21,12 +24,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow, Stream
-from bytewax.inputs import Source
+from bytewax.inputs import FixedPartitionedSource, Source, StatefulSourcePartition
 
 from connectors.bridge import IngestBatch, ingest_topic, topic_matcher, unwrap_records
 from connectors.kafka import KafkaInput
@@ -36,22 +39,17 @@ from iotflow.errors import ConfigError
 from iotflow.events import DeadLetter, DeviceMessage
 from iotflow.settings import Settings
 from iotflow.topics import MqttTopics
-from operators.logic_step import LogicStep, shard_of
 
 __all__ = [
-    "DEDUPE_SHARDS",
+    "DedupedIngest",
     "Ingest",
     "device_messages",
-    "drop_redeliveries",
     "kafka_source",
     "mqtt_source",
     "telemetry_filters",
 ]
 
 log = logging.getLogger("iotflow.ingest")
-
-# Fixed: a recovery store holds the de-duplication state per shard name.
-DEDUPE_SHARDS = 16
 
 
 def telemetry_filters(settings: Settings) -> list[str]:
@@ -99,83 +97,75 @@ def _messages(batch: IngestBatch) -> list[DeviceMessage]:
     return batch.messages
 
 
-def _record_sharder(shards: int) -> Callable[[list[Any]], list[tuple[str, list[Any]]]]:
-    """Splits a batch of ingest records by the shard of their Kafka key (the device id:
-    one device stays in one shard, in order), each key's shard computed once."""
-    cache: dict[bytes | None, str] = {}
+class _DedupedPartition(StatefulSourcePartition[IngestBatch, dict[str, Any]]):
+    def __init__(
+        self, name: str, inner: StatefulSourcePartition[Any, Any], dedupe: RedeliveryFilter
+    ) -> None:
+        self._name = name
+        self._inner = inner
+        self._dedupe = dedupe
 
-    def split(records: list[Any]) -> list[tuple[str, list[Any]]]:
-        parts: dict[str, list[Any]] = {}
-        for rec in records:
-            key = rec.key
-            shard = cache.get(key)
-            if shard is None:
-                if len(cache) >= 100_000:
-                    cache.clear()
-                name = key.decode("utf-8", "replace") if isinstance(key, bytes) else ""
-                shard = cache[key] = shard_of(name, shards)
-            part = parts.get(shard)
-            if part is None:
-                parts[shard] = [rec]
-            else:
-                part.append(rec)
-        return list(parts.items())
-
-    return split
-
-
-def _merger() -> Callable[[list[IngestBatch]], list[IngestBatch]]:
-    """Joins the shards' batches of one activation into one (the decoders work best on
-    large batches) and logs the duplicates dropped."""
-    dropped_here = 0
-
-    def merge(batches: list[IngestBatch]) -> list[IngestBatch]:
-        nonlocal dropped_here
-        if len(batches) == 1:
-            out = batches[0]
-        else:
-            out = IngestBatch()
-            for batch in batches:
-                out.messages.extend(batch.messages)
-                out.dead.extend(batch.dead)
-                out.skipped += batch.skipped
-                out.duplicates += batch.duplicates
-        if out.duplicates:
-            dropped_here += out.duplicates
+    def next_batch(self) -> list[IngestBatch]:
+        records = list(self._inner.next_batch())
+        if not records:
+            return []
+        batch = self._dedupe.on_batch(records)[0]
+        if batch.duplicates:
             log.warning(
-                "ingest: dropped %d redelivered duplicate(s) of device messages (%d by this "
-                "worker since it started): the ingest bridge had forwarded them before it "
-                "stopped or lost its MQTT connection",
-                out.duplicates,
-                dropped_here,
+                "ingest: dropped %d redelivered duplicate(s) of device messages on %s "
+                "(%d since this partition's state began): the ingest bridge had forwarded "
+                "them before it stopped or lost its MQTT connection",
+                batch.duplicates,
+                self._name,
+                self._dedupe.counts["duplicates"],
             )
-        return [out]
+        return [batch]
 
-    return merge
+    def next_awake(self) -> datetime | None:
+        return self._inner.next_awake()
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"source": self._inner.snapshot(), "dedupe": self._dedupe.snapshot()}
+
+    def close(self) -> None:
+        self._inner.close()
 
 
-def drop_redeliveries(
-    step_id: str,
-    records: Stream[Any],
-    accept: Callable[[str], bool],
-    remembered: int,
-    shards: int = DEDUPE_SHARDS,
-) -> Stream[IngestBatch]:
-    """Ingest records -> ``IngestBatch`` without the bridge's redelivered duplicates.
+class DedupedIngest(FixedPartitionedSource[IngestBatch, dict[str, Any]]):
+    """Ingest records of ``source`` -> ``IngestBatch`` without the bridge's redelivered duplicates.
 
-    Records are sharded by Kafka key over ``shards`` Bytewax state keys; each
-    shard runs a ``RedeliveryFilter`` remembering ``remembered // shards``
-    messages, whose state is snapshotted with the flow. Per device, order is
-    kept. One batch comes out per activation, whatever the shards.
+    Each partition of ``source`` (a Kafka partition of the ingest topic) runs
+    its own ``RedeliveryFilter`` remembering ``remembered`` messages, whose
+    state is snapshotted with the partition's own (its offset): a flow
+    restarted from its recovery store resumes both together. Order within a
+    partition is kept; one batch comes out per batch read. A store written
+    before this filter existed (the partition's bare state) resumes with an
+    empty memory.
     """
-    capacity = max(1, remembered // shards)
-    keyed = op.flat_map_batch(f"{step_id}_shard", records, _record_sharder(shards))
-    filtered = op.stateful_batch(
-        step_id, keyed, lambda state: LogicStep(RedeliveryFilter(capacity, accept, state))
-    )
-    return op.flat_map_batch(
-        f"{step_id}_merge", op.key_rm(f"{step_id}_unshard", filtered), _merger()
-    )
+
+    def __init__(
+        self,
+        source: FixedPartitionedSource[Any, Any],
+        accept: Callable[[str], bool] | None,
+        remembered: int,
+    ) -> None:
+        RedeliveryFilter(remembered)  # a bad size fails here, at build time, not in a worker
+        self._source = source
+        self._accept = accept
+        self._remembered = remembered
+
+    def list_parts(self) -> list[str]:
+        return self._source.list_parts()
+
+    def build_part(
+        self, step_id: str, for_part: str, resume_state: dict[str, Any] | None
+    ) -> _DedupedPartition:
+        inner_state, dedupe_state = resume_state, None
+        if isinstance(resume_state, dict) and set(resume_state) == {"source", "dedupe"}:
+            inner_state, dedupe_state = resume_state["source"], resume_state["dedupe"]
+        inner = self._source.build_part(step_id, for_part, inner_state)
+        dedupe = RedeliveryFilter(self._remembered, self._accept, dedupe_state)
+        return _DedupedPartition(for_part, inner, dedupe)
 
 
 def device_messages(
@@ -186,7 +176,8 @@ def device_messages(
 ) -> Ingest:
     """Add the input of ``settings.ingest`` (or ``source``, for tests) to ``flow``.
 
-    Kafka input passes ``drop_redeliveries`` unless ``IOTFLOW_INGEST_DEDUPE_RECORDS`` is 0.
+    Kafka input is read through ``DedupedIngest`` unless ``IOTFLOW_INGEST_DEDUPE_RECORDS``
+    is 0.
     """
     if source is not None:
         return Ingest(op.input("in", flow, source), None)
@@ -196,10 +187,11 @@ def device_messages(
         msg = f"IOTFLOW_INGEST={settings.ingest!r} is not understood; use 'mqtt' or 'kafka'"
         raise ConfigError(msg)
     accept = topic_matcher(telemetry_filters(settings))
-    records = op.input("ingest", flow, kafka_source(settings))
     if settings.ingest_dedupe_records:
-        unwrapped = drop_redeliveries("dedupe", records, accept, settings.ingest_dedupe_records)
+        source = DedupedIngest(kafka_source(settings), accept, settings.ingest_dedupe_records)
+        unwrapped: Stream[IngestBatch] = op.input("ingest", flow, source)
     else:
+        records = op.input("ingest", flow, kafka_source(settings))
         unwrapped = op.flat_map_batch(
             "unwrap", records, lambda batch: [unwrap_records(batch, accept)]
         )

@@ -7,8 +7,10 @@ same session, and the reading lands on ``{prefix}.ingest`` twice: a window
 would count it twice. The bridge marks every record that may repeat an
 earlier one (header ``redelivered``: the broker's DUP flag, or a retried
 Kafka delivery). ``RedeliveryFilter`` drops a marked record when it has seen
-the same device message before; this is ``connectors.ingest.device_messages``'s
-Kafka path, so the telemetry, monitoring and twins flows get it alike.
+the same device message before. ``connectors.ingest.DedupedIngest`` runs one
+per Kafka partition of the ingest topic, in ``device_messages``'s Kafka path,
+so the telemetry, monitoring and twins flows get it alike; the bridge keys a
+record by its device, so a message and its redelivery share a partition.
 
 What counts as the same message: the same MQTT topic (so the same device)
 and the same payload, byte for byte. A redelivery is the same PUBLISH again,
@@ -21,20 +23,23 @@ earlier message of the same topic with the same bytes is still remembered;
 only a device that repeats payloads byte for byte can meet it, and only for
 a message in flight when the bridge died.
 
-Memory is bounded: each shard of devices remembers the 64-bit digests
-(BLAKE2b) of its last ``capacity`` messages, 8 bytes each, kept in a few
-immutable byte strings that are also the snapshot. The horizon is a number
+Memory is bounded: each partition remembers the 64-bit digests (BLAKE2b) of
+its last ``capacity`` messages, 8 bytes each, kept in a few immutable byte
+strings that are also the snapshot. The horizon is a number
 of messages, not a time: receive times jump over a bridge outage (the resent
 copy is stamped when the bridge is back), while the distance from an
 original to its redelivery is what that bridge had in flight (its receive
 maximum plus the broker's resend burst) plus whatever other bridges sharing
 the subscription forwarded meanwhile. A redelivery arriving more than
-``capacity`` messages of its shard after its original gets through.
+``capacity`` messages of its partition after its original gets through.
+While marked records come (a resumed session resends its whole backlog
+marked), an index of the remembered digests answers lookups; it is rebuilt
+from the digests when needed and dropped once a horizon passes unmarked.
 
 Collisions: a marked record is dropped wrongly only when its digest equals one
-of the at most ``capacity`` remembered digests of its shard without being the
-same message: a chance of at most ``capacity / 2**64`` per marked record
-(16,384 / 1.8e19, about 1e-15; a billion redeliveries, about 1e-6).
+of the at most ``capacity`` remembered digests of its partition without being
+the same message: a chance of at most ``capacity / 2**64`` per marked record
+(65,536 / 1.8e19, about 4e-15; a billion redeliveries, about 4e-6).
 Collisions among unmarked records cost nothing: those are never dropped.
 
 State is plain data, snapshotted with the flow's recovery store: a flow
@@ -71,7 +76,7 @@ from iotflow.events import DeviceMessage
 
 __all__ = ["DEFAULT_CAPACITY", "RedeliveryFilter", "message_digests"]
 
-DEFAULT_CAPACITY = 16_384  # messages remembered per shard
+DEFAULT_CAPACITY = 65_536  # messages remembered (per ingest partition)
 _LAYOUT = 1  # of the snapshot; another one is refused, never misread
 _DIGEST_BYTES = 8
 
@@ -95,7 +100,7 @@ def _numbered(chunk: bytes, start: int) -> Iterator[tuple[int, int]]:
 
 
 class RedeliveryFilter:
-    """Drops marked device messages already seen among a shard's last ``capacity``.
+    """Drops marked device messages already seen among the last ``capacity`` of a stream.
 
     ``on_batch(records)`` unwraps ingest records (``connectors.bridge.unwrap_records``
     with ``accept``) and returns one ``IngestBatch`` without the duplicates
@@ -112,7 +117,7 @@ class RedeliveryFilter:
         resume_state: dict[str, Any] | None = None,
     ) -> None:
         if capacity < 1:
-            msg = f"capacity {capacity} must be at least 1 (messages remembered per shard)"
+            msg = f"capacity {capacity} must be at least 1 (messages remembered per partition)"
             raise ConfigError(msg)
         self.capacity = capacity
         self._accept = accept
@@ -151,7 +156,7 @@ class RedeliveryFilter:
         self.counts.update(state["counts"])
 
     def on_batch(self, records: list[Any]) -> list[IngestBatch]:
-        """One shard's ingest records -> one ``IngestBatch`` without redelivered duplicates."""
+        """Ingest records of one partition -> one ``IngestBatch`` without redelivered duplicates."""
         batch = unwrap_records(records, self._accept)
         before = len(batch.messages)
         batch.messages = self.keep(batch.messages, batch.redelivered)
