@@ -1,8 +1,11 @@
 """command_rtt: command round trip (send -> ack) through the orchestrator at 500 commands/s.
 
-On a private Mosquitto and Tansu, the real orchestrator flow and a simulated
-fleet of ``devices`` HVAC units that ack at once (``ack_latency_ms`` 0: the
-figure is the system's, not a device's think time). The benchmark produces
+On a private Mosquitto and Tansu, the real orchestrator flow and ``devices``
+simulated HVAC units (``bench._commands.SimulatedDevices``, a process of
+their own) that run each command and ack it ``done`` at once, with their
+reported state, then publish that state retained (QoS 1 both): the figure is
+the system's, not a device's think time nor the simulator's own queueing.
+The benchmark produces
 ``rate_per_s`` single ``set_temperature`` commands per second to
 ``{prefix}.commands.requests`` for ``duration_s``, round-robin over the units
 (each unit gets ``rate_per_s / devices`` commands per second, so none waits
@@ -49,11 +52,16 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from bench._commands import CommandWatch, FleetProcess, WireTap, orchestrator_flow, producer
+from bench._commands import (
+    CommandWatch,
+    SimulatedDevices,
+    WireTap,
+    orchestrator_flow,
+    producer,
+)
 from bench._latency import percentile
 from bench.harness import BenchError, Figure, Measured
 from bench.workload import private_stack
-from infra.simulator import FleetConfig
 from iotflow.topics import KafkaTopics
 
 __all__ = ["COMPLETE_COUNTS", "DEFAULTS", "DESCRIPTION", "FIGURES", "QUICK", "run"]
@@ -72,7 +80,6 @@ DEFAULTS: dict[str, Any] = {
     "duration_s": 12.0,
     "warmup_s": 2.0,
     "devices": 500,
-    "ack_latency_ms": 0,
     "timeout_s": 60.0,
     "hops": 1,
 }
@@ -110,11 +117,6 @@ def run(params: dict[str, Any]) -> Measured:
         tempfile.TemporaryDirectory(prefix="iotflow-rtt-") as tmp,
         orchestrator_flow(info, Path(tmp), CONFIG) as (flow, settings),
     ):
-        fleet_config = FleetConfig(
-            devices={"hvac": n},
-            base=settings.mqtt_base,
-            commands={"ack_latency_ms": int(params["ack_latency_ms"])},
-        )
         requests = KafkaTopics(settings.topic_prefix).command_requests
         out = producer(info.kafka_bootstrap)
         produced_at: dict[str, float] = {}
@@ -124,12 +126,12 @@ def run(params: dict[str, Any]) -> Measured:
                 cleanup.callback(tap.stop)
             watch = CommandWatch(settings)
             cleanup.callback(watch.close)
-            fleet = FleetProcess(fleet_config, info.mqtt_url)
-            cleanup.callback(fleet.kill)
+            fleet = SimulatedDevices(info.mqtt_url, settings.mqtt_base, total, timeout_s)
+            cleanup.callback(fleet.stop)
             # steady pacing: no full collection over the events gathered so far
             gc.disable()
             cleanup.callback(gc.enable)
-            devices = fleet.device_ids
+            devices = [f"hvac-{d + 1:04d}" for d in range(n)]  # in the simulator's registry
             start = time.monotonic()
             for k in range(total):
                 due = start + k / rate
@@ -150,16 +152,13 @@ def run(params: dict[str, Any]) -> Measured:
                 out.poll(0)
             out.flush(10)
             watch.wait("done", total, timeout_s)
-            stats = fleet.stop()
+            ran = fleet.result()
             outcomes = {i: watch.outcome(i) for i in produced_at}
             cmd_at, ack_at = tap.result() if tap is not None else ({}, {})
         flow.stop()
     done = sum(o.kinds.count("done") == 1 for o in outcomes.values())
-    if done != total or stats.commands_executed != total or stats.duplicate_commands:
-        raise BenchError(
-            f"{done} of {total} commands done once; devices executed "
-            f"{stats.commands_executed} ({stats.duplicate_commands} duplicates)"
-        )
+    if done != total or ran["executed"] != total or ran["duplicates"] or ran["expired"]:
+        raise BenchError(f"{done} of {total} commands done once; devices: {ran}")
     names = ["", "in_", "to_device_", "device_", "from_device_", "e2e_"]
     spans: dict[str, list[float]] = {
         name: [] for name in names if hops or name in ("", "in_", "e2e_")
@@ -189,7 +188,7 @@ def run(params: dict[str, Any]) -> Measured:
         counts={
             "sent": total,
             "done": done,
-            "executed": stats.commands_executed,
+            "executed": ran["executed"],
             "measured": len(spans[""]),
             "devices": n,
         },
