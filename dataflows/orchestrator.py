@@ -75,7 +75,7 @@ from connectors.bridge import ingest_topic, topic_matcher, unwrap_records
 from connectors.command_writers import HttpSink
 from connectors.decode import dead_letter
 from connectors.duckdb_store import COMMAND_AUDIT, DuckDBSink
-from connectors.kafka import KafkaEpochOutput, KafkaInput, message
+from connectors.kafka import KafkaEpochOutput, KafkaInput
 from connectors.mqtt import MqttEpochSink, MqttMessage, MqttSource
 from connectors.recovery import ensure_store
 from iotflow.declarations import load_file, validate
@@ -198,7 +198,7 @@ class _Routed:
 
     mqtt: list[MqttMessage] = field(default_factory=list)
     http: list[HttpCall] = field(default_factory=list)
-    kafka: list[Any] = field(default_factory=list)
+    kafka: list[tuple[str, bytes, bytes]] = field(default_factory=list)  # (topic, key, value)
     events: list[Any] = field(default_factory=list)
 
 
@@ -225,9 +225,8 @@ class _Router:
         for item in batch:
             if isinstance(item, CommandEvent | PlanEvent):
                 routed.events.append(item)
-                routed.kafka.append(
-                    message(self.topics.command_events, record_key(item), encode_event(item))
-                )
+                key = record_key(item).encode()
+                routed.kafka.append((self.topics.command_events, key, encode_event(item)))
             elif isinstance(item, Dropped):
                 letter = dead_letter(item.source, item.reason, item.payload, to_ms(item.ts))
                 routed.kafka.append(self.dead(letter))
@@ -236,13 +235,15 @@ class _Router:
                     MqttMessage(item.topic, item.payload, item.qos, item.retain, item.expiry_s)
                 )
             elif isinstance(item, KafkaCommand):
-                routed.kafka.append(message(item.topic, item.key, item.value))
+                routed.kafka.append((item.topic, item.key.encode(), item.value))
             elif isinstance(item, HttpCall):
                 routed.http.append(item)
         return routed
 
-    def dead(self, letter: DeadLetter) -> Any:
-        return message(self.topics.deadletter, letter.topic or letter.source, _encode(letter))
+    def dead(self, letter: DeadLetter) -> tuple[str, bytes, bytes]:
+        """A dead letter as a (topic, key, value) record."""
+        key = (letter.topic or letter.source).encode()
+        return (self.topics.deadletter, key, _encode(letter))
 
 
 def _decode_devices(batch: list[DeviceMessage], base: MqttTopics) -> tuple[list[Any], list[Any]]:
@@ -344,10 +345,11 @@ def build_flow(
         device_dead = op.merge("device_dead_all", device_dead, ingest_dead)
     # Events, dead letters and Kafka device commands: the producer is flushed once per
     # epoch, not per batch (a broker round trip per batch held up the acks behind it).
+    # one dataflow item per batch: a list of (topic, key, value) records
     to_kafka = op.merge(
         "to_kafka",
-        op.flat_map("kafka_items", routed, lambda r: r.kafka),
-        op.map("device_letters", device_dead, router.dead),
+        op.filter_map("kafka_records", routed, lambda r: r.kafka or None),
+        op.map("device_letters", device_dead, lambda letter: [router.dead(letter)]),
     )
     op.output(
         "kafka",
