@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
 
 from iotflow.errors import BrokerUnavailable, ConfigError
 from iotflow.settings import Settings
@@ -129,9 +130,6 @@ def ensure_topics(
     ``configs`` gives topic settings by topic name (``{"iot.twins": COMPACTED}``),
     applied when the topic is created.
     """
-    # imported here: processes that never create topics (edge gateways) skip the admin API
-    from confluent_kafka.admin import AdminClient, NewTopic
-
     configs = configs or {}
     admin = AdminClient({"bootstrap.servers": bootstrap, **security_config()})
     try:
