@@ -588,7 +588,8 @@ class PredictionLogic:
             trusted = np.isfinite(fits.slope) & (fits.r2 >= rule.min_r2)
             self.counts["untrusted"] += int((~trusted).sum())
             toward = self._sign * fits.slope > 0
-            with np.errstate(divide="ignore", invalid="ignore"):
+            # a slope near 0 puts the crossing at +-inf: never within the horizon
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
                 eta = np.where(toward, (self._target - fits.intercept) / fits.slope, np.nan)
             eta = np.where(toward, np.maximum(eta, 0.0), np.inf)  # past the threshold: now
             within = trusted & (eta <= self._horizon_h)
