@@ -142,8 +142,10 @@ class TelemetryDecoder:
             device.source == "topic" and self._ts_field is not None and not self._metric_paths
         )
         self._device_level = device.steps[0] if device.source == "topic" else 0
-        # topic -> its valid device id, or None (the columnar path's topic lookups)
-        self._topic_devices: dict[str, str | None] = {}
+        # the columnar path's topic lookups: topics with a valid device id and those ids
+        # (two polars string series, made on first use), and the topics without one
+        self._topic_devices: tuple[pl.Series, pl.Series] | None = None
+        self._bad_topics: set[str] = set()
 
     def decode(self, messages: list[DeviceMessage]) -> DecodeOut:
         out = DecodeOut()
@@ -287,7 +289,7 @@ class TelemetryDecoder:
             elif dtype == pl.String or dtype.is_nested() or dtype == pl.Object:
                 # a string may sit next to numbers of the same name elsewhere: exact path
                 return None
-        devices = pl.Series(DEVICE, self._devices(messages), dtype=pl.String)
+        devices = self._devices(messages)
         received = pl.Series("received", [m.received_ms for m in messages], dtype=pl.Int64)
         if ts_field is not None and ts_field in parsed.columns:
             ts = parsed.get_column(ts_field).cast(pl.Int64).fill_null(received)
@@ -309,21 +311,39 @@ class TelemetryDecoder:
             good = good & False
         return pl.DataFrame({DEVICE: devices, TS: ts}).hstack(values), good
 
-    def _devices(self, messages: list[DeviceMessage]) -> list[str | None]:
-        """The device id of each message's topic level, None where it is not a valid
-        one; each topic is split and checked once."""
-        cache = self._topic_devices
-        try:
-            return [cache[m.topic] for m in messages]
-        except KeyError:
-            if len(cache) > _KNOWN_TOPICS_MAX:
-                cache.clear()
-            for topic in {m.topic for m in messages}.difference(cache):
-                levels = topic.split("/")
-                index = self._device_level
-                device = levels[index] if -len(levels) <= index < len(levels) else None
-                cache[topic] = device if check_device_id(device) is None else None
-            return [cache[m.topic] for m in messages]
+    def _devices(self, messages: list[DeviceMessage]) -> pl.Series:
+        """The device id of each message's topic level, null where it is not a valid
+        one. Each topic is split and checked once; the lookups run in polars (a Python
+        dict lookup per message cost about twice as much)."""
+        import polars as pl
+
+        from iotflow.frame import DEVICE
+
+        topics = pl.Series(DEVICE, [m.topic for m in messages], dtype=pl.String)
+        known = self._topic_devices or (topics.clear(), topics.clear())
+        devices = topics.replace_strict(known[0], known[1], default=None)
+        if not devices.null_count():
+            return devices
+        missing = topics.filter(devices.is_null()).unique().to_list()
+        unseen = [t for t in missing if t not in self._bad_topics]
+        if not unseen:
+            return devices
+        if known[0].len() + len(self._bad_topics) > _KNOWN_TOPICS_MAX:
+            known, self._bad_topics = (topics.clear(), topics.clear()), set()
+        good: dict[str, str] = {}
+        for topic in unseen:
+            levels = topic.split("/")
+            index = self._device_level
+            device = levels[index] if -len(levels) <= index < len(levels) else None
+            if device is not None and check_device_id(device) is None:
+                good[topic] = device
+            else:
+                self._bad_topics.add(topic)
+        self._topic_devices = known = (
+            pl.concat([known[0], pl.Series(list(good), dtype=pl.String)]),
+            pl.concat([known[1], pl.Series(list(good.values()), dtype=pl.String)]),
+        )
+        return topics.replace_strict(known[0], known[1], default=None)
 
     def _decode_one(self, msg: DeviceMessage, out: DecodeOut) -> None:
         def reject(reason: str) -> None:
