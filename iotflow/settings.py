@@ -165,7 +165,9 @@ class Settings(EnvSettings):
     # With IOTFLOW_INGEST=kafka: how many recent device messages the flow remembers per
     # partition of the ingest topic to drop the bridge's redelivered duplicates
     # (connectors.reading_dedupe), 8 bytes each; 0 turns the de-duplication off.
-    ingest_dedupe_records: int = Field(65_536, ge=0)
+    # The default stays under a bridge session's 65,535 packet ids over 3 partitions, so a
+    # reused packet id is never taken for a resend.
+    ingest_dedupe_records: int = Field(16_384, ge=0)
     recovery_dir: Path | None = None
     # The monitoring flow's deployment (operators.monitoring.Monitoring) as YAML or JSON.
     monitoring: Path | None = None
