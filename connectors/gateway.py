@@ -142,6 +142,10 @@ class _GatewayPartition(StatelessSourcePartition[Inbound]):
         self._queue: queue.SimpleQueue[tuple[list[RawPublish], int, int]] = queue.SimpleQueue()
         self._carry: tuple[list[RawPublish], int, int] | None = None  # the rest of a long read
         self._batch_size = batch_size
+        # messages read but not yet handed to the dataflow; see on_publishes
+        self._room = threading.Condition()
+        self._waiting = 0
+        self._closing = False
         self._status_topic = MqttTopics(base).gateway_status(gateway_id)
         self._generation = 0  # bumped on every (re)connect: older acknowledgments are void
         self._pending: dict[int, list[tuple[int, int, int]]] = {}
@@ -166,6 +170,12 @@ class _GatewayPartition(StatelessSourcePartition[Inbound]):
             subscribed.set()
 
         def on_publishes(publishes: list[RawPublish]) -> None:
+            # A batch already waits: the client's thread stops reading until the dataflow
+            # takes it, so a burst stays with the broker (and the socket), not in our memory.
+            with self._room:
+                while self._waiting >= batch_size and not self._closing:
+                    self._room.wait()
+                self._waiting += len(publishes)
             self._queue.put((publishes, self._generation, time.time_ns() // 1_000_000))
 
         def on_message(_c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:  # QoS 2 only
@@ -212,6 +222,9 @@ class _GatewayPartition(StatelessSourcePartition[Inbound]):
                     tags.append((mid, qos, generation))
             room -= len(publishes)
         if messages:
+            with self._room:
+                self._waiting -= len(messages)
+                self._room.notify()
             self._last_message = time.monotonic()
             self._awake = None
             with self._lock:
@@ -234,6 +247,12 @@ class _GatewayPartition(StatelessSourcePartition[Inbound]):
     def next_awake(self) -> datetime | None:
         return self._awake
 
+    @property
+    def waiting(self) -> int:
+        """Messages read from the broker and not yet handed to the dataflow."""
+        with self._room:
+            return self._waiting
+
     def ack(self, tokens: list[int]) -> None:
         """Acknowledge the messages of ``tokens`` (those of an older connection: never)."""
         with self._lock:
@@ -244,6 +263,9 @@ class _GatewayPartition(StatelessSourcePartition[Inbound]):
             self._client.ack_all(acks)  # type: ignore[attr-defined]
 
     def close(self) -> None:
+        with self._room:  # a client's thread waiting for room goes on, to disconnect
+            self._closing = True
+            self._room.notify_all()
         info = self._client.publish(self._status_topic, b"offline", qos=1, retain=True)
         with contextlib.suppress(RuntimeError, ValueError):
             info.wait_for_publish(2)
@@ -254,6 +276,11 @@ class _GatewayPartition(StatelessSourcePartition[Inbound]):
 class GatewaySource(DynamicSource[Inbound]):
     """Device telemetry from the gateway's local broker, acknowledged after the checkpoint
     that covers it (see the module docstring).
+
+    Memory stays bounded under bursts: once a ``batch_size`` of received
+    messages waits for the dataflow, the client stops reading the socket
+    until the dataflow takes them; the broker holds the rest (QoS 1 within
+    ``receive_maximum``, QoS 0 in its queue for the session).
 
     ``idle_stop`` ends the input once no message came for that long after the
     first (windows then flush and the flow exits: tests, demos); it then sets
