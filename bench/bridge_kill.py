@@ -326,14 +326,19 @@ def run_kill_scenario(
 
 
 def _as_ingest_records(settings: Settings, messages: int, devices: int) -> list[Any]:
-    """The publisher's readings as the bridge writes them (unmarked), as Bytewax hands
-    Kafka records to a flow."""
+    """The publisher's readings as the bridge writes them (unmarked, with a delivery), as
+    Bytewax hands Kafka records to a flow."""
     topics = MqttTopics(settings.mqtt_base)
     names = [topics.telemetry(f"dev-{d:05d}") for d in range(devices)]
     out = []
     for seq in range(messages):
         body = b'{"seq": %d, "value": %d}' % (seq, seq % 97)
-        key, value, headers = ingest_record(names[seq % devices], body, 1_767_225_600_000 + seq)
+        key, value, headers = ingest_record(
+            names[seq % devices],
+            body,
+            1_767_225_600_000 + seq,
+            delivery=b"bench-bridge/%d" % (seq % 65535 + 1),
+        )
         out.append(KafkaSourceMessage(key, value, headers=headers, timestamp=(1, 0)))
     return out
 

@@ -22,10 +22,13 @@ The record layout on ``{prefix}.ingest`` (see ``ingest_record``):
   order),
 - headers: ``mqtt_topic`` (UTF-8) and ``received_ms`` (the bridge's receive
   time, epoch milliseconds as ASCII digits); the Kafka timestamp is the
-  receive time too. ``redelivered`` (``b"1"``) only on a record that may
-  repeat one written before: the broker resent the MQTT message (its DUP
-  flag: a resumed session resends what the last connection did not
-  acknowledge) or the bridge retried a Kafka delivery that may have landed.
+  receive time too. ``mqtt_delivery`` on QoS 1 messages: the bridge's
+  client id and the MQTT packet id (``iotflow-bridge/4711``), which a
+  broker's resend of the same delivery repeats. ``redelivered`` (``b"1"``)
+  only on a record that may repeat one written before: the broker resent
+  the MQTT message (its DUP flag: a resumed session resends what the last
+  connection did not acknowledge) or the bridge retried a Kafka delivery
+  that may have landed.
 
 A record without a usable ``mqtt_topic`` header is not valid ingest input: a
 reader (``unwrap_records``) turns it into a dead letter that names the
@@ -73,6 +76,7 @@ from iotflow.events import DeadLetter, DeviceMessage
 from iotflow.topics import KafkaTopics, MqttTopics
 
 __all__ = [
+    "HEADER_MQTT_DELIVERY",
     "HEADER_MQTT_TOPIC",
     "HEADER_RECEIVED_MS",
     "HEADER_REDELIVERED",
@@ -90,6 +94,7 @@ __all__ = [
 
 log = logging.getLogger("iotflow.bridge")
 
+HEADER_MQTT_DELIVERY = "mqtt_delivery"
 HEADER_MQTT_TOPIC = "mqtt_topic"
 HEADER_RECEIVED_MS = "received_ms"
 HEADER_REDELIVERED = "redelivered"
@@ -125,12 +130,19 @@ def ingest_key(mqtt_topic: str) -> bytes:
 
 
 def ingest_record(
-    mqtt_topic: str, payload: bytes, received_ms: int, *, redelivered: bool = False
+    mqtt_topic: str,
+    payload: bytes,
+    received_ms: int,
+    *,
+    delivery: bytes = b"",
+    redelivered: bool = False,
 ) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
     """(key, value, headers) of the ingest record for one MQTT message.
 
-    ``redelivered`` marks a message that may already be on the topic (see the
-    module docstring); only marked records are ever dropped as duplicates.
+    ``delivery`` names the MQTT delivery (session and packet id, see the
+    module docstring); ``redelivered`` marks a message that may already be
+    on the topic. Only marked records are ever dropped as duplicates, and
+    only when an earlier record has the same delivery, topic and payload.
 
     Example::
 
@@ -141,6 +153,8 @@ def ingest_record(
         (HEADER_MQTT_TOPIC, mqtt_topic.encode()),
         (HEADER_RECEIVED_MS, str(received_ms).encode()),
     ]
+    if delivery:
+        headers.append((HEADER_MQTT_DELIVERY, delivery))
     if redelivered:
         headers.append((HEADER_REDELIVERED, b"1"))
     return ingest_key(mqtt_topic), payload, headers
@@ -210,6 +224,7 @@ class IngestBatch:
     dead: list[DeadLetter] = field(default_factory=list)
     skipped: int = 0  # valid records for other MQTT topics (state, ack): not this flow's input
     redelivered: list[int] = field(default_factory=list)  # indices into messages: marked records
+    deliveries: list[bytes] = field(default_factory=list)  # per message: its mqtt_delivery or b""
     duplicates: int = 0  # redelivered duplicates dropped (connectors.reading_dedupe)
 
 
@@ -230,7 +245,8 @@ def unwrap_records(
     another flow's input. A record with no ``mqtt_topic`` header, a topic that
     is not UTF-8, a ``received_ms`` that is not digits, or no value becomes a
     dead letter with the reason; nothing raises. The indices of the messages
-    whose record carried the ``redelivered`` header are in ``redelivered``.
+    whose record carried the ``redelivered`` header are in ``redelivered``, and
+    each message's ``mqtt_delivery`` header (``b""`` without one) in ``deliveries``.
     """
     out = IngestBatch()
     for rec in records:
@@ -250,24 +266,28 @@ def unwrap_records(
                 dead_letter("ingest", f"{where}: {result.reason}", payload, kafka_ms, result.topic)
             )
         else:
-            message, redelivered = result
+            message, redelivered, delivery = result
             if redelivered:
                 out.redelivered.append(len(out.messages))
             out.messages.append(message)
+            out.deliveries.append(delivery)
     return out
 
 
 def _unwrap_one(
     headers: Any, value: Any, kafka_ms: int, accept: Callable[[str], bool] | None
-) -> tuple[DeviceMessage, bool] | _Rejected | None:
-    """(device message, redelivered), None to skip, or why to dead-letter it."""
+) -> tuple[DeviceMessage, bool, bytes] | _Rejected | None:
+    """(device message, redelivered, delivery), None to skip, or why to dead-letter it."""
     raw_topic = raw_ms = None
     redelivered = False
+    delivery = b""
     for name, header in headers or ():  # one pass: this runs for every record
         if name == HEADER_MQTT_TOPIC:
             raw_topic = header
         elif name == HEADER_RECEIVED_MS:
             raw_ms = header
+        elif name == HEADER_MQTT_DELIVERY:
+            delivery = header or b""
         elif name == HEADER_REDELIVERED:
             redelivered = True
     if raw_topic is None:
@@ -294,7 +314,7 @@ def _unwrap_one(
         received_ms = int(raw_ms)
     if not isinstance(value, bytes):
         return _Rejected("the record has no value (a tombstone is not a device message)", topic)
-    return DeviceMessage(topic, value, received_ms), redelivered
+    return DeviceMessage(topic, value, received_ms), redelivered, delivery
 
 
 @dataclass
@@ -368,6 +388,7 @@ class IngestBridge:
         self.subscriptions = list(subscriptions or default_subscriptions(base))
         topic_matcher(self.subscriptions)  # validates the filters
         self.client_id = client_id
+        self._delivery_prefix = f"{client_id}/".encode()
         self.status_topic = bridge_status_topic(base, client_id)
         self._session_expiry_s = int(session_expiry.total_seconds())
         self.max_in_flight = max_in_flight
@@ -552,7 +573,12 @@ class IngestBridge:
             )
         else:
             key, value, headers = ingest_record(
-                pending.topic, pending.payload, pending.received_ms, redelivered=pending.redelivered
+                pending.topic,
+                pending.payload,
+                pending.received_ms,
+                # A resend of this delivery by the broker carries the same packet id.
+                delivery=b"%s%d" % (self._delivery_prefix, pending.mid) if pending.qos else b"",
+                redelivered=pending.redelivered,
             )
             topic = self.topic
         while True:

@@ -12,16 +12,24 @@ per Kafka partition of the ingest topic, in ``device_messages``'s Kafka path,
 so the telemetry, monitoring and twins flows get it alike; the bridge keys a
 record by its device, so a message and its redelivery share a partition.
 
-What counts as the same message: the same MQTT topic (so the same device)
-and the same payload, byte for byte. A redelivery is the same PUBLISH again,
-so both are identical; its receive time is not (the next bridge receives it
-later), so that is no part of the key. Unmarked records are never dropped: a
-device that sends the same bytes on purpose (a heartbeat without a timestamp)
-keeps every message. The one way to lose a reading: a marked record whose
-original never reached Kafka (the bridge died before producing it) while an
-earlier message of the same topic with the same bytes is still remembered;
-only a device that repeats payloads byte for byte can meet it, and only for
-a message in flight when the bridge died.
+What counts as the same message: the same MQTT delivery (the bridge's
+session and the packet id, header ``mqtt_delivery``), the same topic (so the
+same device) and the same payload, byte for byte. A broker's resend is the
+same PUBLISH on the same session with its original packet id (MQTT 5, 4.4),
+so all three are identical; its receive time is not (the next bridge
+receives it later), so that is no part of the key. The mark alone is not
+enough: Mosquitto marks everything it had sent to the dead connection
+(measured: about 4,000 marked records per bridge kill, 7 % of them
+duplicates; the rest never reached Kafka before); and the payload alone is
+not either: a device may send the same bytes on
+purpose (a heartbeat without a timestamp). Unmarked records are never
+dropped. The one way to lose a reading: a marked record whose original
+never reached Kafka while the message that held its packet id one cycle
+(65,535 messages of the session) earlier had the same topic and bytes and is
+still remembered: only a device that repeats payloads byte for byte can
+meet it, and a horizon under 65,535 / (ingest partitions) messages (the
+default: 16,384 with 3 partitions) rules it out for a session that carries
+the whole ingest.
 
 Memory is bounded: each partition remembers the 64-bit digests (BLAKE2b) of
 its last ``capacity`` messages, 8 bytes each, kept in a few immutable byte
@@ -39,7 +47,7 @@ from the digests when needed and dropped once a horizon passes unmarked.
 Collisions: a marked record is dropped wrongly only when its digest equals one
 of the at most ``capacity`` remembered digests of its partition without being
 the same message: a chance of at most ``capacity / 2**64`` per marked record
-(65,536 / 1.8e19, about 4e-15; a billion redeliveries, about 4e-6).
+(16,384 / 1.8e19, about 1e-15; a billion redeliveries, about 1e-6).
 Collisions among unmarked records cost nothing: those are never dropped.
 
 State is plain data, snapshotted with the flow's recovery store: a flow
@@ -76,20 +84,28 @@ from iotflow.events import DeviceMessage
 
 __all__ = ["DEFAULT_CAPACITY", "RedeliveryFilter", "message_digests"]
 
-DEFAULT_CAPACITY = 65_536  # messages remembered (per ingest partition)
+DEFAULT_CAPACITY = 16_384  # messages remembered (per ingest partition)
 _LAYOUT = 1  # of the snapshot; another one is refused, never misread
 _DIGEST_BYTES = 8
 
 
-def message_digests(messages: Sequence[DeviceMessage]) -> list[bytes]:
-    """The 8-byte BLAKE2b digest of each message's topic and payload (never its receive time).
+def message_digests(
+    messages: Sequence[DeviceMessage], deliveries: Sequence[bytes] | None = None
+) -> list[bytes]:
+    """The 8-byte BLAKE2b digest of each message's delivery (``b""`` when unknown), topic
+    and payload; never its receive time.
 
     The same in every process (a snapshot restored elsewhere still matches).
-    An MQTT topic never holds U+0000, so the separator makes the pair unambiguous.
+    Neither a delivery name nor an MQTT topic holds U+0000, so the separators
+    make the triple unambiguous.
     """
+    if deliveries is None:
+        deliveries = [b""] * len(messages)
     return [
-        blake2b(m.topic.encode() + b"\0" + m.payload, digest_size=_DIGEST_BYTES).digest()
-        for m in messages
+        blake2b(
+            d + b"\0" + m.topic.encode() + b"\0" + m.payload, digest_size=_DIGEST_BYTES
+        ).digest()
+        for m, d in zip(messages, deliveries, strict=True)
     ]
 
 
@@ -104,8 +120,8 @@ class RedeliveryFilter:
 
     ``on_batch(records)`` unwraps ingest records (``connectors.bridge.unwrap_records``
     with ``accept``) and returns one ``IngestBatch`` without the duplicates
-    (counted in its ``duplicates``); ``keep(messages, redelivered)`` is the
-    same on device messages. Order is kept. ``counts`` (``messages``,
+    (counted in its ``duplicates``); ``keep(messages, redelivered, deliveries)``
+    is the same on device messages. Order is kept. ``counts`` (``messages``,
     ``redelivered``, ``duplicates``) only grow and survive a restart.
     ``resume_state`` is a ``snapshot()``; another layout raises ``ConfigError``.
     """
@@ -159,19 +175,24 @@ class RedeliveryFilter:
         """Ingest records of one partition -> one ``IngestBatch`` without redelivered duplicates."""
         batch = unwrap_records(records, self._accept)
         before = len(batch.messages)
-        batch.messages = self.keep(batch.messages, batch.redelivered)
+        batch.messages = self.keep(batch.messages, batch.redelivered, batch.deliveries)
         batch.duplicates = before - len(batch.messages)
-        batch.redelivered = []  # indices into the messages before filtering
+        # Both were per message before filtering.
+        batch.redelivered, batch.deliveries = [], []
         return [batch]
 
     def keep(
-        self, messages: Sequence[DeviceMessage], redelivered: Sequence[int] = ()
+        self,
+        messages: Sequence[DeviceMessage],
+        redelivered: Sequence[int] = (),
+        deliveries: Sequence[bytes] | None = None,
     ) -> list[DeviceMessage]:
         """The messages to pass on, in order: all but the ``redelivered`` ones (indices,
         ascending) already seen, earlier in this call or among the remembered.
+        ``deliveries`` holds each message's delivery name (``mqtt_delivery``).
         Every message is remembered, dropped ones too (a second redelivery of the
         same message must still find it)."""
-        digests = message_digests(messages)
+        digests = message_digests(messages, deliveries)
         self.counts["messages"] += len(digests)
         kept = messages if isinstance(messages, list) else list(messages)
         if redelivered:

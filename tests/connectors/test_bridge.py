@@ -18,6 +18,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from bench.bridge_kill import run_kill_scenario
 from connectors.bridge import (
+    HEADER_MQTT_DELIVERY,
     HEADER_MQTT_TOPIC,
     HEADER_RECEIVED_MS,
     HEADER_REDELIVERED,
@@ -110,11 +111,14 @@ def test_ingest_record_round_trips_to_the_same_device_message() -> None:
     assert out.dead == [] and out.skipped == 0 and out.redelivered == []
     # Other layouts are keyed by their topic, which keeps one device in one partition.
     assert ingest_key("zigbee2mqtt/kitchen") == b"zigbee2mqtt/kitchen"
-    # A possible repeat carries one more header, and the reader reports which it was.
-    *_, marked = ingest_record("iotflow/devices/t-1/telemetry", b"{}", 124, redelivered=True)
-    assert marked[-1] == (HEADER_REDELIVERED, b"1")
+    # The delivery and a possible repeat are headers too, and the reader reports them.
+    *_, marked = ingest_record(
+        "iotflow/devices/t-1/telemetry", b"{}", 124, delivery=b"br/7", redelivered=True
+    )
+    assert marked[-2:] == [(HEADER_MQTT_DELIVERY, b"br/7"), (HEADER_REDELIVERED, b"1")]
     rec.headers = marked  # type: ignore[attr-defined]
-    assert unwrap_records([rec, rec]).redelivered == [0, 1]
+    again = unwrap_records([rec, rec])
+    assert again.redelivered == [0, 1] and again.deliveries == [b"br/7", b"br/7"]
 
 
 def test_topic_filters_match_like_the_broker_and_bad_ones_are_refused() -> None:
@@ -223,6 +227,9 @@ def test_what_the_broker_resends_on_the_bridges_session_is_marked_redelivered(
     )
     marked = {r.value(): dict(r.headers()).get(HEADER_REDELIVERED) for r in records}
     assert marked == {**{b'{"n": %d}' % i: b"1" for i in range(5)}, b'{"queued": 1}': None}
+    # Each names its delivery: this session and the packet id the broker resent it with.
+    deliveries = {dict(r.headers())[HEADER_MQTT_DELIVERY] for r in records}
+    assert len(deliveries) == 6 and all(d.startswith(f"{client_id}/".encode()) for d in deliveries)
     assert run.bridge.stats.redelivered == 5 and run.bridge.stats.received == 6
 
 
@@ -304,20 +311,24 @@ def test_sigkill_while_readings_flow_loses_nothing_acknowledged(
     assert result.missing_from_kafka == []
     assert result.clean_exit_code == 0  # SIGTERM: flush, ack, disconnect
     assert len(result.notes) == 5
-    # Every repeat of a reading is marked, so the flows can drop it (connectors.reading_dedupe):
-    # one device's copies share a partition, so they come in the order written.
+    # Every repeat of a reading is marked, so the flows can drop it (connectors.reading_dedupe),
+    # one device's copies share a partition, so they come in the order written...
     records = ingest_records(
         settings.require_kafka_bootstrap(),
         ingest_topic(settings.topic_prefix),
         result.kafka_records,
         timeout_s=60,
     )
-    seen: set[int] = set()
-    unmarked_repeats = 0
+    # ...and names the same delivery (session, packet id) as a copy before it.
+    seen: dict[int, set[bytes]] = {}
+    unmarked_repeats = other_delivery_repeats = 0
     for record in records:
         seq = json.loads(record.value())["seq"]
-        if seq in seen and HEADER_REDELIVERED not in dict(record.headers() or []):
-            unmarked_repeats += 1
-        seen.add(seq)
+        headers = dict(record.headers() or [])
+        delivery = headers[HEADER_MQTT_DELIVERY]
+        if seq in seen:
+            unmarked_repeats += HEADER_REDELIVERED not in headers
+            other_delivery_repeats += delivery not in seen[seq]
+        seen.setdefault(seq, set()).add(delivery)
     assert len(records) == result.kafka_records
-    assert unmarked_repeats == 0
+    assert unmarked_repeats == other_delivery_repeats == 0

@@ -96,6 +96,20 @@ def test_the_key_is_topic_and_payload_never_the_receive_time() -> None:
     assert [len(d) for d in message_digests([resent, state_topic])] == [8, 8]
 
 
+def test_a_marked_first_delivery_of_repeated_bytes_is_kept_a_resend_of_it_is_not() -> None:
+    """A heartbeat without a timestamp repeats its bytes; the broker marks whatever it had
+    sent to a dead bridge, delivered or not. Only the same delivery again is a duplicate."""
+    beat = reading(1, 0)
+    f = RedeliveryFilter(capacity=100)
+    assert f.keep([beat, beat], deliveries=[b"bridge/1", b"bridge/2"]) == [beat, beat]
+    # Packet 3 reached the dead bridge but never Kafka: its marked resend is the first copy.
+    assert f.keep([beat], redelivered=[0], deliveries=[b"bridge/3"]) == [beat]
+    # Packet 2 did reach Kafka: its resend is dropped, and so is a second resend of 3.
+    assert f.keep([beat, beat], redelivered=[0, 1], deliveries=[b"bridge/2", b"bridge/3"]) == []
+    # The same packet id from another bridge's session is another delivery.
+    assert f.keep([beat], redelivered=[0], deliveries=[b"other/2"]) == [beat]
+
+
 @given(capacity=st.integers(1, 300), batch=st.integers(1, 50), total=st.integers(0, 2000))
 @settings(max_examples=60, deadline=None)
 def test_the_horizon_holds_capacity_messages_and_memory_stays_bounded(
@@ -194,7 +208,9 @@ def test_bad_capacity_and_foreign_state_are_refused_with_the_fix() -> None:
 
 def test_on_batch_unwraps_records_and_counts_the_duplicates() -> None:
     def rec(n: int, marked: bool, topic: str = "b/devices/d1/telemetry") -> KafkaSourceMessage:
-        key, value, headers = ingest_record(topic, b'{"n": %d}' % n, 1000 + n, redelivered=marked)
+        key, value, headers = ingest_record(
+            topic, b'{"n": %d}' % n, 1000 + n, delivery=b"br/%d" % n, redelivered=marked
+        )
         return KafkaSourceMessage(key, value, headers=headers, timestamp=(1, 1000 + n))
 
     accept = topic_matcher(["b/devices/+/telemetry"])
@@ -204,8 +220,9 @@ def test_on_batch_unwraps_records_and_counts_the_duplicates() -> None:
     assert first.skipped == 1 and first.duplicates == 0
     (second,) = f.on_batch([rec(2, True), rec(4, True), rec(1, True)])
     assert [m.payload for m in second.messages] == [b'{"n": 4}']
-    assert second.duplicates == 2 and second.redelivered == []
-    assert unwrap_records([rec(5, True), rec(6, False)]).redelivered == [0]
+    assert second.duplicates == 2 and second.redelivered == second.deliveries == []
+    unwrapped = unwrap_records([rec(5, True), rec(6, False)])
+    assert unwrapped.redelivered == [0] and unwrapped.deliveries == [b"br/5", b"br/6"]
 
 
 # -- the Bytewax input, resumed from a real recovery store ---------------------------------
@@ -215,7 +232,11 @@ def _records(readings: list[tuple[int, int, bool]]) -> list[KafkaSourceMessage]:
     out = []
     for device, n, marked in readings:
         key, value, headers = ingest_record(
-            f"b/devices/d{device}/telemetry", b'{"n": %d}' % n, 5000 + n, redelivered=marked
+            f"b/devices/d{device}/telemetry",
+            b'{"n": %d}' % n,
+            5000 + n,
+            delivery=b"br/%d" % n,
+            redelivered=marked,
         )
         out.append(KafkaSourceMessage(key, value, headers=headers, timestamp=(1, 5000 + n)))
     return out
