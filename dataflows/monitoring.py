@@ -20,10 +20,15 @@ Outputs:
 - ``{prefix}.commands.requests``: command and twin-update requests of pattern actions,
 - ``{prefix}.deadletter``: rejected payloads and late readings, with the reason,
 - DuckDB ``aggregates`` and ``detections``, upserted on their natural keys.
+
+Kafka records go through ``KafkaEpochOutput`` (the worker never waits for the broker
+per batch; each epoch's end waits for every acknowledgment) and DuckDB rows through a
+background writer, so neither holds up the readings behind them.
 """
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -37,7 +42,7 @@ from bytewax.inputs import Source
 from connectors.decode import TelemetryDecoder, dead_letter
 from connectors.duckdb_store import AGGREGATES, DETECTIONS, DuckDBSink, detection_rows, stats_rows
 from connectors.ingest import device_messages
-from connectors.kafka import KafkaOutput, message
+from connectors.kafka import KafkaEpochOutput, Record
 from connectors.mapping import SourceMapping
 from iotflow.events import Detection, DeviceMessage
 from iotflow.settings import Settings
@@ -104,9 +109,9 @@ def _iso_expr(column: str) -> pl.Expr:
     )
 
 
-def aggregate_messages(topic: str, results: pl.DataFrame) -> list[Any]:
-    """One Kafka record per result row, its fields as JSON with ISO 8601 window times; the
-    key is the row's natural key. Encoded by polars: a window close of 10,000 devices
+def aggregate_messages(topic: str, results: pl.DataFrame) -> list[Record]:
+    """One Kafka record (topic, key, value) per result row, its fields as JSON with ISO 8601
+    window times; the key is the row's natural key. Encoded by polars: a window close of 10,000 devices
     makes 20,000 records, and a Python dict and JSON encode per row took 3x longer."""
     if results.height == 0:
         return []
@@ -116,9 +121,16 @@ def aggregate_messages(topic: str, results: pl.DataFrame) -> list[Any]:
         [pl.col("group_by"), pl.col("key"), pl.col("metric"), start, end], separator="|"
     )
     value = pl.struct(*fields, start.alias("window_start"), end.alias("window_end"))
-    table = results.select(key.alias("k"), value.struct.json_encode().cast(pl.Binary).alias("v"))
-    keys, values = table.get_column("k").to_list(), table.get_column("v").to_list()
-    return [message(topic, k, v) for k, v in zip(keys, values, strict=True)]
+    table = results.select(
+        key.cast(pl.Binary).alias("k"), value.struct.json_encode().cast(pl.Binary).alias("v")
+    )
+    keys, values = table.to_series(0).to_list(), table.to_series(1).to_list()
+    return [(topic, k, v) for k, v in zip(keys, values, strict=True)]
+
+
+def _record(topic: str, key: str, value: Any) -> tuple[str, list[Record]]:
+    """One Kafka record as a ``KafkaEpochOutput`` item (one producer: every item one key)."""
+    return ("kafka", [(topic, key.encode(), _encode(value))])
 
 
 def _late_letters(late: LateFrame) -> list[Any]:
@@ -213,20 +225,21 @@ def build_flow(
             )
     found_all = op.merge("detections", *detections) if detections else None
 
+    # a window close's records travel as one item: no dataflow item per record
     kafka_streams = [
-        op.flat_map(
-            "aggregate_msgs", stats.down, lambda f: aggregate_messages(topics.aggregates, f)
+        op.filter_map(
+            "aggregate_records",
+            stats.down,
+            lambda f: ("kafka", aggregate_messages(topics.aggregates, f)) if f.height else None,
         ),
-        op.map(
-            "dead_msgs", dead, lambda d: message(topics.deadletter, d.topic or d.source, _encode(d))
-        ),
+        op.map("dead_msgs", dead, lambda d: _record(topics.deadletter, d.topic or d.source, d)),
     ]
     if found_all is not None:
         kafka_streams.append(
             op.map(
                 "detection_msgs",
                 found_all,
-                lambda d: message(topics.detections, _detection_key(d), _encode(d)),
+                lambda d: _record(topics.detections, _detection_key(d), d),
             )
         )
     if actions:
@@ -234,13 +247,15 @@ def build_flow(
             op.map(
                 "action_msgs",
                 op.merge("actions", *actions),
-                lambda a: message(topics.command_requests, a.device_id, _encode(a)),
+                lambda a: _record(topics.command_requests, a.device_id, a),
             )
         )
+    # the worker hands records to the producer and moves on; each epoch's end waits for
+    # the broker's acknowledgments (not every batch: a round trip behind every reading)
     op.output(
         "kafka",
         op.merge("to_kafka", *kafka_streams),
-        KafkaOutput(
+        KafkaEpochOutput(
             bootstrap,
             [topics.aggregates, topics.deadletter, topics.detections, topics.command_requests],
         ),
@@ -267,5 +282,10 @@ def build_flow(
 def __getattr__(name: str) -> Dataflow:
     # Built on first access so importing the module needs no broker.
     if name == "flow":
-        return build_flow()
+        built = build_flow()
+        # What is loaded by now (Bytewax, Arrow, DuckDB, polars) lives as long as the
+        # process: keep the collector's full passes, which walk all of it, off it (as the
+        # twins flow does; they stalled flows for 20-500 ms under load).
+        gc.freeze()
+        return built
     raise AttributeError(name)
