@@ -144,9 +144,10 @@ class RedeliveryFilter:
         self._end = 0  # position (a running count) just past the newest digest
         self._chunk_max = max(1, capacity // 16) * _DIGEST_BYTES
         # Only while redelivered records come (the broker resends a whole backlog with DUP
-        # after a bridge restart): each remembered digest, as a native int, -> the position
-        # of its newest copy. Built from the chunks, kept in step with them, dropped once
-        # `capacity` messages passed without a mark; never in the snapshot.
+        # after a bridge restart): each digest, as a native int, -> the position of its
+        # newest copy; one older than the oldest remembered is forgotten (stale entries are
+        # left in place and cleared by a rebuild at twice the capacity). Built from the
+        # chunks, dropped once `capacity` messages passed without a mark; never snapshotted.
         self._index: dict[int, int] | None = None
         self._unmarked_run = 0
         self.counts = {"messages": 0, "redelivered": 0, "duplicates": 0}
@@ -211,15 +212,14 @@ class RedeliveryFilter:
 
     def _seen_before(self, digests: list[bytes], redelivered: Sequence[int]) -> set[int]:
         """Indices of the redelivered digests seen earlier in ``digests`` or remembered."""
-        first: dict[bytes, int] = {}
-        for i, d in enumerate(digests):
-            first.setdefault(d, i)
+        # Each digest -> its first index in the batch (built backwards: earlier ones win).
+        first = dict(zip(reversed(digests), range(len(digests) - 1, -1, -1), strict=True))
         index = self._index if self._index is not None else self._build_index()
-        order = sys.byteorder
+        get, order, oldest = index.get, sys.byteorder, self._end - self._remembered
         return {
             i
             for i in redelivered
-            if first[digests[i]] < i or int.from_bytes(digests[i], order) in index
+            if first[digests[i]] < i or get(int.from_bytes(digests[i], order), -1) >= oldest
         }
 
     def _build_index(self) -> dict[int, int]:
@@ -241,27 +241,23 @@ class RedeliveryFilter:
             self._chunks[-1] += new  # a new bytes object: snapshots taken stay as they were
         else:
             self._chunks.append(new)
-        if self._index is not None:
-            self._index.update(_numbered(new, self._end))
         self._end += len(digests)
         self._remembered += len(digests)
         self._forget()
+        if self._index is not None:
+            if len(self._index) + len(digests) > 2 * self.capacity:
+                self._build_index()  # sheds the stale entries
+            else:
+                self._index.update(_numbered(new, self._end - len(digests)))
 
     def _forget(self) -> None:
         """Drop the oldest chunks while the rest still holds ``capacity`` digests."""
-        index = self._index
         while len(self._chunks) > 1:
             oldest = len(self._chunks[0]) // _DIGEST_BYTES
             if self._remembered - oldest < self.capacity:
                 break
-            chunk = self._chunks.popleft()
+            self._chunks.popleft()
             self._remembered -= oldest
-            if index is not None:
-                stop = self._end - self._remembered  # past the dropped chunk's positions
-                get = index.get
-                for d in memoryview(chunk).cast("Q"):
-                    if get(d, stop) < stop:  # its newest copy went with the chunk
-                        del index[d]
 
     @property
     def remembered(self) -> int:
