@@ -12,7 +12,12 @@ topic                       natural key
 ``{prefix}.twins``          (device_id, version)
 ``{prefix}.commands.events``  (command_id, kind, ts): a lifecycle step; a
                             command may be SENT again after RETRIED, with
-                            a new ts, and that is a new event
+                            a new ts, and that is a new event. A terminal
+                            event (done, failed, expired, rejected) is
+                            keyed (command_id, "end"): a command ends
+                            once, and a flow resumed after a crash may
+                            reach that end again at a later ts (an ack
+                            or retained state it reads again)
 ``{prefix}.commands.requests``  command_id
 ==========================  ==============================================
 
@@ -46,6 +51,7 @@ from typing import Any, Generic, TypeVar
 import msgspec
 
 from iotflow.errors import ConfigError
+from iotflow.events import TERMINAL_EVENT_KINDS
 
 __all__ = [
     "DedupeResult",
@@ -99,8 +105,11 @@ def twin_key(item: Any) -> tuple[Any, ...]:
 
 
 def command_event_key(item: Any) -> tuple[Any, ...]:
-    """(command_id, kind, ts) of a command lifecycle event."""
-    return (_field(item, "command_id"), str(_field(item, "kind")), _instant(_field(item, "ts")))
+    """(command_id, kind, ts) of a command lifecycle event; (command_id, "end") of its end."""
+    command_id, kind = _field(item, "command_id"), str(_field(item, "kind"))
+    if kind in TERMINAL_EVENT_KINDS:
+        return (command_id, "end")
+    return (command_id, kind, _instant(_field(item, "ts")))
 
 
 def command_key(item: Any) -> Hashable:

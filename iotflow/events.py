@@ -133,6 +133,18 @@ class CommandEventKind(StrEnum):
     DONE = "done"
 
 
+# A command ends once: after a crash the resumed flow may reach the same end again
+# from replayed input, at a later ts (connectors.dedupe keeps the first).
+TERMINAL_EVENT_KINDS: frozenset[CommandEventKind] = frozenset(
+    {
+        CommandEventKind.DONE,
+        CommandEventKind.FAILED,
+        CommandEventKind.EXPIRED,
+        CommandEventKind.REJECTED,
+    }
+)
+
+
 class CommandEvent(msgspec.Struct, frozen=True):
     """One step in a command's life, for ``{prefix}.commands.events``.
 
