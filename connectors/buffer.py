@@ -249,17 +249,31 @@ class StoreAndForward:
         return None if row is None else bytes(row[0])
 
     def fetch(
-        self, after_seq: int = 0, before_seq: int | None = None, limit: int = 1000
+        self,
+        after_seq: int = 0,
+        before_seq: int | None = None,
+        limit: int = 1000,
+        max_bytes: int | None = None,
     ) -> list[StoredRecord]:
-        """Up to ``limit`` records with ``after_seq < seq < before_seq``, in ``seq`` order."""
+        """Up to ``limit`` records with ``after_seq < seq < before_seq``, in ``seq`` order;
+        with ``max_bytes``, only as many as fit in that many bytes (``UplinkRecord.size``),
+        but always the first one."""
         upper = 2**62 if before_seq is None else before_seq
+        out: list[StoredRecord] = []
+        total = 0
         with self._lock:
-            rows = self._db.execute(
-                "SELECT seq, rid, kind, key, body, created_ms FROM records "
+            cursor = self._db.execute(
+                "SELECT seq, rid, kind, key, body, created_ms, size FROM records "
                 "WHERE seq > ? AND seq < ? ORDER BY seq LIMIT ?",
                 (after_seq, upper, limit),
-            ).fetchall()
-        return [StoredRecord(s, rid, k, key, bytes(b), c) for s, rid, k, key, b, c in rows]
+            )
+            for seq, rid, kind, key, body, created_ms, size in cursor:
+                if max_bytes is not None and out and total + size > max_bytes:
+                    break
+                total += size
+                out.append(StoredRecord(seq, rid, kind, key, bytes(body), created_ms))
+            cursor.close()
+        return out
 
     def next_seq(self) -> int:
         """The sequence number the next record will get."""

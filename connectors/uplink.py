@@ -19,6 +19,10 @@ Guarantees and policy:
   wait on disk; at most ``max_in_flight`` sit in the producer and go out
   when the link is back. A gateway that starts while Kafka is unreachable
   starts anyway and buffers.
+- **Bounded memory.** Records are read from the buffer 1 MiB at a time and
+  the producer's queue holds 4 MiB (or twice ``message.max.bytes``) at
+  most, so a backlog of large aggregate records goes out in slices instead
+  of sitting in the gateway's memory whole.
 - **Backlog and live data.** When the link comes (back) up, every record
   then in the buffer is *backlog* and is sent oldest first with
   ``replayed: true``; records made from then on are *live*
@@ -114,6 +118,8 @@ class UplinkStats:
 
 
 _encode = msgspec.json.encode
+_QUEUE_KB = 4096  # the producer's queue bound (see Uplink.__init__)
+_FETCH_BYTES = 1 << 20  # records read from the buffer per round, at most (but always one)
 _DOWN_CODES = {KafkaError._ALL_BROKERS_DOWN}
 _PURGED = {KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT}
 _TOO_LARGE = {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_MSG_SIZE}
@@ -157,7 +163,7 @@ class Uplink:
         self.topic = topic
         self.gateway_id = gateway_id
         self._key = gateway_id.encode()
-        self._config = {
+        config: dict[str, Any] = {
             **producer_config(bootstrap),
             "message.timeout.ms": 0,
             "reconnect.backoff.ms": 100,
@@ -165,6 +171,12 @@ class Uplink:
             "error_cb": self._on_error,
             **(extra_config or {}),
         }
+        # librdkafka queues up to 1 GB by default: a backlog of big aggregate records would
+        # sit in the gateway's memory; a full queue makes produce() refuse (BufferError) and
+        # the rest waits on disk. Twice the largest record, so that one always fits.
+        largest_kb = int(config.get("message.max.bytes", 1_000_000)) // 1024
+        config.setdefault("queue.buffering.max.kbytes", max(_QUEUE_KB, 2 * largest_kb))
+        self._config = config
         self._max_in_flight = max_in_flight
         self._backfill_window = max_in_flight - live_reserve
         self._backfill_per_s = backfill_per_s
@@ -328,11 +340,18 @@ class Uplink:
         handed = 0
         room = self._max_in_flight - len(self._in_flight)
         if room > 0:  # live first, always
-            live = self.buffer.fetch(after_seq=self._live_cursor, limit=room)
+            live = self.buffer.fetch(
+                after_seq=self._live_cursor, limit=room, max_bytes=_FETCH_BYTES
+            )
             sent = self._send(live, replayed=False)
             if sent:
                 self._live_cursor = live[sent - 1].seq
             handed += sent
+            more_live = sent < len(live) or (
+                live and self.buffer.fetch(after_seq=self._live_cursor, limit=1)
+            )
+            if more_live:  # the producer or the read bound held some back: no backlog now
+                return handed
         backfill_room = min(
             self._backfill_window - len(self._in_flight),
             self._max_in_flight - len(self._in_flight),
@@ -341,7 +360,10 @@ class Uplink:
         if backfill_room <= 0 or self._backfill_cursor >= self._live_from - 1:
             return handed
         fetched = self.buffer.fetch(
-            after_seq=self._backfill_cursor, before_seq=self._live_from, limit=backfill_room
+            after_seq=self._backfill_cursor,
+            before_seq=self._live_from,
+            limit=backfill_room,
+            max_bytes=_FETCH_BYTES,
         )
         if not fetched:
             self._backfill_cursor = self._live_from - 1  # backlog done

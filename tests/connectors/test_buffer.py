@@ -38,6 +38,16 @@ def test_records_come_back_in_order_and_seq_is_never_reused(tmp_path: Path) -> N
     assert again.stats().records == 2
 
 
+def test_a_fetch_bounded_in_bytes_returns_what_fits_but_always_one(tmp_path: Path) -> None:
+    buf = StoreAndForward(tmp_path / "b.db", 10_000_000)
+    buf.put([UplinkRecord(f"r{i}", "aggregate", "gw", b"x" * 1000, 1) for i in range(10)])
+    size = UplinkRecord("r0", "aggregate", "gw", b"x" * 1000, 1).size
+    assert [r.rid for r in buf.fetch(max_bytes=3 * size)] == ["r0", "r1", "r2"]
+    assert [r.rid for r in buf.fetch(after_seq=3, max_bytes=3 * size + 1)] == ["r3", "r4", "r5"]
+    assert [r.rid for r in buf.fetch(max_bytes=1)] == ["r0"]  # larger than the bound: alone
+    assert [r.rid for r in buf.fetch(limit=2, max_bytes=10 * size)] == ["r0", "r1"]
+
+
 def test_a_buffered_record_id_is_not_added_twice(tmp_path: Path) -> None:
     buf = StoreAndForward(tmp_path / "b.db", 10_000)
     assert buf.put([rec("a"), rec("a")]) == 1

@@ -148,3 +148,28 @@ def test_live_data_is_not_starved_by_a_large_backfill(
     first_live = ids.index("now0")
     assert ids.index("old5999") > first_live  # live went out while the backlog was still going
     assert [i for i in ids if i.startswith("old")] == [f"old{i}" for i in range(6000)]
+
+
+def test_a_backlog_of_large_records_goes_out_whole_in_slices(
+    settings: Settings, proxy: TcpProxy, tmp_path: Path
+) -> None:
+    """40 MB of 200 KB aggregate records: read from disk 1 MiB and queued 4 MiB at a time
+    (bounded memory), yet every one arrives once, in order, with live data first."""
+    proxy.cut()
+    buffer = StoreAndForward(tmp_path / "b.db", 100_000_000)
+    big = b'{"rows": "%s"}' % (b"x" * 200_000)
+    buffer.put([UplinkRecord(f"old{i}", "aggregate", "gw1", big, i) for i in range(200)])
+    uplink = make(settings, proxy, buffer)
+    uplink.start()
+    try:
+        proxy.restore()
+        wait_for(lambda: uplink.stats().link is LinkState.UP, 15, "the link")
+        buffer.put(records("now", 5, kind="detection"))
+        wait_for(lambda: buffer.stats().records == 0, 60, "everything")
+    finally:
+        uplink.stop()
+    got = envelopes(settings)
+    ids = [e.id for e in got]
+    assert [i for i in ids if i.startswith("old")] == [f"old{i}" for i in range(200)]
+    assert ids.index("now0") < ids.index("old199")
+    assert all(len(bytes(e.body)) == len(big) for e in got if e.id.startswith("old"))
