@@ -185,8 +185,15 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+_WAITING_OFFERS = 8  # definitions read but not yet taken by the dataflow, at most
+
+
 class _DefinitionPartition(StatelessSourcePartition[DefinitionOffer]):
-    """A consumer thread reads the topic from the beginning; polls never block the flow."""
+    """A consumer thread reads the topic from the beginning; polls never block the flow.
+
+    Memory stays bounded however long the history: the consumer prefetches 2 MB at
+    most, and at most ``_WAITING_OFFERS`` definitions wait for the dataflow (the
+    thread waits for room)."""
 
     def __init__(
         self, bootstrap: str, topic: str, gateway_id: str, until: threading.Event | None
@@ -194,7 +201,9 @@ class _DefinitionPartition(StatelessSourcePartition[DefinitionOffer]):
         self._until = until
         self._topic = topic
         self._wanted = {gateway_id, ALL_GATEWAYS}
-        self._queue: queue.SimpleQueue[DefinitionOffer] = queue.SimpleQueue()
+        # bounded, like the consumer's prefetch below: a long history of large definitions
+        # is read a slice at a time, never held whole in the gateway's memory
+        self._queue: queue.Queue[DefinitionOffer] = queue.Queue(maxsize=_WAITING_OFFERS)
         self._stop = threading.Event()
         self._awake: datetime | None = None
         self._consumer = Consumer(
@@ -203,6 +212,9 @@ class _DefinitionPartition(StatelessSourcePartition[DefinitionOffer]):
                 "group.id": f"iotflow-edge-definitions-{uuid.uuid4().hex[:8]}",
                 "enable.auto.commit": False,
                 "fetch.wait.max.ms": 100,
+                "fetch.max.bytes": 2_000_000,  # one definition may be as large (producer_config)
+                "queued.max.messages.kbytes": 2048,  # prefetch; librdkafka's default is 64 MB
+                "fetch.queue.backoff.ms": 20,  # fetch again soon once the prefetch drained
                 "reconnect.backoff.max.ms": 1000,
                 "log_level": 3,
                 **security_config(),
@@ -225,12 +237,12 @@ class _DefinitionPartition(StatelessSourcePartition[DefinitionOffer]):
                         [TopicPartition(self._topic, p, OFFSET_BEGINNING) for p in info.partitions]
                     )
                     assigned = True
-                for msg in self._consumer.consume(100, 0.5):
+                for msg in self._consumer.consume(_WAITING_OFFERS, 0.5):
                     if msg.error() is not None:
                         continue
                     target = (msg.key() or b"").decode(errors="replace")
                     if target in self._wanted:
-                        self._queue.put(
+                        self._offer(
                             DefinitionOffer(
                                 target, msg.value() or b"", msg.partition(), msg.offset()
                             )
@@ -238,6 +250,15 @@ class _DefinitionPartition(StatelessSourcePartition[DefinitionOffer]):
             except KafkaException as exc:  # offline: keep the last good version, try again
                 log.debug("definitions not readable now: %s", exc)
                 self._stop.wait(1.0)
+
+    def _offer(self, offer: DefinitionOffer) -> None:
+        """Queue ``offer`` for the dataflow, waiting while the queue is full (or until close)."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(offer, timeout=0.2)
+                return
+            except queue.Full:
+                continue
 
     def next_batch(self) -> list[DefinitionOffer]:
         if self._until is not None and self._until.is_set():

@@ -12,8 +12,10 @@ from typing import Any
 
 import msgspec
 import pytest
+from confluent_kafka import Producer
 
-from connectors.definitions import ALL_GATEWAYS, consider, publish_definition
+from connectors.definitions import ALL_GATEWAYS, DefinitionSource, consider, publish_definition
+from connectors.kafka_client import ensure_topics, producer_config
 from connectors.mqtt import connect_client
 from connectors.uplink import dedupe_uplink, read_uplink
 from infra.flowproc import FlowProcess
@@ -227,3 +229,30 @@ def test_a_gateway_applies_versions_live_and_keeps_the_last_good_one(
     finally:
         edge.kill()
         local.close()
+
+
+def test_a_long_history_of_large_definitions_is_offered_in_order_a_slice_at_a_time(
+    settings: Settings,
+) -> None:
+    bootstrap = settings.require_kafka_bootstrap()
+    topic = KafkaTopics(settings.topic_prefix).edge_definitions
+    ensure_topics(bootstrap, [topic])
+    producer = Producer(producer_config(bootstrap))
+    padding = "x" * 60_000  # a large declaration: 40 of them are 2.4 MB
+    for version in range(1, 41):
+        value = msgspec.json.encode({"version": version, "target": "*", "padding": padding})
+        producer.produce(topic, value, key=b"*")
+        producer.produce(topic, doc(version, workflow(version), "other"), key=b"other")
+    assert producer.flush(10) == 0
+    partition = DefinitionSource(bootstrap, topic, GATEWAY).build("definitions", 0, 1)
+    try:
+        versions: list[int] = []
+        deadline = time.monotonic() + 30
+        while len(versions) < 40 and time.monotonic() < deadline:
+            offers = partition.next_batch()
+            assert len(offers) <= 8  # the rest waits in Kafka, not in the gateway's memory
+            versions += [msgspec.json.decode(o.value)["version"] for o in offers]
+            time.sleep(0.05)
+    finally:
+        partition.close()
+    assert versions == list(range(1, 41))
