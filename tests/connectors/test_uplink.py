@@ -154,7 +154,11 @@ def test_a_backlog_of_large_records_goes_out_whole_in_slices(
     settings: Settings, proxy: TcpProxy, tmp_path: Path
 ) -> None:
     """40 MB of 200 KB aggregate records: read from disk 1 MiB and queued 4 MiB at a time
-    (bounded memory), yet every one arrives once, in order, with live data first."""
+    (bounded memory), yet every one arrives once, whole, in order.
+
+    Live records put meanwhile arrive too; whether they overtake the backlog depends on
+    how fast it drains (all of it went out before them in one CI run), so live-first is
+    the starvation test's claim, not this one's."""
     proxy.cut()
     buffer = StoreAndForward(tmp_path / "b.db", 100_000_000)
     big = b'{"rows": "%s"}' % (b"x" * 200_000)
@@ -171,5 +175,5 @@ def test_a_backlog_of_large_records_goes_out_whole_in_slices(
     got = envelopes(settings)
     ids = [e.id for e in got]
     assert [i for i in ids if i.startswith("old")] == [f"old{i}" for i in range(200)]
-    assert ids.index("now0") < ids.index("old199")
+    assert [i for i in ids if i.startswith("now")] == [f"now{i}" for i in range(5)]
     assert all(len(bytes(e.body)) == len(big) for e in got if e.id.startswith("old"))
