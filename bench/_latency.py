@@ -73,7 +73,15 @@ def publish_packet(topic: bytes, payload: bytes) -> bytes:
 
 
 class RawMqtt:
-    """A minimal MQTT 3.1.1 client: connect, publish QoS 0 packets, ping, disconnect."""
+    """A minimal MQTT 3.1.1 client: connect, publish packets, ping, disconnect.
+
+    ``close`` first makes sure the broker has read everything sent: it sends a
+    PINGREQ and waits for its PINGRESP. The broker handles a connection's
+    packets in order, so that answer comes after every earlier PUBLISH was
+    taken. Closing without it lost 1-17 % of a loaded run's last messages: the
+    publisher closed its socket while the broker's receive buffer still held
+    them, and a close with unread data resets the connection, dropping them.
+    """
 
     KEEPALIVE_S = 60
 
@@ -97,26 +105,56 @@ class RawMqtt:
         connack = self.sock.recv(4)
         if len(connack) < 4 or connack[0] != 0x20 or connack[3] != 0:
             raise BenchError(f"MQTT broker {parsed} refused the load generator: {connack!r}")
+        self.sock.settimeout(None)  # the reader thread blocks; sends never time out
         self._last_ping = time.monotonic()
-        # Drain what the broker sends (PINGRESP) so its socket buffer never fills.
+        self._pongs = threading.Condition()
+        self._pings_sent = 0
+        self._pongs_got = 0
+        # Read what the broker sends (PINGRESP, PUBACK) so its socket buffer never fills.
         self._drain = threading.Thread(target=self._read, daemon=True)
         self._drain.start()
 
     def _read(self) -> None:
+        buf = bytearray()
         try:
-            while self.sock.recv(4096):
-                pass
+            while chunk := self.sock.recv(65536):
+                buf += chunk
+                pongs, used = _count_pingresp(buf)
+                del buf[:used]
+                if pongs:
+                    with self._pongs:
+                        self._pongs_got += pongs
+                        self._pongs.notify_all()
         except OSError:
             pass
 
+    def _ping(self) -> int:
+        with self._pongs:
+            self._pings_sent += 1
+            target = self._pings_sent
+        self.sock.sendall(b"\xc0\x00")
+        self._last_ping = time.monotonic()
+        return target
+
     def send(self, packets: bytes) -> None:
         self.sock.sendall(packets)
-        now = time.monotonic()
-        if now - self._last_ping > self.KEEPALIVE_S / 3:
-            self.sock.sendall(b"\xc0\x00")
-            self._last_ping = now
+        if time.monotonic() - self._last_ping > self.KEEPALIVE_S / 3:
+            self._ping()
 
-    def close(self) -> None:
+    def sync(self, timeout_s: float = 60.0) -> bool:
+        """True once the broker has read every packet sent before this call (a PINGREQ
+        answered); False when no answer came within ``timeout_s``."""
+        try:
+            target = self._ping()
+        except OSError:
+            return False
+        with self._pongs:
+            return self._pongs.wait_for(lambda: self._pongs_got >= target, timeout_s)
+
+    def close(self, timeout_s: float = 60.0) -> bool:
+        """Disconnect once the broker has read everything (``sync``); returns whether it
+        confirmed that within ``timeout_s`` (the socket closes either way)."""
+        confirmed = self.sync(timeout_s)
         try:
             self.sock.sendall(b"\xe0\x00")
             self.sock.shutdown(socket.SHUT_WR)
@@ -124,6 +162,30 @@ class RawMqtt:
             pass
         self._drain.join(2)
         self.sock.close()
+        return confirmed
+
+
+def _count_pingresp(buf: bytearray) -> tuple[int, int]:
+    """PINGRESP packets among the whole packets at the start of ``buf``, and the bytes
+    those whole packets take."""
+    pongs = pos = 0
+    while pos + 2 <= len(buf):
+        length, shift, i = 0, 0, pos + 1
+        while i < len(buf):
+            byte = buf[i]
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            i += 1
+            if not byte & 0x80:
+                break
+        else:
+            break  # the length is not whole yet
+        if i + length > len(buf):
+            break
+        if buf[pos] == 0xD0:
+            pongs += 1
+        pos = i + length
+    return pongs, pos
 
 
 @dataclass(frozen=True)
@@ -192,8 +254,10 @@ def _load_process(spec: LoadSpec, results: Any) -> None:
             client.send(bytes(out))
             sent += n
     finally:
-        client.close()
-    results.put({"msgs": sent, "readings": sent * per, "behind_max_s": behind_max})
+        confirmed = client.close()
+    results.put(
+        {"msgs": sent, "readings": sent * per, "behind_max_s": behind_max, "confirmed": confirmed}
+    )
 
 
 class Publishers:
@@ -238,6 +302,13 @@ class Load(Publishers):
 
     def join(self, timeout_s: float) -> dict[str, float]:
         got = self.reports(timeout_s)
+        unconfirmed = [r for r in got if not r["confirmed"]]
+        if unconfirmed:
+            sent = sum(r["msgs"] for r in unconfirmed)
+            raise BenchError(
+                f"{len(unconfirmed)} publishers sent {sent} messages but the MQTT broker did "
+                "not confirm reading them (no PINGRESP within 60 s); the run is not measured"
+            )
         return {
             "msgs": sum(r["msgs"] for r in got),
             "readings": sum(r["readings"] for r in got),

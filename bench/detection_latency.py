@@ -183,7 +183,8 @@ def run(params: dict[str, Any]) -> Measured:
                     sent_at[(f"trig-{d:03d}", ts_ms)] = time.time()
                     client.send(packet)
                     k += 1
-                client.close()
+                if not client.close():
+                    raise BenchError("the MQTT broker did not confirm reading the triggers in 60 s")
                 published = load.join(timeout_s)
             finally:
                 load.stop()
