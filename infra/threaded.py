@@ -1,0 +1,78 @@
+"""``ThreadedServer``: an asyncio server object on its own loop in a daemon thread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Protocol, Self
+
+__all__ = ["AsyncServer", "ThreadedServer"]
+
+
+class AsyncServer(Protocol):
+    async def start(self, host: str, port: int) -> int: ...
+
+    async def close(self) -> None: ...
+
+
+class ThreadedServer:
+    """Runs ``server`` in a daemon thread of this process.
+
+    ``start()`` returns once it listens (``port=0`` picks a free port, see
+    ``.port``) and raises what prevented it (e.g. ``OSError`` for a taken
+    port); ``stop()`` closes the server and joins the thread.
+    """
+
+    thread_name = "threaded-server"
+
+    def __init__(self, server: AsyncServer, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self._server = server
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopped: asyncio.Event | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._failure: BaseException | None = None
+
+    def start(self, timeout_s: float = 10.0) -> Self:
+        if self._thread is not None:
+            raise RuntimeError(f"this {type(self).__name__} was already started")
+        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout_s):
+            raise TimeoutError(f"{self.thread_name} did not listen within {timeout_s}s")
+        if self._failure is not None:
+            raise self._failure
+        return self
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        loop, stopped, thread = self._loop, self._stopped, self._thread
+        if loop is None or stopped is None or thread is None or not thread.is_alive():
+            return
+        loop.call_soon_threadsafe(stopped.set)
+        thread.join(timeout_s)
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._serve())
+        except BaseException as exc:
+            self._failure = exc
+        finally:
+            self._ready.set()
+            loop.close()
+
+    async def _serve(self) -> None:
+        self._stopped = asyncio.Event()
+        self.port = await self._server.start(self.host, self.port)
+        self._ready.set()
+        await self._stopped.wait()
+        await self._server.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
