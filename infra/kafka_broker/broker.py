@@ -120,7 +120,7 @@ class KafkaBroker:
         self._next_producer_id = 1000
         self._stats = BrokerStats()
         self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.StreamWriter] = set()
+        self._connections: dict[asyncio.StreamWriter, asyncio.Task[None]] = {}
         self._handlers: dict[int, Callable[[int, Reader], Awaitable[Writer | None]]] = {
             0: self._produce,
             1: self._fetch,
@@ -148,8 +148,10 @@ class KafkaBroker:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
-        for writer in list(self._connections):
+        for writer, task in list(self._connections.items()):
             writer.close()
+            task.cancel()
+        await asyncio.gather(*self._connections.values(), return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
 
@@ -159,7 +161,9 @@ class KafkaBroker:
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._connections.add(writer)
+        task = asyncio.current_task()
+        if task is not None:
+            self._connections[writer] = task
         self._stats.connections += 1
         peer = writer.get_extra_info("peername")
         try:
@@ -182,7 +186,7 @@ class KafkaBroker:
         except _CloseConnection as exc:
             log.warning("closing %s: %s", peer, exc)
         finally:
-            self._connections.discard(writer)
+            self._connections.pop(writer, None)
             writer.close()
 
     async def _request(self, body: bytes, peer: object) -> bytes | None:
