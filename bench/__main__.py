@@ -1,4 +1,4 @@
-"""``python -m bench NAME [--json FILE] [--quick] [--PARAM VALUE ...]`` and ``--list``.
+"""``python -m bench NAME [--json FILE] [--quick] [--kafka tansu|embedded] [--PARAM VALUE ...]`` and ``--list``.
 
 Prints one JSON object on stdout (and writes it to FILE with ``--json``).
 Exit codes: 0 done, 1 the benchmark failed, 2 a usage error (unknown
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,11 @@ def _base_parser() -> argparse.ArgumentParser:
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the result here")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+    parser.add_argument(
+        "--kafka",
+        choices=["tansu", "embedded"],
+        help="the local Kafka broker to start (sets IOTFLOW_KAFKA_BROKER; default tansu)",
+    )
     return parser
 
 
@@ -73,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         params.print_help()
         return 0
     overrides = {k: v for k, v in vars(params.parse_args(rest)).items() if v is not None}
+    if args.kafka is not None:
+        os.environ["IOTFLOW_KAFKA_BROKER"] = (
+            args.kafka
+        )  # read by infra.stack in this and child processes
     try:
         result = run_benchmark(args.name, quick=args.quick, overrides=overrides)
     except BenchError as exc:

@@ -130,7 +130,7 @@ def _memory_gib() -> float | None:
 
 
 def machine_info() -> dict[str, Any]:
-    """CPU model, cores, memory, Python and Bytewax versions, platform."""
+    """CPU model, cores, memory, Python and Bytewax versions, platform, the Kafka broker."""
     return {
         "cpu_model": _cpu_model(),
         "cores": os.cpu_count(),
@@ -138,4 +138,12 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "bytewax": importlib.metadata.version("bytewax"),
         "platform": platform.platform(),
+        "kafka_broker": _kafka_broker(),
     }
+
+
+def _kafka_broker() -> str:
+    """Which Kafka broker a benchmark's local stack talks to (see infra.stack)."""
+    if os.environ.get("IOTFLOW_KAFKA_BOOTSTRAP"):
+        return "external"
+    return os.environ.get("IOTFLOW_KAFKA_BROKER", "").strip().lower() or "tansu"

@@ -66,7 +66,9 @@ def assert_result_shape(name: str, result: dict) -> None:
         "python",
         "bytewax",
         "platform",
+        "kafka_broker",
     }
+    assert result["machine"]["kafka_broker"] in {"tansu", "embedded", "external"}
 
     counts = result["counts"]
     assert counts["sent"] > 0
