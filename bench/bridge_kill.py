@@ -165,8 +165,20 @@ class BridgeProcess:
             ) from None
 
 
-class _Publisher(threading.Thread):
-    """Publishes readings at QoS 1 as fast as paho goes; keeps what the broker PUBACKed."""
+class SeqPublisher(threading.Thread):
+    """Publishes ``messages`` numbered readings at QoS 1 in a thread; keeps what the broker PUBACKed.
+
+    Reading ``seq`` (0, 1, ...) is ``{"seq": seq, "value": seq % 97}`` on the
+    telemetry topic of device ``dev-{seq % devices:05d}`` under ``base``, so a
+    reader can tell every reading apart and count what is missing or repeated.
+    ``rate`` paces it (messages/s; 0: as fast as paho goes); at most 20,000
+    PUBACKs are outstanding (MQTT packet ids are 16 bits). ``acked()`` is the
+    seqs the broker acknowledged (what at-least-once delivery owes a reader);
+    ``started_at``/``finished_at`` are ``time.monotonic()`` at the first
+    publish and the last PUBACK. The thread never raises: a failure is kept in
+    ``error`` for the caller to report after ``join()``. Used by the
+    ``bridge_kill`` and ``chaos`` benchmarks.
+    """
 
     def __init__(self, url: str, base: str, messages: int, devices: int, rate: float) -> None:
         super().__init__(daemon=True)
@@ -262,7 +274,9 @@ def run_kill_scenario(
     logs = iter(workdir / f"bridge-{settings.topic_prefix}-{i}.log" for i in range(kills + 2))
     bridge = BridgeProcess(settings, client_id, next(logs), max_in_flight)
     bridge.wait_online()
-    publisher = _Publisher(settings.require_mqtt_url(), settings.mqtt_base, messages, devices, rate)
+    publisher = SeqPublisher(
+        settings.require_mqtt_url(), settings.mqtt_base, messages, devices, rate
+    )
     publisher.start()
     progress = TopicProgress(bootstrap, topic)
     planned_s = messages / rate if rate else 0.0

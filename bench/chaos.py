@@ -70,7 +70,7 @@ import yaml
 
 from bench._commands import CommandWatch, producer
 from bench._latency import tail_log
-from bench.bridge_kill import BridgeProcess, _Publisher
+from bench.bridge_kill import BridgeProcess, SeqPublisher
 from bench.harness import BenchError, Figure, Measured
 from bench.recovery import TopicProgress
 from bench.workload import private_stack
@@ -241,7 +241,7 @@ class _Telemetry:
             TELEMETRY_FLOW, self.settings, log=next(self._logs), snapshot_s=1
         )
         self.progress = TopicProgress(self.bootstrap, self.ingest)
-        self.publisher = _Publisher(
+        self.publisher = SeqPublisher(
             info.mqtt_url, self.settings.mqtt_base, readings, TELEMETRY_DEVICES, rate
         )
 
