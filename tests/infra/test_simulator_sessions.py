@@ -87,15 +87,15 @@ def lock_fleet(base: str) -> FleetConfig:
     return FleetConfig(devices={"lock": 1}, base=base, commands={"ack_latency_ms": 50})
 
 
+def session_fleet(url: str, base: str) -> Fleet:
+    """One lock on a persistent session (stable client id, the broker queues while away)."""
+    return Fleet(lock_fleet(base), url, schedule_telemetry=False, session_expiry_s=SESSION_S)
+
+
 def test_offline_device_gets_queued_commands_once_back_and_never_an_expired_one(
     stack: StackInfo, names: Any, controller: Controller
 ) -> None:
-    fleet = Fleet(
-        lock_fleet(names.mqtt_base),
-        stack.mqtt_url,
-        schedule_telemetry=False,
-        session_expiry_s=SESSION_S,
-    )
+    fleet = session_fleet(stack.mqtt_url, names.mqtt_base)
     with fleet:
         fleet.go_offline()
         assert not fleet.online
@@ -116,12 +116,7 @@ def test_offline_device_gets_queued_commands_once_back_and_never_an_expired_one(
 def test_connection_lost_before_puback_redelivers_and_the_device_acts_once(
     stack: StackInfo, names: Any, controller: Controller
 ) -> None:
-    fleet = Fleet(
-        lock_fleet(names.mqtt_base),
-        stack.mqtt_url,
-        schedule_telemetry=False,
-        session_expiry_s=SESSION_S,
-    )
+    fleet = session_fleet(stack.mqtt_url, names.mqtt_base)
     with fleet:
         fleet.drop_before_puback()
         # another fleet's device on the same base: heard, acknowledged, not what is dropped
@@ -151,12 +146,7 @@ def test_drop_before_puback_needs_a_persistent_session(stack: StackInfo, names: 
 def test_a_lost_link_reconnects_by_itself_and_delivers_what_was_queued(
     stack: StackInfo, names: Any, controller: Controller
 ) -> None:
-    fleet = Fleet(
-        lock_fleet(names.mqtt_base),
-        stack.mqtt_url,
-        schedule_telemetry=False,
-        session_expiry_s=SESSION_S,
-    )
+    fleet = session_fleet(stack.mqtt_url, names.mqtt_base)
     with fleet:
         for n in range(3):
             fleet.drop_link()
@@ -171,12 +161,11 @@ def test_a_lost_link_reconnects_by_itself_and_delivers_what_was_queued(
 def test_a_restarted_device_picks_up_its_session(
     stack: StackInfo, names: Any, controller: Controller
 ) -> None:
-    config = lock_fleet(names.mqtt_base)
-    first = Fleet(config, stack.mqtt_url, schedule_telemetry=False, session_expiry_s=SESSION_S)
+    first = session_fleet(stack.mqtt_url, names.mqtt_base)
     with first:
         pass
     controller.send("while-down", "lock-0001", "unlock", ttl_s=60)
-    second = Fleet(config, stack.mqtt_url, schedule_telemetry=False, session_expiry_s=SESSION_S)
+    second = session_fleet(stack.mqtt_url, names.mqtt_base)
     assert second.client_id == first.client_id == f"iotflow-sim-{names.mqtt_base}"
     with second:
         wait_until(lambda: len(controller.acks_of("while-down")) == 1)
