@@ -442,15 +442,19 @@ class _Partition(StatefulSinkPartition[Any, None]):
 
 
 class _BackgroundPartition(StatefulSinkPartition[Any, None]):
-    def __init__(self, writer: BackgroundWriter) -> None:
+    def __init__(self, writer: BackgroundWriter, recovery: bool) -> None:
         self._writer = writer
+        self._recovery = recovery
 
     def write_batch(self, items: list[Any]) -> None:
         self._writer.put(items)
 
     def snapshot(self) -> None:
-        # the epoch ends: its rows are committed before Bytewax records the snapshot
-        self._writer.flush()
+        # the epoch ends: with a recovery store, its rows are committed before Bytewax
+        # records the snapshot; without one nothing is recorded, so nothing to wait for
+        # (Bytewax calls snapshot at every epoch's end either way)
+        if self._recovery:
+            self._writer.flush()
 
     def close(self) -> None:
         self._writer.close()
@@ -464,14 +468,20 @@ class DuckDBSink(FixedPartitionedSink[Any, None]):
     writes DuckDB in one process, ``-w`` threads are fine).
 
     ``background`` (a flush interval) writes through a ``BackgroundWriter``
-    per table: the worker only queues, and each epoch's snapshot waits until
-    its rows are committed. Without it, each batch is upserted on the worker.
+    per table: the worker only queues. With ``recovery`` (the default; pass
+    ``connectors.recovery.recovery_on(...)``) each epoch's snapshot waits until
+    its rows are committed, so a recovery snapshot never runs ahead of the
+    table. With ``recovery=False`` (no recovery store records the snapshots)
+    the worker never waits for DuckDB: rows commit within ``background`` of
+    being queued, and closing the sink (end of input, SIGINT) commits the rest.
+    Without ``background``, each batch is upserted on the worker.
 
     Example::
 
         sink = DuckDBSink(Path("iot.duckdb"), AGGREGATES, aggregate_rows)
         both = DuckDBSink(Path("iot.duckdb"), AGGREGATES, stats_rows, also={DETECTIONS: detection_rows})
-        audit = DuckDBSink(Path("iot.duckdb"), COMMAND_AUDIT, rows, background=timedelta(seconds=1))
+        audit = DuckDBSink(Path("iot.duckdb"), COMMAND_AUDIT, rows, background=timedelta(seconds=1),
+                           recovery=recovery_on(settings.recovery_dir))
     """
 
     def __init__(
@@ -482,9 +492,11 @@ class DuckDBSink(FixedPartitionedSink[Any, None]):
         *,
         also: Mapping[Table, Callable[[list[Any]], pa.Table]] | None = None,
         background: timedelta | None = None,
+        recovery: bool = True,
     ) -> None:
         self._path = Path(path)
         self._background = background
+        self._recovery = recovery
         self._routes = {table.name: (table, to_arrow)}
         self._routes.update({t.name: (t, f) for t, f in (also or {}).items()})
 
@@ -506,7 +518,7 @@ class DuckDBSink(FixedPartitionedSink[Any, None]):
         if self._background is None:
             return _Partition(self._path, table, to_arrow)
         writer = BackgroundWriter(self._path, table, to_arrow, interval=self._background)
-        return _BackgroundPartition(writer)
+        return _BackgroundPartition(writer, self._recovery)
 
 
 def command_history(

@@ -31,7 +31,8 @@ import contextlib
 import fcntl
 import json
 import os
-from collections.abc import Iterator
+import sys
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ __all__ = [
     "DEFAULT_SNAPSHOT_S",
     "bind_definition",
     "ensure_store",
+    "recovery_on",
     "run_args",
     "store_exists",
 ]
@@ -144,3 +146,33 @@ def run_args(
     if not isinstance(backup_s, int) or backup_s < 0:
         raise ConfigError(f"backup interval {backup_s!r} must be a whole number of seconds >= 0")
     return ["-r", str(directory), "-s", str(snapshot_s), "-b", str(backup_s)]
+
+
+def recovery_on(
+    recovery_dir: Path | None,
+    argv: Sequence[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> bool:
+    """Whether this process's flow snapshots go to a recovery store.
+
+    True when ``IOTFLOW_RECOVERY_DIR`` is set (``iotflow run`` and
+    ``infra.flowproc`` then add ``-r``) or ``python -m bytewax.run`` was given
+    ``-r``/``--recovery-directory`` or ``BYTEWAX_RECOVERY_DIRECTORY``. Sinks
+    that wait at each snapshot for their writes to land need to wait only
+    then. A flow run by ``bytewax.testing.run_main(recovery_config=...)`` is not
+    seen here: such a caller builds its sinks with recovery on explicitly.
+
+    Example::
+
+        >>> recovery_on(None, argv=["run.py", "m:flow"], environ={})
+        False
+        >>> recovery_on(None, argv=["run.py", "m:flow", "-r", "/s", "-s", "5"], environ={})
+        True
+    """
+    argv = sys.argv if argv is None else argv
+    environ = os.environ if environ is None else environ
+    if recovery_dir is not None or environ.get("BYTEWAX_RECOVERY_DIRECTORY"):
+        return True
+    return any(
+        a in ("-r", "--recovery-directory") or a.startswith("--recovery-directory=") for a in argv
+    )

@@ -44,6 +44,7 @@ from connectors.duckdb_store import AGGREGATES, DETECTIONS, DuckDBSink, detectio
 from connectors.ingest import device_messages
 from connectors.kafka import KafkaEpochOutput, Record
 from connectors.mapping import SourceMapping
+from connectors.recovery import recovery_on
 from iotflow.events import Detection, DeviceMessage
 from iotflow.settings import Settings
 from iotflow.topics import KafkaTopics
@@ -167,10 +168,18 @@ def build_flow(
     source: Source[list[DeviceMessage]] | None = None,
     monitoring: Monitoring | None = None,
     registry: Registry | None = None,
+    recovery: bool | None = None,
 ) -> Dataflow:
     """Wire the monitoring flow; ``source`` replaces the input (tests use ``TestingSource``),
-    ``registry`` the one named by ``IOTFLOW_REGISTRY``."""
+    ``registry`` the one named by ``IOTFLOW_REGISTRY``.
+
+    ``recovery`` says whether a recovery store records this flow's snapshots (default:
+    ``connectors.recovery.recovery_on``, from ``IOTFLOW_RECOVERY_DIR`` or ``bytewax.run -r``);
+    only then do the Kafka and DuckDB sinks hold each epoch's end until their writes
+    landed. A caller of ``bytewax.testing.run_main(recovery_config=...)`` passes ``True``.
+    """
     settings = settings or Settings()
+    durable = recovery_on(settings.recovery_dir) if recovery is None else recovery
     spec = monitoring or load_monitoring(settings)
     dims = device_dimensions(registry or load_registry(settings.registry), spec.dimensions)
     topics = KafkaTopics(settings.topic_prefix)
@@ -258,6 +267,7 @@ def build_flow(
         KafkaEpochOutput(
             bootstrap,
             [topics.aggregates, topics.deadletter, topics.detections, topics.command_requests],
+            recovery=durable,
         ),
     )
     to_duckdb = [op.map("aggregate_rows", stats.down, lambda f: (AGGREGATES.name, f))]
@@ -274,6 +284,7 @@ def build_flow(
             stats_rows,
             also={DETECTIONS: detection_rows},
             background=timedelta(seconds=1),
+            recovery=durable,
         ),
     )
     return flow

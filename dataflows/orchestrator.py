@@ -77,7 +77,7 @@ from connectors.decode import dead_letter
 from connectors.duckdb_store import COMMAND_AUDIT, DuckDBSink
 from connectors.kafka import KafkaEpochOutput, KafkaInput
 from connectors.mqtt import MqttEpochSink, MqttMessage, MqttSource
-from connectors.recovery import ensure_store
+from connectors.recovery import ensure_store, recovery_on
 from iotflow.declarations import load_file, validate
 from iotflow.errors import ConfigError
 from iotflow.events import CommandEvent, DeadLetter, DeviceMessage, to_ms
@@ -267,14 +267,21 @@ def build_flow(
     registry: Registry | None = None,
     config: OrchestratorConfig | None = None,
     now: Callable[[], datetime] = _utcnow,
+    recovery: bool | None = None,
 ) -> Dataflow:
     """Wire the orchestrator flow; ``requests``/``devices`` replace its inputs (tests).
+
+    ``recovery`` says whether a recovery store records this flow's snapshots (default:
+    ``connectors.recovery.recovery_on``, from ``IOTFLOW_RECOVERY_DIR`` or ``bytewax.run -r``);
+    only then do the Kafka and DuckDB sinks hold each epoch's end until their writes
+    landed. A caller of ``bytewax.testing.run_main(recovery_config=...)`` passes ``True``.
 
     ``requests`` yields records with a ``value`` (bytes), as Bytewax's Kafka
     source does. Raises ``ConfigError`` for a missing broker or a bad
     registry or orchestrator declaration.
     """
     settings = settings or Settings()
+    durable = recovery_on(settings.recovery_dir) if recovery is None else recovery
     if settings.recovery_dir is not None:
         ensure_store(settings.recovery_dir)  # bytewax.run opens it after building the flow
     registry = registry or load_registry(settings.registry)
@@ -363,6 +370,7 @@ def build_flow(
                 topics.command_requests,
                 device_command_topic(settings.topic_prefix),
             ],
+            recovery=durable,
         ),
     )
     # A DuckDB upsert costs ~10 ms however small (its commit): off the worker that handles
@@ -373,7 +381,9 @@ def build_flow(
     op.output(
         "duckdb",
         audit,
-        DuckDBSink(settings.duckdb, COMMAND_AUDIT, audit_rows, background=AUDIT_FLUSH),
+        DuckDBSink(
+            settings.duckdb, COMMAND_AUDIT, audit_rows, background=AUDIT_FLUSH, recovery=durable
+        ),
     )
     return flow
 

@@ -26,7 +26,6 @@ Outputs:
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from datetime import timedelta
 from typing import Any
@@ -41,7 +40,7 @@ from connectors.duckdb_store import AGGREGATES, DuckDBSink, aggregate_rows
 from connectors.ingest import device_messages
 from connectors.kafka import KafkaOutput, message
 from connectors.mapping import SourceMapping
-from connectors.recovery import bind_definition, ensure_store
+from connectors.recovery import bind_definition, ensure_store, recovery_on
 from iotflow.errors import ConfigError
 from iotflow.events import DeviceMessage
 from iotflow.settings import Settings
@@ -79,9 +78,7 @@ def _check_recovery(settings: Settings) -> None:
     bind_definition(settings.recovery_dir, "telemetry", state_definition(settings))
     argv = sys.argv
     launched = bool(argv) and argv[0].endswith(("bytewax/run.py", "bytewax.run"))
-    recovering = "BYTEWAX_RECOVERY_DIRECTORY" in os.environ or any(
-        a in ("-r", "--recovery-directory") or a.startswith("--recovery-directory=") for a in argv
-    )
+    recovering = recovery_on(None, argv)
     if launched and not recovering:
         log.warning(
             "IOTFLOW_RECOVERY_DIR=%s is set but bytewax.run has no -r: recovery is OFF. "

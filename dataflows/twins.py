@@ -54,7 +54,7 @@ from connectors.decode import dead_letter
 from connectors.duckdb_store import DETECTIONS, TWIN_HISTORY, DuckDBSink, detection_rows
 from connectors.ingest import device_messages
 from connectors.kafka import COMPACTED, KafkaEpochOutput, KafkaInput
-from connectors.recovery import bind_definition, ensure_store
+from connectors.recovery import bind_definition, ensure_store, recovery_on
 from iotflow.events import Detection, DeviceMessage, to_ms
 from iotflow.settings import Settings
 from iotflow.topics import KafkaTopics, MqttTopics
@@ -227,13 +227,20 @@ def build_flow(
     registry: Registry | None = None,
     shards: int = DEFAULT_SHARDS,
     now: Callable[[], datetime] = _utcnow,
+    recovery: bool | None = None,
 ) -> Dataflow:
     """Wire the twins flow; ``source``/``desired_source`` replace the inputs (tests).
+
+    ``recovery`` says whether a recovery store records this flow's snapshots (default:
+    ``connectors.recovery.recovery_on``, from ``IOTFLOW_RECOVERY_DIR`` or ``bytewax.run -r``);
+    only then do the Kafka and DuckDB sinks hold each epoch's end until their writes
+    landed. A caller of ``bytewax.testing.run_main(recovery_config=...)`` passes ``True``.
 
     ``desired_source`` yields raw JSON desired changes (bytes) or Kafka source
     messages carrying them.
     """
     settings = settings or Settings()
+    durable = recovery_on(settings.recovery_dir) if recovery is None else recovery
     registry = registry or load_registry(settings.registry)
     rules = [] if settings.predictions is None else load_prediction_rules(settings.predictions)
     _check_recovery(settings, registry, shards)
@@ -303,6 +310,7 @@ def build_flow(
                 topics.twins_desired,
             ],
             configs={topics.twins: COMPACTED},
+            recovery=durable,
         ),
     )
     # DuckDB commits take 10-30 ms: the sink's writer thread makes them, off the worker's thread
@@ -323,6 +331,7 @@ def build_flow(
             history_rows,
             also={DETECTIONS: detection_rows},
             background=HISTORY_EVERY,
+            recovery=durable,
         ),
     )
     return flow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -111,3 +112,32 @@ def test_the_sink_commits_an_epochs_rows_at_its_snapshot(tmp_path: Path) -> None
     part.write_batch([detection(3)])
     part.close()
     assert len(rows(path)) == 3
+
+
+def test_without_recovery_a_snapshot_does_not_wait_and_close_still_commits(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "w.duckdb"
+    sink = DuckDBSink(path, DETECTIONS, detection_rows, background=HOUR, recovery=False)
+    part = sink.build_part("audit", DETECTIONS.name, None)
+    part.write_batch([detection(1), detection(2)])
+    part.snapshot()  # no recovery store records it: the worker goes on at once
+    assert rows(path) == []  # still queued (the interval is an hour)
+    part.write_batch([detection(3)])
+    part.close()
+    assert len(rows(path)) == 3
+
+
+def test_without_recovery_rows_still_commit_within_the_interval(tmp_path: Path) -> None:
+    path = tmp_path / "w.duckdb"
+    sink = DuckDBSink(
+        path, DETECTIONS, detection_rows, background=timedelta(milliseconds=50), recovery=False
+    )
+    part = sink.build_part("audit", DETECTIONS.name, None)
+    part.write_batch([detection(1)])
+    part.snapshot()
+    deadline = time.monotonic() + 30
+    while not rows(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert rows(path) == [("d1", 1.0)]
+    part.close()

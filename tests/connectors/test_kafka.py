@@ -81,3 +81,19 @@ def test_epoch_output_takes_lists_of_records_beside_messages(stack: StackInfo, n
     got = sorted((r.key, int(r.value)) for r in read_topic(stack.kafka_bootstrap, topic))
     assert got == sorted((b"k%d" % i, i) for i in range(51))
     part.close()
+
+
+def test_epoch_output_without_recovery_delivers_everything_by_close(
+    stack: StackInfo, names
+) -> None:
+    """Without a recovery store an epoch's end does not wait for the broker; closing the
+    sink (end of input) still waits until every record is acknowledged."""
+    topic = f"{names.kafka_prefix}.records"
+    sink = KafkaEpochOutput(stack.kafka_bootstrap, [topic], recovery=False)
+    part = sink.build_part("kafka", "kafka", None)
+    for epoch in range(3):
+        part.write_batch([[(topic, b"k%d-%d" % (epoch, i), b"%d" % i) for i in range(1000)]])
+        part.snapshot()
+    part.close()
+    got = {r.key for r in read_topic(stack.kafka_bootstrap, topic)}
+    assert got == {b"k%d-%d" % (e, i) for e in range(3) for i in range(1000)}
