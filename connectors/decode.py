@@ -144,7 +144,7 @@ class TelemetryDecoder:
         self._device_level = device.steps[0] if device.source == "topic" else 0
         # the columnar path's topic lookups: topics with a valid device id and those ids
         # (two polars string series, made on first use), and the topics without one
-        self._topic_devices: tuple[pl.Series, pl.Series] | None = None
+        self._topic_devices: dict[str, str] = {}
         self._bad_topics: set[str] = set()
 
     def decode(self, messages: list[DeviceMessage]) -> DecodeOut:
@@ -313,37 +313,34 @@ class TelemetryDecoder:
 
     def _devices(self, messages: list[DeviceMessage]) -> pl.Series:
         """The device id of each message's topic level, null where it is not a valid
-        one. Each topic is split and checked once; the lookups run in polars (a Python
-        dict lookup per message cost about twice as much)."""
+        one. Each topic is split and checked once, then looked up in a dict: with
+        10,000 devices, polars' ``replace_strict`` against the known topics cost ~2 ms
+        per batch however small (it builds its table each call), a dict lookup per
+        message ~0.1 us (0.02 ms for 200 messages, 0.4 ms for 5,000)."""
         import polars as pl
 
         from iotflow.frame import DEVICE
 
-        topics = pl.Series(DEVICE, [m.topic for m in messages], dtype=pl.String)
-        known = self._topic_devices or (topics.clear(), topics.clear())
-        devices = topics.replace_strict(known[0], known[1], default=None)
-        if not devices.null_count():
-            return devices
-        missing = topics.filter(devices.is_null()).unique().to_list()
-        unseen = [t for t in missing if t not in self._bad_topics]
-        if not unseen:
-            return devices
-        if known[0].len() + len(self._bad_topics) > _KNOWN_TOPICS_MAX:
-            known, self._bad_topics = (topics.clear(), topics.clear()), set()
-        good: dict[str, str] = {}
-        for topic in unseen:
-            levels = topic.split("/")
-            index = self._device_level
-            device = levels[index] if -len(levels) <= index < len(levels) else None
-            if device is not None and check_device_id(device) is None:
-                good[topic] = device
-            else:
-                self._bad_topics.add(topic)
-        self._topic_devices = known = (
-            pl.concat([known[0], pl.Series(list(good), dtype=pl.String)]),
-            pl.concat([known[1], pl.Series(list(good.values()), dtype=pl.String)]),
-        )
-        return topics.replace_strict(known[0], known[1], default=None)
+        topics = [m.topic for m in messages]
+        known = self._topic_devices
+        devices = list(map(known.get, topics))
+        if None in devices:
+            unseen = {t for t, d in zip(topics, devices, strict=True) if d is None}
+            unseen -= self._bad_topics
+            if unseen:
+                if len(known) + len(self._bad_topics) + len(unseen) > _KNOWN_TOPICS_MAX:
+                    known.clear()
+                    self._bad_topics = set()
+                for topic in unseen:
+                    levels = topic.split("/")
+                    index = self._device_level
+                    device = levels[index] if -len(levels) <= index < len(levels) else None
+                    if device is not None and check_device_id(device) is None:
+                        known[topic] = device
+                    else:
+                        self._bad_topics.add(topic)
+                devices = list(map(known.get, topics))
+        return pl.Series(DEVICE, devices, dtype=pl.String)
 
     def _decode_one(self, msg: DeviceMessage, out: DecodeOut) -> None:
         def reject(reason: str) -> None:

@@ -204,3 +204,19 @@ def test_small_batches_decode_one_by_one_with_the_same_result() -> None:
         batch = messages[:size]
         same_as_exact(default, batch)
         assert default.decode_frame(batch).ok.equals(columnar().decode_frame(batch).ok)
+
+
+def test_the_topic_cache_is_bounded_and_starts_over_without_changing_results(
+    monkeypatch,
+) -> None:
+    import connectors.decode
+
+    monkeypatch.setattr(connectors.decode, "_KNOWN_TOPICS_MAX", 3)
+    decoder = columnar()
+    for round_ in range(3):
+        batch = [msg(f"d{i}", b'{"ts": %d, "t": %d}' % (NOW + i, i)) for i in range(5)]
+        batch.append(msg("b#", b'{"t": 1}'))
+        out = decoder.decode_frame(batch)
+        assert out.ok.get_column("device_id").to_list() == [f"d{i}" for i in range(5)], round_
+        assert len(out.dead) == 1
+        same_as_exact(decoder, batch)
