@@ -113,16 +113,25 @@ def _iso_expr(column: str) -> pl.Expr:
 def aggregate_messages(topic: str, results: pl.DataFrame) -> list[Record]:
     """One Kafka record (topic, key, value) per result row, its fields as JSON with ISO 8601
     window times; the key is the row's natural key. Encoded by polars: a window close of 10,000 devices
-    makes 20,000 records, and a Python dict and JSON encode per row took 3x longer."""
+    makes 20,000 records, and a Python dict and JSON encode per row took 3x longer. The
+    few distinct window bounds of a close are formatted once, not once per row (33 -> 24 ms
+    CPU for 20,000 rows)."""
     if results.height == 0:
         return []
     fields = [c for c in results.columns if c not in ("window_start_ms", "window_end_ms")]
-    start, end = _iso_expr("window_start_ms"), _iso_expr("window_end_ms")
-    key = pl.concat_str(
-        [pl.col("group_by"), pl.col("key"), pl.col("metric"), start, end], separator="|"
+    bounds = ["window_start_ms", "window_end_ms"]
+    iso = (
+        results.select(bounds)
+        .unique()
+        .with_columns(
+            _iso_expr("window_start_ms").alias("window_start"),
+            _iso_expr("window_end_ms").alias("window_end"),
+        )
     )
-    value = pl.struct(*fields, start.alias("window_start"), end.alias("window_end"))
-    table = results.select(
+    rows = results.join(iso, on=bounds, how="left", maintain_order="left")
+    key = pl.concat_str(["group_by", "key", "metric", "window_start", "window_end"], separator="|")
+    value = pl.struct(*fields, "window_start", "window_end")
+    table = rows.select(
         key.cast(pl.Binary).alias("k"), value.struct.json_encode().cast(pl.Binary).alias("v")
     )
     keys, values = table.to_series(0).to_list(), table.to_series(1).to_list()
@@ -201,18 +210,30 @@ def build_flow(
     if ingest.dead is not None:
         dead = op.merge("rejected_all", dead, ingest.dead)
 
-    stats = window_stats("windows", frames, spec.aggregation, dims, shards=spec.shards)
+    stats = window_stats(
+        "windows", frames, spec.aggregation, dims, shards=spec.shards, recovery=durable
+    )
     dead = op.merge("dead", dead, op.flat_map("late_letters", stats.late, _late_letters))
     detections: list[Stream[Detection]] = []
     actions: list[Stream[Any]] = []
     if spec.reading_rules:
-        found = detect_anomalies("anomalies", frames, spec.reading_rules, shards=spec.shards)
+        found = detect_anomalies(
+            "anomalies", frames, spec.reading_rules, shards=spec.shards, recovery=durable
+        )
         detections.append(found.detections)
-    wide = op.map("wide", stats.down, to_wide)
-    device_wide = op.map("device_wide", wide, lambda f: f.filter(pl.col("group_by") == "device"))
+    # the wide layout only where a peer rule or a windows pattern reads it: converting
+    # every close for nobody cost the window path ~10-40 ms per close under load
+    reads_windows = spec.patterns is not None and any(
+        p.input == "windows" for p in spec.patterns.patterns
+    )
+    wide = op.map("wide", stats.down, to_wide) if spec.peer_rules or reads_windows else None
+    if spec.peer_rules:
+        device_wide = op.map(
+            "device_wide", wide, lambda f: f.filter(pl.col("group_by") == "device")
+        )
     for rule in spec.peer_rules:
         found = detect_peer_anomalies(
-            f"peers-{rule.name}", device_wide, rule, dims, shards=spec.shards
+            f"peers-{rule.name}", device_wide, rule, dims, shards=spec.shards, recovery=durable
         )
         detections.append(found.detections)
     if spec.patterns is not None:
@@ -220,11 +241,13 @@ def build_flow(
         for name in inputs:
             if name == "readings":
                 up = frames
-            elif name == "windows":
+            elif name == "windows" and wide is not None:
                 up = wide
             else:
                 continue  # other inputs (commands) are fed by the orchestration flow
-            out = cep(f"cep-{name}", up, spec.patterns, name, dims, shards=spec.shards)
+            out = cep(
+                f"cep-{name}", up, spec.patterns, name, dims, shards=spec.shards, recovery=durable
+            )
             detections.append(out.detections)
             actions.append(out.actions)
             dead = op.merge(

@@ -114,6 +114,7 @@ def detect_anomalies(
     shards: int = 16,
     now: Callable[[], datetime] = _utcnow,
     max_future: timedelta = timedelta(hours=1),
+    recovery: bool = True,
 ) -> AnomalyOut:
     """Per-reading anomaly rules over a stream of reading frames.
 
@@ -121,6 +122,7 @@ def detect_anomalies(
     device's readings are scored in ``ts_ms`` order against its own baseline;
     readings older than the device's newest (late) or more than
     ``max_future`` ahead of ``now`` (future) go to ``skipped``.
+    ``recovery=False`` skips the state copies Bytewax asks for at each epoch's end (no recovery store records them).
     """
     AnomalyDetector(rules, None, now, max_future)  # validate now, not on the first batch
     split = _sharder("device_id", lambda key: shard_of(key or "", shards))
@@ -128,7 +130,7 @@ def detect_anomalies(
     emitted = op.stateful_batch(
         "detect",
         keyed,
-        lambda state: LogicStep(AnomalyDetector(rules, state, now, max_future)),
+        lambda state: LogicStep(AnomalyDetector(rules, state, now, max_future), recovery=recovery),
     )
     return _split_out(emitted)
 
@@ -141,6 +143,7 @@ def detect_peer_anomalies(
     dimensions: Mapping[str, Mapping[str, str]],
     shards: int = 16,
     now: Callable[[], datetime] = _utcnow,
+    recovery: bool = True,
 ) -> AnomalyOut:
     """A device against its peers of the same group, over window-result frames.
 
@@ -150,12 +153,14 @@ def detect_peer_anomalies(
     of a group meet. A group-window is scored when
     all its devices reported, when a later window of the group is scored,
     after ``rule.max_wait`` or at end of input; results for a group-window
-    already scored go to ``skipped``.
+    already scored go to ``skipped``. ``recovery=False`` skips the state copies Bytewax asks for at each epoch's end (no recovery store records them).
     """
     groups = group_keys(dimensions, rule.group_by)
     split = _sharder("key", lambda key: shard_of(groups.get(key or "", ""), shards))
     keyed = op.flat_map("shard", up, split)
     emitted = op.stateful_batch(
-        "detect", keyed, lambda state: LogicStep(rule.build(state, dimensions, now))
+        "detect",
+        keyed,
+        lambda state: LogicStep(rule.build(state, dimensions, now), recovery=recovery),
     )
     return _split_out(emitted)

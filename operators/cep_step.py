@@ -118,12 +118,14 @@ def cep(
     dimensions: Mapping[str, Mapping[str, str]] | None = None,
     shards: int = 8,
     now: Callable[[], datetime] = _utcnow,
+    recovery: bool = True,
 ) -> CepOut:
     """Run the patterns of one input over a stream of frames.
 
     ``input`` picks the patterns (and key/time columns) when ``patterns``
     listens to several inputs; ``dimensions`` maps keys to dimensions for
     ``correlation`` patterns. Per shard, outputs keep the engine's order.
+    ``recovery=False`` skips the state copies Bytewax asks for at each epoch's end (no recovery store records them).
     """
     if shards < 1:
         raise ConfigError(f"shards={shards} must be at least 1")
@@ -165,7 +167,7 @@ def cep(
 
         def build(state: dict[str, Any] | None, subset: PatternSet = subset) -> LogicStep:
             engine = CepEngine(subset, state, now=now, input=input, dimensions=dims)
-            return LogicStep(engine)
+            return LogicStep(engine, recovery=recovery)
 
         keyed = op.flat_map(f"shard_{where}", up, sharder.split)
         emitted = op.key_rm(

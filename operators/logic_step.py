@@ -29,10 +29,17 @@ class LogicStep(StatefulBatchLogic[Any, Any, Any]):
     and ``next_timer() -> datetime | None`` (logic without timers leaves them out).
     Each value Bytewax hands over goes to ``on_batch`` in order; the state is
     always retained.
+
+    ``recovery=False`` (no recovery store records this flow's snapshots)
+    answers Bytewax's snapshot at each epoch's end with ``None`` instead of
+    copying the state: Bytewax asks at every epoch's end either way and drops
+    the answer without a store, and a copy of a minute of raw window rows held
+    the worker for tens of milliseconds.
     """
 
-    def __init__(self, logic: Any) -> None:
+    def __init__(self, logic: Any, *, recovery: bool = True) -> None:
         self._logic = logic
+        self._recovery = recovery
         self._on_timer = getattr(logic, "on_timer", None)
         self._on_eof = getattr(logic, "on_eof", None)
         self._next_timer = getattr(logic, "next_timer", None)
@@ -53,4 +60,4 @@ class LogicStep(StatefulBatchLogic[Any, Any, Any]):
         return self._next_timer() if self._next_timer else None
 
     def snapshot(self) -> Any:
-        return self._logic.snapshot()
+        return self._logic.snapshot() if self._recovery else None

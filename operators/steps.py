@@ -131,6 +131,7 @@ def window_stats(
     dimensions: dict[str, dict[str, str]] | None = None,
     shards: int = 8,
     now: Callable[[], datetime] = _utcnow,
+    recovery: bool = True,
 ) -> StatsOut:
     """Windowed statistics over reading frames.
 
@@ -139,7 +140,7 @@ def window_stats(
     aggregated whole by one shard, exactly. Late readings come out once, from
     the per-device (or first) grouping set. Each shard keeps its own watermark;
     all state is snapshotted by Bytewax recovery and refused after a change of
-    ``aggregation``.
+    ``aggregation``. ``recovery=False`` skips the state copies Bytewax asks for at each epoch's end (no recovery store records them).
     """
     dims = dimensions or {}
     outs: list[Stream[Any]] = []
@@ -154,7 +155,9 @@ def window_stats(
         emitted = op.stateful_batch(
             f"aggregate-{label}",
             keyed,
-            lambda state, a=single: LogicStep(a.build(state, dimensions=dims, now=now)),
+            lambda state, a=single: LogicStep(
+                a.build(state, dimensions=dims, now=now), recovery=recovery
+            ),
         )
         items = op.key_rm(f"unshard-{label}", emitted)
         if index:

@@ -258,3 +258,40 @@ def test_peer_rule_groups_devices_by_registry_building_and_floor(
     assert [
         (d["rule"], d["key"], d["details"]["group"], d["details"]["peers"]) for d in detections
     ] == [("peer:building+floor:temperature_avg", "a4", "building=A|floor=1", 3)], detections
+
+
+def test_aggregate_records_carry_iso_window_times_in_key_and_value() -> None:
+    """Each result row is one record keyed group_by|key|metric|start|end; rows of different
+    windows (and a bound that is not a whole second) each get their own times."""
+    import polars as pl
+
+    from dataflows.monitoring import aggregate_messages
+
+    t0 = 1_767_268_800_000
+    results = pl.DataFrame(
+        {
+            "group_by": ["device", "device", "zone"],
+            "key": ["d1", "d2", "z1"],
+            "metric": ["t", "t", "t"],
+            "window_start_ms": [t0, t0 + 60_000, t0],
+            "window_end_ms": [t0 + 60_000, t0 + 120_000, t0 + 60_500],
+            "count": [2, 1, 3],
+            "avg": [1.5, 2.0, None],
+        }
+    )
+    records = aggregate_messages("iot.aggregates", results)
+    assert [(topic, key.decode()) for topic, key, _ in records] == [
+        ("iot.aggregates", "device|d1|t|2026-01-01T12:00:00Z|2026-01-01T12:01:00Z"),
+        ("iot.aggregates", "device|d2|t|2026-01-01T12:01:00Z|2026-01-01T12:02:00Z"),
+        ("iot.aggregates", "zone|z1|t|2026-01-01T12:00:00Z|2026-01-01T12:01:00.500000Z"),
+    ]
+    assert json.loads(records[2][2]) == {
+        "group_by": "zone",
+        "key": "z1",
+        "metric": "t",
+        "count": 3,
+        "avg": None,
+        "window_start": "2026-01-01T12:00:00Z",
+        "window_end": "2026-01-01T12:01:00.500000Z",
+    }
+    assert aggregate_messages("iot.aggregates", results.clear()) == []

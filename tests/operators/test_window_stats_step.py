@@ -9,7 +9,7 @@ from bytewax.dataflow import Dataflow
 from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
 
 from operators.aggregation import Aggregation, LateFrame
-from operators.steps import window_stats
+from operators.steps import LogicStep, window_stats
 
 T0 = 1_767_268_800_000
 DIMS = {f"d{i}": {"zone": f"z{i % 2}"} for i in range(6)}
@@ -31,7 +31,7 @@ def batches() -> list[pl.DataFrame]:
     return out
 
 
-def flow(results: list, late: list) -> Dataflow:
+def flow(results: list, late: list, recovery: bool = True) -> Dataflow:
     aggregation = Aggregation.model_validate(
         {
             "window": {"kind": "tumbling", "length": "1m"},
@@ -41,7 +41,7 @@ def flow(results: list, late: list) -> Dataflow:
     )
     df = Dataflow("stats")
     up = op.input("in", df, TestingSource(batches()))
-    out = window_stats("stats", up, aggregation, DIMS, shards=4)
+    out = window_stats("stats", up, aggregation, DIMS, shards=4, recovery=recovery)
     op.output("down", out.down, TestingSink(results))
     op.output("late", out.late, TestingSink(late))
     return df
@@ -65,3 +65,29 @@ def test_results_are_complete_and_exact_with_one_or_two_workers(workers: int) ->
     # zone z0 = d0, d2, d4; window 0: readings i and i+1 for each -> (0+1)+(2+3)+(4+5)
     assert zones.select("key", "sum").rows()[0] == ("zone=z0", 15.0)
     assert sum(f.readings.height for f in late) == 1
+
+
+def test_without_recovery_the_results_are_the_same() -> None:
+    """recovery=False only skips the state copies Bytewax drops without a store."""
+    with_copies: list[pl.DataFrame] = []
+    without: list[pl.DataFrame] = []
+    run_main(flow(with_copies, []))
+    run_main(flow(without, [], recovery=False))
+    key = ["group_by", "key", "metric", "window_start_ms"]
+    assert pl.concat(without).sort(key).equals(pl.concat(with_copies).sort(key))
+
+
+def test_logic_step_without_recovery_answers_a_snapshot_without_copying_the_state() -> None:
+    class Logic:
+        copies = 0
+
+        def on_batch(self, item: int) -> list[int]:
+            return [item]
+
+        def snapshot(self) -> dict[str, int]:
+            Logic.copies += 1
+            return {"n": 1}
+
+    assert LogicStep(Logic()).snapshot() == {"n": 1}
+    assert LogicStep(Logic(), recovery=False).snapshot() is None
+    assert Logic.copies == 1
