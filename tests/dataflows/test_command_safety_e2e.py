@@ -18,15 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-from test_orchestrator_e2e import Events, command, encode, produce, terminal
 
 from connectors.duckdb_store import command_history
 from dataflows.orchestrator import AUDIT_FLUSH
 from infra.flowproc import FlowProcess
 from infra.simulator import Fleet, FleetConfig
 from iotflow.settings import Settings
-from iotflow.topics import KafkaTopics
+from tests.dataflows.flowkit import Events, command, orchestrator_flow, request, terminal
 
 # An in-flight command to an offline device is re-sent every ~1.2 s and outlives a
 # ~5 s outage (20 sends); a ttl of 2 s expires during it.
@@ -38,24 +36,8 @@ HVAC = "hvac-0001"
 
 @pytest.fixture
 def flow(settings: Settings, tmp_path: Path) -> Iterator[tuple[Settings, FlowProcess]]:
-    path = tmp_path / "orchestrator.yaml"
-    path.write_text(yaml.safe_dump(CONFIG))
-    settings = settings.model_copy(
-        update={"orchestrator": path, "mqtt_client_id": f"orch-{settings.topic_prefix}"}
-    )
-    with FlowProcess.start(
-        "dataflows.orchestrator:flow", settings, log=tmp_path / "flow.log"
-    ) as proc:
-        proc.wait_online()
-        yield settings, proc
-
-
-def request(settings: Settings, docs: list[dict[str, Any]]) -> None:
-    produce(
-        settings.require_kafka_bootstrap(),
-        KafkaTopics(settings.topic_prefix).command_requests,
-        [encode(d) for d in docs],
-    )
+    with orchestrator_flow(settings, tmp_path, CONFIG) as running:
+        yield running
 
 
 def audit_rows(settings: Settings, proc: FlowProcess, started: datetime) -> list[dict[str, Any]]:

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from confluent_kafka import Producer
 
 from connectors.duckdb_store import command_history
@@ -30,6 +29,7 @@ from infra.flowproc import FlowProcess
 from infra.simulator import Fleet, FleetConfig
 from iotflow.settings import Settings
 from iotflow.topics import KafkaTopics
+from tests.dataflows.flowkit import orchestrator_flow
 
 LIGHTS = 120
 ORCHESTRATOR = {"ack_timeout": {"mqtt": "1s"}, "max_attempts": 3, "backoff": "200ms", "jitter": 0.0}
@@ -97,22 +97,11 @@ def produce(settings: Settings, key: str, value: bytes) -> None:
 
 @pytest.fixture
 def orchestrator(settings: Settings, tmp_path: Path) -> Iterator[tuple[Settings, FlowProcess]]:
-    registry = tmp_path / "home.yaml"
-    registry.write_text(yaml.safe_dump(home_registry(lights=LIGHTS).to_dict()))
-    config = tmp_path / "orchestrator.yaml"
-    config.write_text(yaml.safe_dump(ORCHESTRATOR))
-    settings = settings.model_copy(
-        update={
-            "registry": registry,
-            "orchestrator": config,
-            "mqtt_client_id": f"orch-{settings.topic_prefix}",
-        }
-    )
-    with FlowProcess.start(
-        "dataflows.orchestrator:flow", settings, log=tmp_path / "orchestrator.log"
-    ) as proc:
-        proc.wait_online()
-        yield settings, proc
+    registry = home_registry(lights=LIGHTS).to_dict()
+    with orchestrator_flow(
+        settings, tmp_path, ORCHESTRATOR, registry=registry, log_name="orchestrator.log"
+    ) as running:
+        yield running
 
 
 def test_all_steps_succeed_from_a_trigger_and_a_repeated_trigger_does_nothing(

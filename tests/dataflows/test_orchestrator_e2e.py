@@ -10,28 +10,34 @@ from __future__ import annotations
 
 import json
 import threading
-from collections import Counter
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from confluent_kafka import Producer
 from pydantic import SecretStr
 
-from commands.audit import KIND_ORDER
 from connectors.dedupe import Deduper, command_event_key
 from connectors.duckdb_store import command_history
-from connectors.kafka import producer_config, read_topic
+from connectors.kafka import read_topic
 from connectors.mqtt import connect_client
 from infra.flowproc import FlowProcess
 from infra.simulator import Fleet, FleetConfig
 from infra.stack import StackInfo
 from iotflow.settings import Settings
 from iotflow.topics import KafkaTopics, MqttTopics
+from tests.dataflows.flowkit import (
+    Events,
+    command,
+    encode,
+    orchestrator_flow,
+    produce,
+    request,
+    terminal,
+)
 from twins.registry import simulator_registry
 
 CONFIG = {
@@ -42,87 +48,10 @@ CONFIG = {
 }
 
 
-def produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
-    producer = Producer(producer_config(bootstrap))
-    for value in values:
-        producer.produce(topic, value, key=b"one-partition")
-    assert producer.flush(10) == 0
-
-
-def iso(dt: datetime) -> str:
-    return dt.isoformat().replace("+00:00", "Z")
-
-
-def command(
-    command_id: str, device_id: str, name: str, params: dict[str, Any], ttl_s: float = 30.0
-) -> dict[str, Any]:
-    now = datetime.now(UTC)
-    return {
-        "command_id": command_id,
-        "device_id": device_id,
-        "name": name,
-        "params": params,
-        "issued_at": iso(now),
-        "expires_at": iso(now + timedelta(seconds=ttl_s)),
-    }
-
-
-def encode(doc: dict[str, Any]) -> bytes:
-    return json.dumps(doc).encode()
-
-
-class Events:
-    """The flow's Kafka outputs, read back."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.bootstrap = settings.require_kafka_bootstrap()
-        self.topics = KafkaTopics(settings.topic_prefix)
-
-    def commands(self) -> list[dict[str, Any]]:
-        """Command events in time order (the topic is partitioned by command id)."""
-        records = read_topic(self.bootstrap, self.topics.command_events)
-        found = [d for r in records if "command_id" in (d := json.loads(r.value)) and "kind" in d]
-        return sorted(found, key=lambda e: (datetime.fromisoformat(e["ts"]), KIND_ORDER[e["kind"]]))
-
-    def dead(self) -> list[dict[str, Any]]:
-        return [json.loads(r.value) for r in read_topic(self.bootstrap, self.topics.deadletter)]
-
-    def wait(self, done: Any, timeout_s: float = 60.0) -> list[dict[str, Any]]:
-        stop = threading.Event()
-        deadline = datetime.now(UTC) + timedelta(seconds=timeout_s)
-        while datetime.now(UTC) < deadline:
-            events = self.commands()
-            if done(events):
-                return events
-            stop.wait(0.3)
-        raise AssertionError(
-            f"events not complete within {timeout_s}s: {Counter((e['command_id'], e['kind']) for e in self.commands())}"
-        )
-
-
-TERMINAL = {"done", "failed", "expired", "rejected"}
-
-
-def terminal(events: list[dict[str, Any]]) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for e in events:
-        if e["kind"] in TERMINAL:
-            out.setdefault(e["command_id"], []).append(e["kind"])
-    return out
-
-
 @pytest.fixture
 def flow(settings: Settings, tmp_path: Path) -> Iterator[tuple[Settings, FlowProcess]]:
-    path = tmp_path / "orchestrator.yaml"
-    path.write_text(yaml.safe_dump(CONFIG))
-    settings = settings.model_copy(
-        update={"orchestrator": path, "mqtt_client_id": f"orch-{settings.topic_prefix}"}
-    )
-    with FlowProcess.start(
-        "dataflows.orchestrator:flow", settings, log=tmp_path / "flow.log"
-    ) as proc:
-        proc.wait_online()
-        yield settings, proc
+    with orchestrator_flow(settings, tmp_path, CONFIG) as running:
+        yield running
 
 
 def test_commands_are_sequenced_acked_expired_deduplicated_and_audited(
@@ -332,16 +261,10 @@ def test_kafka_and_http_writers_deliver_and_devices_confirm(
             "services": {"set_brightness": "turn_on"},
         },
     }
-    (tmp_path / "registry.yaml").write_text(yaml.safe_dump(registry))
-    (tmp_path / "orchestrator.yaml").write_text(
-        yaml.safe_dump(CONFIG | {"ack_timeout": {"mqtt": "1s", "kafka": "5s", "http": "5s"}})
-    )
+    config = CONFIG | {"ack_timeout": {"mqtt": "1s", "kafka": "5s", "http": "5s"}}
     ha = HomeAssistant()
     settings = settings.model_copy(
         update={
-            "registry": tmp_path / "registry.yaml",
-            "orchestrator": tmp_path / "orchestrator.yaml",
-            "mqtt_client_id": f"orch-{settings.topic_prefix}",
             "http_url": ha.url,
             "http_token": SecretStr(token),
             "http_style": "home_assistant",
@@ -351,16 +274,12 @@ def test_kafka_and_http_writers_deliver_and_devices_confirm(
     mqtt = MqttTopics(settings.mqtt_base)
     events = Events(settings)
     try:
-        with FlowProcess.start(
-            "dataflows.orchestrator:flow", settings, log=tmp_path / "flow.log"
-        ) as proc:
-            proc.wait_online()
-            produce(
-                bootstrap,
-                KafkaTopics(settings.topic_prefix).command_requests,
+        with orchestrator_flow(settings, tmp_path, config, registry=registry) as (settings, _):
+            request(
+                settings,
                 [
-                    encode(command("gw-1", "gw-lock-1", "unlock", {})),
-                    encode(command("ha-1", "porch-light", "set_brightness", {"brightness": 40})),
+                    command("gw-1", "gw-lock-1", "unlock", {}),
+                    command("ha-1", "porch-light", "set_brightness", {"brightness": 40}),
                 ],
             )
             # the gateway reads its Kafka topic and acks over MQTT; HA reports the new state

@@ -15,14 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-from confluent_kafka import Producer
 
-from connectors.kafka import producer_config, read_topic
-from infra.flowproc import FlowProcess
+from connectors.kafka import read_topic
 from infra.simulator import Fleet, FleetConfig
 from iotflow.settings import Settings
 from iotflow.topics import KafkaTopics
+from tests.dataflows.flowkit import encode, orchestrator_flow, produce
 
 NODES = [f"node-{i:04d}" for i in range(1, 501)]
 FAILING = NODES[6::10]  # node-0007, node-0017, ...: 10 %, none of them in the canary
@@ -31,16 +29,8 @@ ORCHESTRATOR = {"ack_timeout": {"mqtt": "2s"}, "max_attempts": 2, "backoff": "20
 
 @pytest.fixture
 def orchestrator(settings: Settings, tmp_path: Path) -> Iterator[Settings]:
-    config = tmp_path / "orchestrator.yaml"
-    config.write_text(yaml.safe_dump(ORCHESTRATOR))
-    settings = settings.model_copy(
-        update={"orchestrator": config, "mqtt_client_id": f"orch-{settings.topic_prefix}"}
-    )
-    with FlowProcess.start(
-        "dataflows.orchestrator:flow", settings, log=tmp_path / "orchestrator.log"
-    ) as proc:
-        proc.wait_online()
-        yield settings
+    with orchestrator_flow(settings, tmp_path, ORCHESTRATOR, log_name="orchestrator.log") as run:
+        yield run[0]
 
 
 def plan_events(settings: Settings, plan_id: str) -> list[dict[str, Any]]:
@@ -72,10 +62,8 @@ def test_rollout_with_failing_devices_aborts_and_rolls_back(orchestrator: Settin
         }
     }
     with Fleet(fleet_config, settings.require_mqtt_url(), schedule_telemetry=False) as fleet:
-        producer = Producer(producer_config(settings.require_kafka_bootstrap()))
         topic = KafkaTopics(settings.topic_prefix).command_requests
-        producer.produce(topic, json.dumps(request).encode(), key=b"fw-2.0.0-1")
-        assert producer.flush(10) == 0
+        produce(settings.require_kafka_bootstrap(), topic, [encode(request)], key=b"fw-2.0.0-1")
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             events = plan_events(settings, "fw-2.0.0-1")

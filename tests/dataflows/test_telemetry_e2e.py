@@ -9,8 +9,6 @@ must give the same outputs.
 from __future__ import annotations
 
 import json
-import threading
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,11 +17,12 @@ import duckdb
 import pytest
 from confluent_kafka import Producer
 
-from connectors.bridge import IngestBridge, ingest_record, ingest_topic
+from connectors.bridge import ingest_record, ingest_topic
 from connectors.kafka import ensure_topics, producer_config, read_topic
 from infra.flowproc import FlowProcess
 from iotflow.settings import Settings
 from iotflow.topics import KafkaTopics, MqttTopics
+from tests.dataflows.flowkit import forward_through_bridge
 
 T0 = 1_767_268_800_000  # 2026-01-01T12:00:00Z, a window boundary for 10 s windows
 
@@ -47,26 +46,7 @@ def run_flow(
         return
     # The cloud path: the bridge forwards everything, then the flow reads the ingest
     # topic to its end.
-    bridge = IngestBridge(
-        settings.require_mqtt_url(),
-        settings.require_kafka_bootstrap(),
-        prefix=settings.topic_prefix,
-        base=settings.mqtt_base,
-        client_id=f"bridge-{settings.topic_prefix}",
-    )
-    bridge.start()
-    stop = threading.Event()
-    runner = threading.Thread(target=bridge.run_until, args=(stop,), daemon=True)
-    runner.start()
-    try:
-        publish(settings.require_mqtt_url(), messages)
-        deadline = time.monotonic() + 30
-        while bridge.stats.acked < len(messages) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert bridge.stats.acked == len(messages), bridge.stats.line()
-    finally:
-        stop.set()
-        runner.join(30)
+    forward_through_bridge(settings, messages, publish)
     kafka = settings.model_copy(update={"ingest": "kafka", "ingest_until_end": True})
     with FlowProcess.start("dataflows.telemetry:flow", kafka, log=log, workers=workers) as proc:
         assert proc.wait(60) == 0, proc.log.read_text()

@@ -18,24 +18,16 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from confluent_kafka import Producer
-
-from connectors.kafka import producer_config, read_topic, tail
+from connectors.kafka import read_topic, tail
 from connectors.mqtt import connect_client
 from infra.flowproc import FlowProcess
 from infra.simulator import Fleet, FleetConfig
 from iotflow.settings import Settings
 from iotflow.topics import KafkaTopics, MqttTopics
+from tests.dataflows.flowkit import forward_through_bridge, produce
 from twins.history import property_history, state_at
 
 KINDS = ("temp", "power", "hvac", "lock", "light")
-
-
-def produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
-    producer = Producer(producer_config(bootstrap))
-    for value in values:
-        producer.produce(topic, value, key=b"k")
-    assert producer.flush(10) == 0
 
 
 def relay_commands(settings: Settings, stop: threading.Event, seen: list[dict]) -> threading.Thread:
@@ -178,8 +170,6 @@ def test_twins_follow_a_simulated_fleet(settings: Settings, tmp_path: Path, mqtt
 def test_twins_from_the_kafka_ingest_path(settings: Settings, tmp_path: Path, mqtt_publish) -> None:
     """The cloud path: MQTT -> ingest bridge -> ``{prefix}.ingest`` -> the twins flow
     (``IOTFLOW_INGEST=kafka``, read to its end), telemetry and state alike."""
-    from connectors.bridge import IngestBridge
-
     mqtt = MqttTopics(settings.mqtt_base)
     kafka = KafkaTopics(settings.topic_prefix)
     bootstrap = settings.require_kafka_bootstrap()
@@ -201,26 +191,7 @@ def test_twins_from_the_kafka_ingest_path(settings: Settings, tmp_path: Path, mq
     produce(
         bootstrap, kafka.twins_desired, [b'{"device_id": "hvac-0001", "desired": {"setpoint": 24}}']
     )
-    bridge = IngestBridge(
-        settings.require_mqtt_url(),
-        bootstrap,
-        prefix=settings.topic_prefix,
-        base=settings.mqtt_base,
-        client_id=f"bridge-{settings.topic_prefix}",
-    )
-    bridge.start()
-    stop = threading.Event()
-    runner = threading.Thread(target=bridge.run_until, args=(stop,), daemon=True)
-    runner.start()
-    try:
-        mqtt_publish(settings.require_mqtt_url(), messages)
-        deadline = time.monotonic() + 30
-        while bridge.stats.acked < len(messages) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert bridge.stats.acked == len(messages), bridge.stats.line()
-    finally:
-        stop.set()
-        runner.join(30)
+    forward_through_bridge(settings, messages, mqtt_publish)
     bounded = settings.model_copy(update={"ingest": "kafka", "ingest_until_end": True})
     with FlowProcess.start("dataflows.twins:flow", bounded, log=tmp_path / "flow.log") as proc:
         assert proc.wait(60) == 0, proc.log.read_text()
