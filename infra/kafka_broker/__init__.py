@@ -11,9 +11,13 @@ Kafka connectors rely on):
 
 - Protocol: the non-flexible versions of Produce (3-8), Fetch (4-11),
   ListOffsets (1-5), Metadata (0-8), OffsetCommit (2-7), OffsetFetch (1-5),
-  FindCoordinator (0-2), ApiVersions (0-2), CreateTopics (0-4), DeleteTopics
+  FindCoordinator (0-2), JoinGroup (0-5), SyncGroup (0-3), Heartbeat (0-3),
+  LeaveGroup (0-2), ApiVersions (0-2), CreateTopics (0-4), DeleteTopics
   (0-3), InitProducerId (0-1) and DescribeConfigs (0-2); clients negotiate
   down to them.
+- Consumer groups (``subscribe()``): partitions shared among members and
+  rebalanced when one joins, leaves or goes silent past its session timeout
+  (``infra.kafka_broker.groups``); committed offsets per group.
 - A batch is stored as the producer sent it (record batch v2, any
   compression) and fetched byte for byte; offsets are dense per partition.
 - Idempotent producers: a resent batch is not appended twice, a sequence gap
@@ -25,8 +29,7 @@ Kafka connectors rely on):
   ``max.message.bytes`` enforced per batch. Each partition keeps at most
   ``--retention-mb`` (oldest batches go first; the log start offset moves).
 
-Not supported: consumer group membership (``subscribe()``; ``assign()`` with
-committed offsets works), transactions, compaction (the policy is recorded,
+Not supported: static group membership, the initial rebalance delay, transactions, compaction (the policy is recorded,
 nothing is compacted), SASL/TLS, CRC checks on produce, more than one node,
 persistence across restarts.
 """

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from infra.kafka_broker.codec import ProtocolError, Reader, Writer
+from infra.kafka_broker.groups import GroupCoordinator
 from infra.kafka_broker.log import AppendError, PartitionLog
 
 __all__ = ["API_VERSIONS", "BrokerStats", "KafkaBroker"]
@@ -33,6 +34,10 @@ API_VERSIONS: dict[int, tuple[int, int]] = {
     8: (2, 7),  # OffsetCommit
     9: (1, 5),  # OffsetFetch
     10: (0, 2),  # FindCoordinator
+    11: (0, 5),  # JoinGroup
+    12: (0, 3),  # Heartbeat
+    13: (0, 2),  # LeaveGroup
+    14: (0, 3),  # SyncGroup
     18: (0, 2),  # ApiVersions
     19: (0, 4),  # CreateTopics
     20: (0, 3),  # DeleteTopics
@@ -96,9 +101,7 @@ def topic_name_problem(name: str) -> str | None:
 class KafkaBroker:
     """Topics, offsets and the request handlers; ``start()`` listens on TCP.
 
-    Not supported: consumer group membership (JoinGroup/SyncGroup/Heartbeat;
-    ``subscribe()`` fails, ``assign()`` with offset commits works),
-    transactions, compaction (``cleanup.policy`` is kept and reported, nothing
+    Not supported: static group membership, transactions, compaction (``cleanup.policy`` is kept and reported, nothing
     is compacted), SASL/TLS, more than one node, persistence across restarts.
     """
 
@@ -118,6 +121,8 @@ class KafkaBroker:
         self.topics: dict[str, _Topic] = {}
         self.committed: dict[tuple[str, str, int], tuple[int, str | None]] = {}
         self._next_producer_id = 1000
+        self.groups = GroupCoordinator()
+        self._expiry: asyncio.Task[None] | None = None
         self._stats = BrokerStats()
         self._server: asyncio.Server | None = None
         self._connections: dict[asyncio.StreamWriter, asyncio.Task[None]] = {}
@@ -129,6 +134,10 @@ class KafkaBroker:
             8: self._offset_commit,
             9: self._offset_fetch,
             10: self._find_coordinator,
+            11: self._join_group,
+            12: self._heartbeat,
+            13: self._leave_group,
+            14: self._sync_group,
             18: self._api_versions,
             19: self._create_topics,
             20: self._delete_topics,
@@ -143,9 +152,17 @@ class KafkaBroker:
         """Listen on ``host:port`` (0 picks one); return the port."""
         self._server = await asyncio.start_server(self._serve, host, port, limit=1 << 20)
         self.port = self._server.sockets[0].getsockname()[1]
+        self._expiry = asyncio.get_running_loop().create_task(self._expire_members())
         return self.port
 
+    async def _expire_members(self) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            self.groups.expire()
+
     async def close(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
         if self._server is not None:
             self._server.close()
         for writer, task in list(self._connections.items()):
@@ -182,6 +199,8 @@ class KafkaBroker:
                 writer.write(len(response).to_bytes(4, "big") + response)
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        except asyncio.CancelledError:  # close(): end quietly, the loop is going away
             pass
         except _CloseConnection as exc:
             log.warning("closing %s: %s", peer, exc)
@@ -603,8 +622,7 @@ class KafkaBroker:
 
     async def _offset_commit(self, version: int, request: Reader) -> Writer:
         group = request.string()
-        request.int32()  # generation: groups without members accept any
-        request.string()
+        generation, member_id = request.int32(), request.string()
         if version >= 7:
             request.nstring()
         if 2 <= version <= 4:
@@ -617,6 +635,7 @@ class KafkaBroker:
             return index, offset, p.nstring()
 
         wanted = request.array(lambda t: (t.string(), t.array(read_partition)))
+        membership = self.groups.generation_ok(group, generation, member_id)
         out = Writer()
         if version >= 3:
             out.int32(0)
@@ -625,6 +644,9 @@ class KafkaBroker:
             name, index, offset, metadata = row
             if self._partition(name, index) is None:
                 w.int32(index).int16(UNKNOWN_TOPIC_OR_PARTITION)
+                return
+            if membership != NONE:
+                w.int32(index).int16(membership)
                 return
             self.committed[(group, name, index)] = (offset, metadata)
             w.int32(index).int16(NONE)
@@ -656,6 +678,65 @@ class KafkaBroker:
         if version >= 2:
             out.int16(NONE)
         return out
+
+    # -- consumer groups (see infra.kafka_broker.groups) --------------------------
+
+    async def _join_group(self, version: int, request: Reader) -> Writer:
+        group, session_ms = request.string(), request.int32()
+        rebalance_ms = request.int32() if version >= 1 else session_ms
+        member_id = request.string()
+        if version >= 5:
+            request.nstring()  # static membership is not supported: treated as dynamic
+        protocol_type = request.string()
+        protocols = [
+            (name, bytes(meta or b""))
+            for name, meta in request.array(lambda p: (p.string(), p.nbytes()))
+        ]
+        result = await self.groups.join(
+            group, member_id, protocol_type, protocols, session_ms, rebalance_ms
+        )
+        out = Writer()
+        if version >= 2:
+            out.int32(0)
+        out.int16(result.error).int32(result.generation).nstring(result.protocol)
+        out.nstring(result.leader).nstring(result.member_id)
+
+        def member(w: Writer, item: tuple[str, bytes]) -> None:
+            w.nstring(item[0])
+            if version >= 5:
+                w.nstring(None)
+            w.nbytes(item[1])
+
+        return out.array(result.members, member)
+
+    async def _sync_group(self, version: int, request: Reader) -> Writer:
+        group, generation, member_id = request.string(), request.int32(), request.string()
+        if version >= 3:
+            request.nstring()
+        assignments = [
+            (m, bytes(a or b"")) for m, a in request.array(lambda a: (a.string(), a.nbytes()))
+        ]
+        error, assignment = await self.groups.sync(group, generation, member_id, assignments)
+        out = Writer()
+        if version >= 1:
+            out.int32(0)
+        return out.int16(error).nbytes(assignment)
+
+    async def _heartbeat(self, version: int, request: Reader) -> Writer:
+        group, generation, member_id = request.string(), request.int32(), request.string()
+        if version >= 3:
+            request.nstring()
+        out = Writer()
+        if version >= 1:
+            out.int32(0)
+        return out.int16(self.groups.heartbeat(group, generation, member_id))
+
+    async def _leave_group(self, version: int, request: Reader) -> Writer:
+        group, member_id = request.string(), request.string()
+        out = Writer()
+        if version >= 1:
+            out.int32(0)
+        return out.int16(self.groups.leave(group, member_id))
 
 
 class _CloseConnection(Exception):

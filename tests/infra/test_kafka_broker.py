@@ -334,3 +334,81 @@ def test_a_waiting_fetch_is_woken_by_an_append() -> None:
         return woken.done()
 
     assert asyncio.run(scenario())
+
+
+def _poll_all(
+    consumers: list[Consumer], seen: dict[int, set[bytes]], until: int, timeout_s: float
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while sum(len(s) for s in seen.values()) < until and time.monotonic() < deadline:
+        for i, consumer in enumerate(consumers):
+            for message in consumer.consume(500, 0.1):
+                if message.error() is None:
+                    seen.setdefault(i, set()).add(message.value())
+
+
+def test_a_consumer_group_shares_partitions_and_rebalances_when_a_member_leaves(
+    broker: EmbeddedKafka,
+) -> None:
+    topic, group = _topic(), f"g-{uuid.uuid4().hex[:6]}"
+    _create(broker.bootstrap, topic, partitions=4)
+    conf = {
+        "bootstrap.servers": broker.bootstrap,
+        "group.id": group,
+        "auto.offset.reset": "earliest",
+        "session.timeout.ms": 6000,
+        "heartbeat.interval.ms": 200,
+    }
+    first, second = Consumer(conf), Consumer(conf)
+    first.subscribe([topic])
+    second.subscribe([topic])
+    producer = Producer({"bootstrap.servers": broker.bootstrap})
+    for i in range(400):
+        producer.produce(topic, f"a{i}".encode(), partition=i % 4)
+    producer.flush(10)
+    seen: dict[int, set[bytes]] = {}
+    _poll_all([first, second], seen, 400, 30)
+    assert set().union(*seen.values()) == {f"a{i}".encode() for i in range(400)}
+    assert (
+        seen[0].isdisjoint(seen[1]) and seen[0] and seen[1]
+    )  # each member got partitions of its own
+    assert sorted(tp.partition for tp in first.assignment() + second.assignment()) == [0, 1, 2, 3]
+
+    first.commit(asynchronous=False)
+    second.commit(asynchronous=False)
+    second.close()  # LeaveGroup: the first member takes every partition
+    for i in range(400):
+        producer.produce(topic, f"b{i}".encode(), partition=i % 4)
+    producer.flush(10)
+    after: dict[int, set[bytes]] = {}
+    _poll_all([first], after, 400, 30)
+    assert after[0] == {f"b{i}".encode() for i in range(400)}  # nothing of the first round again
+    assert sorted(tp.partition for tp in first.assignment()) == [0, 1, 2, 3]
+    first.close()
+
+
+def test_a_silent_member_is_dropped_after_its_session_timeout() -> None:
+    async def scenario() -> tuple[list[str], list[str], int]:
+        from infra.kafka_broker.groups import GroupCoordinator
+
+        now = [0.0]
+        groups = GroupCoordinator(clock=lambda: now[0])
+        one = await groups.join("g", "", "consumer", [("range", b"m1")], 1000, 1000)
+        assert (one.error, one.leader, one.members) == (0, one.member_id, ((one.member_id, b"m1"),))
+        assert await groups.sync("g", one.generation, one.member_id, [(one.member_id, b"all")]) == (
+            0,
+            b"all",
+        )
+        two = asyncio.ensure_future(
+            groups.join("g", "", "consumer", [("range", b"m2")], 1000, 1000)
+        )
+        await asyncio.sleep(0)
+        assert groups.heartbeat("g", one.generation, one.member_id) == 27  # rejoin, please
+        before = groups.describe("g")[2]
+        now[0] = 5.0  # the first member never rejoins and goes silent
+        groups.expire()
+        joined = await two
+        return before, groups.describe("g")[2], joined.generation - one.generation
+
+    before, after, generations = asyncio.run(scenario())
+    assert len(before) == 2 and len(after) == 1 and generations == 1
