@@ -1136,11 +1136,10 @@ class CepEngine:
             if dims is None:
                 msg = (
                     f"pattern {p.name!r} groups keys by {p.group_by!r}; build the engine with "
-                    f"dimensions={{'dev-1': {{'{p.group_by}': 'z1'}}, ...}}"
+                    f"dimensions={{'dev-1': {{'{p.grouping_set[0]}': 'z1'}}, ...}}"
                 )
                 raise ConfigError(msg)
-            groups = {k: d[p.group_by] for k, d in dims.items() if p.group_by in d}
-            return _Correlation(p, slot, stats, groups)
+            return _Correlation(p, slot, stats, p.groups(dims))
         raise ConfigError(f"pattern kind {type(p).__name__} is not supported")  # unreachable
 
     def _check_columns(self, chosen: list[Pattern], columns: set[str]) -> None:

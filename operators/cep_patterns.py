@@ -13,8 +13,8 @@ detection, request a command, update a twin). The kinds:
 ``absence``    no event (matching ``expect``) from a key for ``within``, or none
                within ``within`` after an event matching ``after``
 ``rate``       ``value`` rises (falls) faster than ``exceeds`` per ``per``
-``correlation`` ``min_keys`` keys of one group (``group_by`` dimension) match
-               ``condition`` within ``within``
+``correlation`` ``min_keys`` keys of one group (``group_by``: a dimension or a
+               grouping set) match ``condition`` within ``within``
 =============  ==================================================================
 
 The engine (``operators.cep``) documents the exact semantics of each kind.
@@ -51,6 +51,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -69,6 +70,7 @@ from iotflow.declarations import load_file, parse_text, validate
 from iotflow.durations import label as _label
 from iotflow.durations import parse_duration
 from operators.expr import Expr
+from operators.groups import group_keys, set_label
 
 __all__ = [
     "BUILTIN_INPUTS",
@@ -406,13 +408,24 @@ class AbsencePattern(_PatternBase):
 class CorrelationPattern(_PatternBase):
     """``min_keys`` distinct keys of one group match ``condition`` within ``within``.
 
-    ``group_by`` names a dimension of the device mapping the engine is built
-    with (``{"dev-1": {"zone": "z1"}}``); the detection's key is the group value.
+    ``group_by`` names the group over the device mapping the engine is built
+    with (``{"dev-1": {"zone": "z1"}}``): one dimension (``zone``) or a
+    grouping set (``[building, floor]``), grouped as the group statistics and
+    the peer rule group (``operators.groups``); a key without every dimension
+    of the set is ``ungrouped``. The detection's key is the group: the value
+    for one dimension (``z1``), the group key for a set (``building=A|floor=2``).
+
+        >>> p = CorrelationPattern(name="surge", condition="t > 35", min_keys=2,
+        ...                        within="1m", group_by=["building", "floor"])
+        >>> p.groups({"a": {"building": "A", "floor": "2"}, "b": {"building": "A"}})
+        {'a': 'building=A|floor=2'}
+        >>> p.label
+        'building+floor'
     """
 
     kind: Literal["correlation"] = "correlation"
     condition: Expr
-    group_by: str = Field(min_length=1)
+    group_by: str | list[str]
     min_keys: int = Field(ge=1)
     within: PositiveDuration
 
@@ -420,6 +433,32 @@ class CorrelationPattern(_PatternBase):
     @classmethod
     def _cond(cls, v: Expr) -> Expr:
         return _condition(v, "condition")
+
+    @field_validator("group_by")
+    @classmethod
+    def _group(cls, v: str | list[str]) -> str | list[str]:
+        names = [v] if isinstance(v, str) else v
+        if not names or "" in names or len(set(names)) != len(names):
+            msg = f"group_by={v!r} must name one dimension or distinct ones (e.g. zone or [building, floor])"
+            raise ValueError(msg)
+        return v
+
+    @property
+    def grouping_set(self) -> list[str]:
+        """The dimensions of the group, as a grouping set."""
+        return [self.group_by] if isinstance(self.group_by, str) else list(self.group_by)
+
+    @property
+    def label(self) -> str:
+        """The grouping set's name (``zone``, ``building+floor``)."""
+        return set_label(self.grouping_set)
+
+    def groups(self, dimensions: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
+        """Key -> its group (the detection's key), for every key that has one."""
+        if isinstance(self.group_by, str):
+            name = self.group_by
+            return {k: d[name] for k, d in dimensions.items() if name in d}
+        return group_keys(dimensions, self.group_by)
 
     def conditions(self) -> dict[str, Expr]:
         return {"cond": self.condition}

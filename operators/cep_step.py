@@ -147,7 +147,7 @@ def cep(
     # one engine for per-key patterns, one per grouping dimension for correlations
     groups: dict[str, list[Any]] = {}
     for p in chosen:
-        where = f"group-{p.group_by}" if isinstance(p, CorrelationPattern) else "keyed"
+        where = f"group-{p.label}" if isinstance(p, CorrelationPattern) else "keyed"
         groups.setdefault(where, []).append(p)
     if any(k.startswith("group-") for k in groups) and dimensions is None:
         name = next(p.name for p in chosen if isinstance(p, CorrelationPattern))
@@ -162,8 +162,9 @@ def cep(
         if where == "keyed":
             sharder = _Sharder(spec.key, shards, lambda k: k)
         else:
-            dim = where.removeprefix("group-")
-            sharder = _Sharder(spec.key, shards, lambda k, d=dim: dims.get(k, {}).get(d, ""))
+            # every key of a group to one shard: routed by its group (operators.groups)
+            of_group = members[0].groups(dims)
+            sharder = _Sharder(spec.key, shards, lambda k, g=of_group: g.get(k, ""))
 
         def build(state: dict[str, Any] | None, subset: PatternSet = subset) -> LogicStep:
             engine = CepEngine(subset, state, now=now, input=input, dimensions=dims)

@@ -818,6 +818,41 @@ def test_correlation_boundary_and_fresh_start_after_a_match() -> None:
     assert engine.stats()["patterns"]["surge"]["ungrouped"] == 1
 
 
+def test_correlation_over_a_grouping_set_groups_as_the_group_statistics() -> None:
+    """group_by [building, floor]: keys of one floor of one building correlate; the
+    detection's key is the group key of operators.groups; a key without a floor is
+    ungrouped."""
+    floors = {
+        "a": {"building": "A", "floor": "1"},
+        "b": {"building": "A", "floor": "1"},
+        "c": {"building": "A", "floor": "2"},  # another floor of the same building
+        "d": {"building": "B", "floor": "1"},  # the same floor number elsewhere
+        "u": {"building": "A"},
+    }
+    engine = build([{**SURGE, "group_by": ["building", "floor"], "min_keys": 2}], dimensions=floors)
+    out = run(
+        engine,
+        frame(
+            [
+                ("a", 0, {"t": 36.0}),
+                ("c", 1, {"t": 36.0}),
+                ("d", 2, {"t": 36.0}),
+                ("u", 3, {"t": 36.0}),
+                ("b", 4, {"t": 36.0}),
+            ]
+        ),
+    )
+    assert dets(out) == [("surge", "building=A|floor=1", 4.0)]
+    assert out[0].details["group_by"] == ["building", "floor"]
+    assert engine.stats()["patterns"]["surge"]["ungrouped"] == 1
+
+
+@pytest.mark.parametrize("group_by", ["", [], ["zone", "zone"]])
+def test_correlation_group_by_must_name_distinct_dimensions(group_by: Any) -> None:
+    with pytest.raises(ValueError, match="group_by"):
+        build([{**SURGE, "group_by": group_by}], dimensions=ZONES)
+
+
 # -- engine: time, bad input, recovery --------------------------------------------------------
 
 

@@ -120,3 +120,33 @@ def test_bad_arguments_fail_when_the_flow_is_built() -> None:
         cep("cep2", frames, PATTERNS)
     with pytest.raises(ConfigError, match="no pattern listens to input 'windows'"):
         cep("cep3", frames, PATTERNS, input="windows", dimensions=ZONES)
+
+
+@pytest.mark.parametrize("shards", [1, 4])
+def test_correlation_over_a_grouping_set_meets_in_one_shard(shards: int) -> None:
+    """Every key of a group goes to the shard of its group, whatever the shard count."""
+    floors = {f"d{i}": {"building": "A", "floor": str(i % 3)} for i in range(12)}
+    patterns = PatternSet.from_dict(
+        [
+            {
+                "name": "surge",
+                "kind": "correlation",
+                "condition": "t > 35",
+                "group_by": ["building", "floor"],
+                "min_keys": 4,
+                "within": "1m",
+            }
+        ]
+    )
+    flow = Dataflow("cep_sets")
+    rows = [(f"d{i}", i, {"t": 36.0}) for i in range(12)]
+    frames = op.input("in", flow, TestingSource([frame(rows[:6]), frame(rows[6:])]))
+    out = cep("cep", frames, patterns, dimensions=floors, shards=shards, now=ManualClock())
+    got: list[Detection] = []
+    op.output("detections", out.detections, TestingSink(got))
+    run_main(flow, epoch_interval=timedelta(0))
+    assert sorted((d.key, secs(d.ts)) for d in got) == [
+        ("building=A|floor=0", 9.0),
+        ("building=A|floor=1", 10.0),
+        ("building=A|floor=2", 11.0),
+    ]
