@@ -57,11 +57,12 @@ pattern: it neither matches nor breaks a run.
   Keys never seen are never reported. With ``after``: the sequence
   ``after`` then ``not_followed_by expect`` ``within`` (each ``after`` event gets
   its own deadline).
-* ``correlation``: keys are mapped to a group by the ``group_by`` dimension;
-  detects when ``min_keys`` distinct keys of a group have a matching event
-  less than ``within`` apart (the detection's key is the group). After a
-  detection the group starts afresh (skip past last event). Events of keys
-  without the dimension are counted (``ungrouped``) and ignored.
+* ``correlation``: keys are mapped to a group by the ``group_by`` dimension
+  or grouping set (``operators.groups``); detects when ``min_keys`` distinct
+  keys of a group have a matching event less than ``within`` apart (the
+  detection's key is the group). After a detection the group starts afresh
+  (skip past last event). Events of keys without every dimension are counted
+  (``ungrouped``) and ignored.
 
 Sequences
 ---------
