@@ -288,9 +288,10 @@ def test_aggregate_records_expand_to_the_window_results_the_cloud_computes() -> 
 
 
 def test_the_edge_process_imports_neither_polars_numpy_nor_duckdb() -> None:
+    # nor PyYAML while its declarations are JSON (the default workflow is a dict)
     code = (
         "import sys, bytewax.run, dataflows.edge;"
-        "print(sorted(m for m in ('numpy', 'polars', 'duckdb', 'bytewax.connectors.kafka')"
+        "print(sorted(m for m in ('numpy', 'polars', 'duckdb', 'bytewax.connectors.kafka', 'yaml')"
         " if m in sys.modules))"
     )
     done = subprocess.run(
