@@ -37,6 +37,7 @@ acknowledgments travel between its source and its sink inside the process.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import queue
@@ -61,6 +62,7 @@ from iotflow.topics import MqttTopics
 
 __all__ = [
     "AckChannel",
+    "ByteBoundedQueue",
     "Checkpoint",
     "GatewaySink",
     "GatewaySource",
@@ -334,7 +336,10 @@ class GatewaySource(DynamicSource[Inbound]):
 
 
 _encode = msgspec.json.encode
-_DISK_QUEUE = 10_000  # items between the dataflow and the disk writer
+# what waits between the dataflow and the disk writer, in bytes (an item counts its payload
+# plus _ITEM_OVERHEAD): a checkpoint of 1,000 devices is ~0.2 MB, a record a few hundred bytes
+_DISK_QUEUE_BYTES = 4 * 1024 * 1024
+_ITEM_OVERHEAD = 200
 _TRIM_EVERY_S = 5.0
 
 
@@ -349,6 +354,68 @@ def release_memory() -> None:
         libc.malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def _queued_bytes(item: Any) -> int:
+    if isinstance(item, UplinkRecord):
+        return item.size + _ITEM_OVERHEAD
+    if isinstance(item, Checkpoint):
+        return len(item.state) + 8 * len(item.tokens) + _ITEM_OVERHEAD
+    return _ITEM_OVERHEAD
+
+
+class ByteBoundedQueue:
+    """A FIFO between two threads bounded in bytes: ``put`` waits while the items
+    waiting and the new one would pass ``max_bytes``; an item larger than the bound
+    alone goes in once the queue is empty (nothing is ever refused, order is kept).
+
+    Example::
+
+        >>> q = ByteBoundedQueue(100)
+        >>> q.put("a", 60), q.put("b", 500, timeout_s=0)  # "b" waits for room
+        (True, False)
+        >>> q.get(), q.put("b", 500, timeout_s=0), q.get(), q.waiting_bytes
+        ('a', True, 'b', 0)
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.waiting_bytes = 0
+        self._items: collections.deque[tuple[Any, int]] = collections.deque()
+        self._changed = threading.Condition()
+
+    def put(self, item: Any, size: int, timeout_s: float | None = None) -> bool:
+        """Queue ``item`` counted as ``size`` bytes; False if there was no room within
+        ``timeout_s`` (None: wait as long as it takes)."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with self._changed:
+            while self._items and self.waiting_bytes + size > self.max_bytes:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._changed.wait(left)
+            self._items.append((item, size))
+            self.waiting_bytes += size
+            self._changed.notify_all()
+            return True
+
+    def get(self, timeout_s: float | None = None) -> Any:
+        """The oldest item; ``queue.Empty`` if none came within ``timeout_s``."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with self._changed:
+            while not self._items:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise queue.Empty
+                self._changed.wait(left)
+            item, size = self._items.popleft()
+            self.waiting_bytes -= size
+            self._changed.notify_all()
+            return item
+
+    def empty(self) -> bool:
+        with self._changed:
+            return not self._items
 
 
 class _GatewaySinkPartition(StatelessSinkPartition[Any]):
@@ -366,8 +433,8 @@ class _GatewaySinkPartition(StatelessSinkPartition[Any]):
         self._buffer = buffer
         self._uplink = uplink
         self._acks = acks
-        # bounded: a disk slower than the flow holds the flow back, never fills memory
-        self._disk: queue.Queue[Any] = queue.Queue(maxsize=_DISK_QUEUE)
+        # bounded in bytes: a disk slower than the flow holds the flow back, never fills memory
+        self._disk = ByteBoundedQueue(_DISK_QUEUE_BYTES)
         self._failed: BaseException | None = None
         self._writer = threading.Thread(target=self._write, name="iotflow-edge-disk", daemon=True)
         self._writer.start()
@@ -382,7 +449,7 @@ class _GatewaySinkPartition(StatelessSinkPartition[Any]):
             self._commands.write_batch(commands)
         for item in items:
             if isinstance(item, UplinkRecord | GatewayStatus | Checkpoint):
-                self._disk.put(item)
+                self._disk.put(item, _queued_bytes(item))
             elif not isinstance(item, MqttMessage):
                 raise TypeError(f"the gateway sink got a {type(item).__name__}: {item!r}")
 
@@ -394,7 +461,7 @@ class _GatewaySinkPartition(StatelessSinkPartition[Any]):
                 release_memory()
                 trimmed = time.monotonic()
             try:
-                item = self._disk.get(timeout=_TRIM_EVERY_S)
+                item = self._disk.get(timeout_s=_TRIM_EVERY_S)
             except queue.Empty:
                 continue
             try:
@@ -440,7 +507,7 @@ class _GatewaySinkPartition(StatelessSinkPartition[Any]):
         return UplinkRecord(rid, "status", status.gateway_id, _encode(body), status.ts_ms)
 
     def close(self) -> None:
-        self._disk.put(None)
+        self._disk.put(None, 0)
         self._writer.join()
         self._uplink.stop()
         self._commands.close()

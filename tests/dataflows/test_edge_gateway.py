@@ -1,12 +1,16 @@
 """The gateway's MQTT source against the real broker: a burst waits in the broker, not in
-the gateway, and still arrives whole and in order."""
+the gateway, and still arrives whole and in order; the sink's disk queue is bounded in bytes."""
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections import defaultdict
 
-from connectors.gateway import AckChannel, GatewaySource
+import pytest
+
+from connectors.gateway import AckChannel, ByteBoundedQueue, GatewaySource
 from connectors.mqtt import connect_client
 from infra.stack import StackInfo
 from iotflow.topics import MqttTopics
@@ -76,3 +80,29 @@ def test_closing_while_a_burst_waits_returns(stack: StackInfo, names) -> None:
     _wait_for_a_batch(partition)
     partition.close()  # the client's thread, held for room, lets go (else the test times out)
     assert partition.waiting >= BATCH
+
+
+def test_the_disk_queue_is_bounded_in_bytes_and_keeps_order() -> None:
+    q = ByteBoundedQueue(1000)
+    assert q.put("small", 400)
+    assert q.put("small2", 400)
+    assert not q.put("checkpoint", 300, timeout_s=0.05)  # 1,100 bytes would wait
+    got: list[str] = []
+
+    def later() -> None:
+        time.sleep(0.1)
+        got.append(q.get())
+
+    t = threading.Thread(target=later)
+    t.start()
+    assert q.put("checkpoint", 300, timeout_s=5)  # room once the first item is taken
+    t.join()
+    assert got == ["small"] and q.waiting_bytes == 700
+    assert [q.get(), q.get()] == ["small2", "checkpoint"]
+    # an item larger than the bound goes in alone, and nothing passes it
+    assert q.put("huge", 5000, timeout_s=0)
+    assert not q.put("next", 1, timeout_s=0.05)
+    assert q.get() == "huge" and q.put("next", 1, timeout_s=0)
+    assert q.get() == "next" and q.empty()
+    with pytest.raises(queue.Empty):
+        q.get(timeout_s=0.01)
