@@ -388,7 +388,13 @@ def test_persistent_session_queues_while_offline_and_resends_unacked(
         assert client.wait_for(3) == [b"0", b"1", b"2"]
         client.client.ack(client.messages[0].mid, 1)
         time.sleep(0.1)  # let the PUBACK reach the broker
+        connected = broker.stats().connections
         client.kill()  # 1 and 2 stay unacknowledged
+        # 3-5 must find the session offline: a publish the broker handles before it reads
+        # the dead socket's EOF goes to that socket and is rightly resent with DUP
+        deadline = time.monotonic() + 10
+        while broker.stats().connections >= connected and time.monotonic() < deadline:
+            time.sleep(0.01)
         for i in range(3, 6):
             pub.publish(f"{base}/t", b"%d" % i)
         again = Client(broker.port, cid, clean_start=False, session_expiry_s=60)
