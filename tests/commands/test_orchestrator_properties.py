@@ -107,7 +107,7 @@ class Log:
             assert requested == set(terminal), f"unfinished: {requested - set(terminal)}"
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.lists(ops, min_size=5, max_size=80))
 @example(  # a queued command expires while the timers are late; its device is then freed
     [

@@ -324,7 +324,7 @@ def test_request_builder_needs_a_run_id() -> None:
     assert set(coordinator_builders()) == {"plan", "saga", "rollout"}
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(
     bad=st.sets(st.integers(0, 59), max_size=20),
     flaky=st.lists(st.sampled_from([DONE, DONE, DONE, DROPPED, LOST]), max_size=40),

@@ -350,7 +350,7 @@ def test_saga_settings_are_checked() -> None:
 OUTCOMES = st.sampled_from([DONE, DONE, DONE, FAILED, LOST, DROPPED, EXPIRED, LATE])
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=75, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     script=st.lists(OUTCOMES, max_size=60),
     lights=st.integers(1, 5),
@@ -472,7 +472,7 @@ def test_hosted_silent_light_rolls_everything_back() -> None:
     }
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(script=st.lists(DEVICE_ANSWERS, max_size=40), lights=st.integers(1, 4))
 def test_hosted_random_device_answers_end_all_done_or_all_compensated(
     script: list[str], lights: int

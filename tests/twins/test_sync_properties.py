@@ -99,7 +99,7 @@ def run_all(policy: str, events, batch: int):
     return sync, changes
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(
     policy=st.sampled_from(sorted(POLICIES)),
     events=st.lists(update(), min_size=1, max_size=30),
@@ -119,7 +119,7 @@ def test_any_interleaving_matches_the_policy(policy, events, batch):
         assert (last.reported, last.desired, last.delta) == (rep, des, delta)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     policy=st.sampled_from(["latest_timestamp", "source_priority"]),
     events=st.lists(update(), min_size=1, max_size=20, unique_by=lambda e: (e[0], e[1], e[3])),
