@@ -57,12 +57,14 @@ def telemetry_filters(settings: Settings) -> list[str]:
     return settings.mqtt_topics or [MqttTopics(settings.mqtt_base).telemetry()]
 
 
-def mqtt_source(settings: Settings, client_id: str | None = None) -> MqttSource:
+def mqtt_source(
+    settings: Settings, client_id: str | None = None, linger: timedelta = timedelta(0)
+) -> MqttSource:
     """The telemetry subscription of the settings' MQTT broker.
 
     ``client_id`` is the flow's own default; ``IOTFLOW_MQTT_CLIENT_ID``, when set,
     wins. Two flows must never share one: the broker would hand the session back
-    and forth between them.
+    and forth between them. ``linger``: see ``MqttSource``.
     """
     if "mqtt_client_id" in settings.model_fields_set:
         client_id = settings.mqtt_client_id
@@ -73,6 +75,7 @@ def mqtt_source(settings: Settings, client_id: str | None = None) -> MqttSource:
         client_id=client_id or settings.mqtt_client_id,
         status_base=settings.mqtt_base,
         idle_stop=None if idle is None else timedelta(seconds=idle),
+        linger=linger,
     )
 
 
@@ -187,8 +190,12 @@ def device_messages(
     settings: Settings,
     source: Source[list[DeviceMessage]] | None = None,
     client_id: str | None = None,
+    linger: timedelta = timedelta(0),
 ) -> Ingest:
     """Add the input of ``settings.ingest`` (or ``source``, for tests) to ``flow``.
+
+    ``linger`` lets MQTT batches gather (``MqttSource``); the Kafka input batches by
+    its fetch already.
 
     Kafka input is read through ``DedupedIngest`` unless ``IOTFLOW_INGEST_DEDUPE_RECORDS``
     is 0.
@@ -196,7 +203,7 @@ def device_messages(
     if source is not None:
         return Ingest(op.input("in", flow, source), None)
     if settings.ingest == "mqtt":
-        return Ingest(op.input("in", flow, mqtt_source(settings, client_id)), None)
+        return Ingest(op.input("in", flow, mqtt_source(settings, client_id, linger)), None)
     if settings.ingest != "kafka":
         msg = f"IOTFLOW_INGEST={settings.ingest!r} is not understood; use 'mqtt' or 'kafka'"
         raise ConfigError(msg)

@@ -514,10 +514,13 @@ class _MqttPartition(StatelessSourcePartition[list[DeviceMessage]]):
         session_expiry_s: int,
         idle_stop: timedelta | None,
         tls: MqttTls | None = None,
+        linger: timedelta = timedelta(0),
     ) -> None:
         # filled by the client's network thread; deque appends and pops are atomic
         self._inbox: deque[RawPublish] = deque()
         self._batch_size = batch_size
+        self._linger = linger
+        self._waiting_since: datetime | None = None  # when a poll first saw the waiting ones
         self._idle_stop = idle_stop
         self._last_message: float | None = None
         self._awake: datetime | None = None
@@ -562,6 +565,15 @@ class _MqttPartition(StatelessSourcePartition[list[DeviceMessage]]):
             raise BrokerError(f"MQTT broker {MqttUrl.parse(url)} refused the subscription: {why}")
 
     def next_batch(self) -> list[list[DeviceMessage]]:
+        if self._linger and self._inbox and len(self._inbox) < self._batch_size:
+            now = _now()
+            if self._waiting_since is None:
+                self._waiting_since = now
+            due = self._waiting_since + self._linger
+            if now < due:  # let a batch gather: each costs the flow a fixed ~1-4 ms
+                self._awake = due
+                return []
+        self._waiting_since = None
         received_ms = time.time_ns() // 1_000_000
         batch: list[DeviceMessage] = []
         acks: list[tuple[int, int]] = []
@@ -623,6 +635,13 @@ class MqttSource(DynamicSource[list[DeviceMessage]]):
     the first one: windows then flush and the flow exits, which suits demos,
     backfills and tests.
 
+    ``linger`` (default 0: each poll hands over whatever waits) lets a batch
+    gather: messages are handed over once ``batch_size`` wait or the first of
+    them was seen ``linger`` ago, so a message waits at most about ``linger``
+    longer. Every batch costs the steps behind it a fixed amount (the
+    monitoring flow: ~3.5 ms of CPU per batch, whatever its size), so at
+    40,000 msgs/s batches of 1,000 instead of 200 take a third of the CPU.
+
     Security: ``tls`` (default: ``MqttTls.from_settings()``) for ``mqtts://``.
     A topic the user may not read is a subscription Mosquitto's ACL file still
     grants (SUBACK success) but never delivers on; a broker that refuses the
@@ -641,8 +660,11 @@ class MqttSource(DynamicSource[list[DeviceMessage]]):
         session_expiry: timedelta = timedelta(hours=1),
         idle_stop: timedelta | None = None,
         tls: MqttTls | None = None,
+        linger: timedelta = timedelta(0),
     ) -> None:
         MqttUrl.parse(url)  # fail at build time, not in the worker
+        if linger < timedelta(0):
+            raise ConfigError(f"linger {linger} must not be negative")
         if not client_id:
             raise ConfigError("MqttSource needs a stable client_id (its session and last will)")
         if not topics:
@@ -658,6 +680,7 @@ class MqttSource(DynamicSource[list[DeviceMessage]]):
         self._session_expiry_s = int(session_expiry.total_seconds())
         self._idle_stop = idle_stop
         self._tls = tls
+        self._linger = linger
 
     def status_topic(self, worker_index: int) -> str:
         return f"{self._status_base}/flows/{self._client_id}-{worker_index}/status"
@@ -678,6 +701,7 @@ class MqttSource(DynamicSource[list[DeviceMessage]]):
             self._session_expiry_s,
             self._idle_stop,
             self._tls,
+            self._linger,
         )
 
 

@@ -201,7 +201,9 @@ def build_flow(
     )
 
     flow = Dataflow("monitoring")
-    ingest = device_messages(flow, settings, source, client_id="iotflow-monitoring")
+    ingest = device_messages(
+        flow, settings, source, client_id="iotflow-monitoring", linger=spec.ingest_linger
+    )
     decoded = op.map("decode", ingest.messages, decoder.decode_frame)
     frames = op.filter(
         "nonempty", op.map("frames", decoded, lambda out: out.ok), lambda f: f.height > 0

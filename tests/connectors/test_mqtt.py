@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from paho.mqtt.packettypes import PacketTypes
@@ -321,3 +321,57 @@ def test_sink_refuses_retained_commands_before_publishing_any(mqtt_url: str, nam
         sink.close()
         observer.disconnect()
         observer.loop_stop()
+
+
+def test_linger_gathers_a_batch_until_it_is_full_or_has_waited(
+    mqtt_url: str, names, client_id: str, mqtt_poll, mqtt_publish
+) -> None:
+    """With linger, waiting messages are handed over together: once batch_size wait, or
+    once the first was seen linger ago; in order, nothing lost."""
+    topic = f"{names.mqtt_base}/devices/x/telemetry"
+    source = MqttSource(
+        mqtt_url,
+        [topic],
+        client_id=client_id,
+        status_base=names.mqtt_base,
+        batch_size=100,
+        linger=timedelta(hours=1),
+    )
+    part = source.build("in", 0, 1)
+    try:
+        mqtt_publish(mqtt_url, [(topic, b"%d" % i) for i in range(99)])
+        assert mqtt_poll(part, 1, 0.5) == []  # 99 of 100: still gathering
+        awake = part.next_awake()
+        assert awake is not None and awake > datetime.now(UTC) + timedelta(minutes=50)
+        mqtt_publish(mqtt_url, [(topic, b"99"), (topic, b"100")])
+        batches: list[list] = []
+        deadline = time.monotonic() + 10
+        while sum(map(len, batches)) < 100 and time.monotonic() < deadline:
+            batches += part.next_batch()
+            time.sleep(0.01)
+        assert [int(m.payload) for m in batches[0]] == list(range(100))  # full: at once
+    finally:
+        part.close()
+    short = MqttSource(
+        mqtt_url,
+        [topic],
+        client_id=f"{client_id}-b",
+        status_base=names.mqtt_base,
+        linger=timedelta(seconds=2),
+    )
+    part = short.build("in", 0, 1)
+    try:
+        mqtt_publish(mqtt_url, [(topic, b"%d" % i) for i in range(5)])
+        batches = []
+        deadline = time.monotonic() + 10
+        while sum(map(len, batches)) < 5 and time.monotonic() < deadline:
+            batches += part.next_batch()
+            time.sleep(0.01)
+        assert [[int(m.payload) for m in b] for b in batches] == [[0, 1, 2, 3, 4]]
+    finally:
+        part.close()
+
+
+def test_negative_linger_is_refused(stack: StackInfo) -> None:
+    with pytest.raises(ConfigError, match="linger"):
+        MqttSource(stack.mqtt_url, ["t/#"], linger=timedelta(seconds=-1))
