@@ -8,7 +8,13 @@
   millisecond as a redelivery). They count the bytes they publish (topic +
   payload).
 - ``edge_flow``: the real edge flow (``python -m bytewax.run dataflows.edge:flow``)
-  on a workflow written to a temp dir, optionally pinned to one CPU, online.
+  on a workflow written to a temp dir, optionally pinned to one CPU, online. It
+  runs from compiled bytecode, as an installed gateway does (pip compiles a
+  package's modules at install): ``edge_bytecode`` compiles what the flow imports
+  into a cache (``PYTHONPYCACHEPREFIX``) first. Without it, where
+  ``PYTHONDONTWRITEBYTECODE`` is set (this project's machines) or a checkout is
+  read-only, every start compiles ~330 modules from source, and the compiler's
+  freed memory stays in the process: ~3.7 MiB more resident.
 - ``peak_rss_mb`` / ``rss_mb``: the process's ``VmHWM`` / ``VmRSS``.
 - ``uplink_records``: what the gateway sent, read back from Kafka.
 """
@@ -21,6 +27,7 @@ import os
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -41,6 +48,7 @@ __all__ = [
     "EdgeRun",
     "Fleet",
     "FleetSpec",
+    "edge_bytecode",
     "edge_flow",
     "peak_rss_mb",
     "rss_mb",
@@ -186,6 +194,27 @@ def _wait_online(url: str, topic: str, popen: subprocess.Popen, log: Path, since
         client.loop_stop()
 
 
+# what the edge process imports, at start and once running (metrics, Kafka admin, SQLite)
+_EDGE_IMPORTS = (
+    "import bytewax.run, bytewax._metrics, confluent_kafka.admin, sqlite3, dataflows.edge"
+)
+
+
+def edge_bytecode(env: dict[str, str]) -> dict[str, str]:
+    """``env`` for an edge process that loads compiled bytecode from a cache under the temp
+    dir (written now for every module the flow imports, kept across runs; Python checks
+    each file against its source)."""
+    cache = Path(tempfile.gettempdir()) / "iotflow-pycache"
+    out = {k: v for k, v in env.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    out["PYTHONPYCACHEPREFIX"] = str(cache)
+    done = subprocess.run(
+        [sys.executable, "-c", _EDGE_IMPORTS], env=out, capture_output=True, text=True, timeout=120
+    )
+    if done.returncode != 0:
+        raise BenchError(f"compiling the edge flow's modules failed:\n{done.stderr[-2000:]}")
+    return out
+
+
 @contextmanager
 def edge_flow(
     info: StackInfo,
@@ -209,7 +238,7 @@ def edge_flow(
     gateway_id = "bench-gw"
     ensure_topics(info.kafka_bootstrap, [KafkaTopics(prefix).edge_uplink])
     full_env = {
-        **os.environ,
+        **edge_bytecode(dict(os.environ)),
         "IOTFLOW_MQTT_URL": info.mqtt_url,
         "IOTFLOW_KAFKA_BOOTSTRAP": info.kafka_bootstrap,
         "IOTFLOW_MQTT_BASE": base,

@@ -41,6 +41,14 @@ time order per device.
 Definition sync (``connectors.definitions``): new workflow versions from
 ``{prefix}.edge.definitions`` apply without a restart; see there.
 
+Memory (``bench edge_memory``: 1,000 devices at 1 Hz, 10 s windows, a local
+rule): ~61 MiB peak resident, of which ~27 MiB is mapped library code (Bytewax,
+librdkafka, libpython, pydantic_core, libcrypto) and ~9 MiB pydantic (the
+declarations and settings). Install the gateway with compiled bytecode (pip
+does; ``uv sync --compile-bytecode``): a process that compiles its ~330 modules
+at every start (``PYTHONDONTWRITEBYTECODE``, a read-only checkout) holds ~1-4 MiB
+more. Declarations as JSON (or the default workflow) keep PyYAML out.
+
 An aggregate record's body (a row per device: its key, then ``[count, sum,
 min, max]`` per metric of ``metrics``, null where it had none)::
 
