@@ -37,11 +37,23 @@ def test_every_benchmark_in_the_design_table_is_present() -> None:
     assert design_table <= set(BENCHMARKS)
 
 
+# Smaller than --quick where the quick size buys the smoke test nothing: the run's shape and
+# complete counts are the same at this size. The recovery scenario itself is
+# tests/dataflows/test_recovery.py (100,000 readings, 5 kills); the edge fleet runs publish
+# for a fixed time (12 s quick), the detection run likewise (6 s).
+SMOKE_OVERRIDES = {
+    "recovery": ["--readings", "10000"],
+    "edge_bandwidth": ["--duration-s", "4"],
+    "edge_memory": ["--duration-s", "4"],
+    "detection_latency": ["--duration-s", "3", "--warmup-s", "1"],
+}
+
+
 # chaos takes about a minute even quick: its own test below checks the shape too
 @pytest.mark.parametrize("name", sorted(set(EXPECTED) - {"chaos"}))
 def test_quick_run_prints_one_json_result_with_complete_counts(name: str, tmp_path: Path) -> None:
     out = tmp_path / "result.json"
-    done = bench(name, "--quick", "--json", str(out))
+    done = bench(name, "--quick", *SMOKE_OVERRIDES.get(name, []), "--json", str(out))
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert json.loads(out.read_text()) == result
