@@ -40,12 +40,14 @@ def test_every_benchmark_in_the_design_table_is_present() -> None:
 # Smaller than --quick where the quick size buys the smoke test nothing: the run's shape and
 # complete counts are the same at this size. The recovery scenario itself is
 # tests/dataflows/test_recovery.py (100,000 readings, 5 kills); the edge fleet runs publish
-# for a fixed time (12 s quick), the detection run likewise (6 s).
+# for a fixed time (12 s quick), the latency runs likewise (6 s).
 SMOKE_OVERRIDES = {
     "recovery": ["--readings", "10000"],
     "edge_bandwidth": ["--duration-s", "4"],
     "edge_memory": ["--duration-s", "4"],
     "detection_latency": ["--duration-s", "3", "--warmup-s", "1"],
+    "twin_sync_latency": ["--duration-s", "2.5", "--warmup-s", "0.5"],
+    "edge_decision_latency": ["--duration-s", "2.5", "--warmup-s", "0.5"],
 }
 
 
