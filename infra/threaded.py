@@ -1,12 +1,14 @@
-"""``ThreadedServer``: an asyncio server object on its own loop in a daemon thread."""
+"""Running an asyncio server object: in a daemon thread, or in the foreground until a signal."""
 
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
+from collections.abc import Callable
 from typing import Protocol, Self
 
-__all__ = ["AsyncServer", "ThreadedServer"]
+__all__ = ["AsyncServer", "ThreadedServer", "serve_until_signal"]
 
 
 class AsyncServer(Protocol):
@@ -76,3 +78,17 @@ class ThreadedServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+async def serve_until_signal(
+    server: AsyncServer, host: str, port: int, on_listening: Callable[[int], None]
+) -> None:
+    """Start ``server``, call ``on_listening(port)``, close it cleanly on SIGTERM or SIGINT."""
+    bound = await server.start(host, port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    on_listening(bound)
+    await stop.wait()
+    await server.close()

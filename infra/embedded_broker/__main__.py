@@ -9,22 +9,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 
 from infra.embedded_broker.broker import MqttBroker
+from infra.threaded import serve_until_signal
 
 
 async def _serve(args: argparse.Namespace) -> None:
     broker = MqttBroker(max_queued_messages=args.max_queued_messages)
-    port = await broker.start(args.host, args.port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    print(f"embedded MQTT broker listening on mqtt://{args.host}:{port}", flush=True)
-    await stop.wait()
-    await broker.close()
+    await serve_until_signal(
+        broker,
+        args.host,
+        args.port,
+        lambda port: print(
+            f"embedded MQTT broker listening on mqtt://{args.host}:{port}", flush=True
+        ),
+    )
     stats = broker.stats()
     print(
         f"embedded MQTT broker stopped: {stats.received} received, {stats.delivered} delivered, "

@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 
 from infra.kafka_broker.broker import KafkaBroker
+from infra.threaded import serve_until_signal
 
 
 async def _serve(args: argparse.Namespace) -> None:
@@ -22,14 +22,12 @@ async def _serve(args: argparse.Namespace) -> None:
         auto_create_topics=not args.no_auto_create_topics,
         retention_bytes=args.retention_mb * 1024 * 1024,
     )
-    port = await broker.start(args.host, args.port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    print(f"embedded Kafka broker listening on {args.host}:{port}", flush=True)
-    await stop.wait()
-    await broker.close()
+    await serve_until_signal(
+        broker,
+        args.host,
+        args.port,
+        lambda port: print(f"embedded Kafka broker listening on {args.host}:{port}", flush=True),
+    )
     stats = broker.stats()
     print(
         f"embedded Kafka broker stopped: {stats.batches_in} batches ({stats.bytes_in} bytes) in, "
