@@ -160,6 +160,8 @@ class KafkaEpochOutput(FixedPartitionedSink[KafkaSinkMessage[bytes, bytes], None
     ``(key, KafkaSinkMessage)`` or ``(key, [(topic, key, value), ...])`` (any
     key: one partition, one producer); a list of records is one dataflow item
     and no ``KafkaSinkMessage`` per record, for steps that emit many records at once.
+    The topics are created and the producer started when the flow starts, so the
+    first record does not wait for either.
     """
 
     def __init__(
@@ -174,16 +176,27 @@ class KafkaEpochOutput(FixedPartitionedSink[KafkaSinkMessage[bytes, bytes], None
         self._topics = list(topics)
         self._configs = configs
         self._recovery = recovery
+        self._ready: _EpochPartition | None = None
 
     def list_parts(self) -> list[str]:
+        # Bytewax builds a sink partition when its first item arrives, but asks for the
+        # parts at start-up: creating the topics and starting the producer here keeps the
+        # first record from waiting for both (an idempotent producer needs ~500 ms to get
+        # its producer id). A worker that does not own the part holds an idle producer.
+        if self._ready is None:
+            ensure_topics(self._bootstrap, self._topics, configs=self._configs)
+            self._ready = _EpochPartition(self._bootstrap, self._recovery)
         return ["kafka"]
 
     def part_fn(self, item_key: str) -> int:
         return 0
 
     def build_part(self, step_id: str, for_part: str, resume_state: None) -> _EpochPartition:
-        ensure_topics(self._bootstrap, self._topics, configs=self._configs)
-        return _EpochPartition(self._bootstrap, self._recovery)
+        part, self._ready = self._ready, None
+        if part is None:
+            ensure_topics(self._bootstrap, self._topics, configs=self._configs)
+            part = _EpochPartition(self._bootstrap, self._recovery)
+        return part
 
 
 class KafkaInput(KafkaSource):

@@ -97,3 +97,18 @@ def test_epoch_output_without_recovery_delivers_everything_by_close(
     part.close()
     got = {r.key for r in read_topic(stack.kafka_bootstrap, topic)}
     assert got == {b"k%d-%d" % (e, i) for e in range(3) for i in range(1000)}
+
+
+def test_epoch_output_creates_its_topics_at_start_up(stack: StackInfo, names) -> None:
+    """Bytewax asks for the sink's parts at start-up and builds the part on the first
+    item: the topics exist before any record, and the part built later is the producer
+    started then, delivering as usual."""
+    topic = f"{names.kafka_prefix}.early"
+    sink = KafkaEpochOutput(stack.kafka_bootstrap, [topic])
+    assert sink.list_parts() == ["kafka"]
+    admin = AdminClient({"bootstrap.servers": stack.kafka_bootstrap})
+    assert topic in admin.list_topics(timeout=10).topics
+    part = sink.build_part("kafka", "kafka", None)
+    part.write_batch([message(topic, "k", b"1")])
+    part.close()
+    assert [(r.key, r.value) for r in read_topic(stack.kafka_bootstrap, topic)] == [(b"k", b"1")]
