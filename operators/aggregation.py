@@ -62,7 +62,16 @@ from iotflow.errors import ConfigError
 from iotflow.events import from_ms, to_ms
 from iotflow.frame import DEVICE, TS, metric_columns
 from operators.groups import group_keys, set_label
-from operators.stats import StatSpec, exact, finalize, merge, merge_sketch, partial, sketch
+from operators.stats import (
+    StatSpec,
+    exact,
+    exact_columns,
+    finalize,
+    merge,
+    merge_sketch,
+    partial,
+    sketch,
+)
 from operators.units import UnitConversion
 
 __all__ = [
@@ -680,6 +689,16 @@ class WindowAggregator:
         frames = []
         for names in self.spec.group_by:
             device = names == ["device"]
+            if device and not any(rows.get_column(m).null_count() for m in metrics):
+                # every reading has every metric: all metrics in one group-by
+                per_metric = exact_columns(rows, [DEVICE, *by_window], self._stats, metrics)
+                frames += [
+                    stats.rename({DEVICE: "key"}).with_columns(
+                        *bounds, pl.lit(metric).alias("metric"), pl.lit("device").alias("group_by")
+                    )
+                    for metric, stats in per_metric.items()
+                ]
+                continue
             keyed = rows if device else self._keyed(rows, names)
             keys = [DEVICE] if device else ["key", DEVICE]
             # one metric at a time: no wide-to-long copy and no metric name to group by
