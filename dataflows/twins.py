@@ -140,11 +140,18 @@ def twin_step(
     registry: Registry,
     shards: int = DEFAULT_SHARDS,
     now: Callable[[], datetime] = _utcnow,
+    recovery: bool = True,
 ) -> Stream[TwinOut]:
-    """The twin-update step: batches of updates sharded by device -> one ``TwinOut`` per shard batch."""
+    """The twin-update step: batches of updates sharded by device -> one ``TwinOut`` per shard batch.
+
+    ``recovery=False`` (no recovery store records the flow) skips the copy of every twin that
+    Bytewax asks for at each epoch's end and drops without a store.
+    """
     keyed = op.flat_map(f"{step_id}_shard", updates, _splitter(shards))
     outs = op.stateful_batch(
-        f"{step_id}_sync", keyed, lambda state: LogicStep(TwinSync(registry, state, now))
+        f"{step_id}_sync",
+        keyed,
+        lambda state: LogicStep(TwinSync(registry, state, now), recovery=recovery),
     )
     return op.key_rm(f"{step_id}_unshard", outs)
 
@@ -155,14 +162,17 @@ def predict_step(
     rules: list[PredictionRule],
     shards: int = DEFAULT_SHARDS,
     now: Callable[[], datetime] = _utcnow,
+    recovery: bool = True,
 ) -> Stream[Detection]:
     """Maintenance predictions (``twins.prediction``) over reported values, sharded by device:
     one detection per episode in which a property's trend crosses its threshold within the
-    rule's horizon."""
+    rule's horizon. ``recovery`` as for ``twin_step``."""
     Predictor(rules)  # duplicate names fail here, at build time, not in a worker
     keyed = op.flat_map(f"{step_id}_shard", reported, _splitter(shards))
     found = op.stateful_batch(
-        f"{step_id}_predict", keyed, lambda state: LogicStep(Predictor(rules, state, now))
+        f"{step_id}_predict",
+        keyed,
+        lambda state: LogicStep(Predictor(rules, state, now), recovery=recovery),
     )
     return op.key_rm(f"{step_id}_unshard", found)
 
@@ -272,7 +282,7 @@ def build_flow(
     updates = op.merge(
         "updates", reported, op.map("desired_batches", desired_split.trues, lambda d: [d])
     )
-    outs = twin_step("twins", updates, registry, shards, now)
+    outs = twin_step("twins", updates, registry, shards, now, durable)
 
     dead = op.map(
         "dead_letters",
@@ -285,7 +295,7 @@ def build_flow(
         dead = op.merge("dead_all", dead, ingest.dead)
     detections = op.flat_map("detections", outs, lambda o: o.detections)
     if rules:
-        predicted = predict_step("maintenance", reported, rules, shards, now)
+        predicted = predict_step("maintenance", reported, rules, shards, now, durable)
         detections = op.merge("all_detections", detections, predicted)
     to_kafka = op.merge(
         "to_kafka",

@@ -43,7 +43,8 @@ class TwinChange(msgspec.Struct, frozen=True, gc=False):
     ``ts_ms`` is the change's event time (the reading's or desired write's
     stamp; the clock for going offline), ``recorded_ms`` when the twin step
     made it. ``changed`` names the properties whose reported or desired value
-    changed. Its dicts are shared with the twin's state: read them, never change them.
+    changed. Its dicts are shared with the twin's state, and ``changed`` with other
+    changes that name the same properties: read them, never change them.
     """
 
     device_id: str

@@ -63,6 +63,8 @@ INCONSISTENT_RULE = "twin_inconsistent"
 
 _FLOAT_MAX = sys.float_info.max
 _NONE = object()
+_SLOW = (0.0, -1.0)  # bounds no value passes: the field takes the model's full check
+_NAMES_MAX = 4096  # combinations of changed names shared per model; beyond, lists are not shared
 
 
 def _utcnow() -> datetime:
@@ -83,25 +85,38 @@ class TwinOut:
 
 
 class _ModelInfo:
-    """A model prepared for the per-update path: fast float bounds and the slow checker."""
+    """A model prepared for the per-update path: one lookup per reported field, and the slow
+    checker."""
 
-    __slots__ = ("fast", "heartbeat_ms", "model", "specs", "telemetry")
+    __slots__ = ("fields", "heartbeat_ms", "model", "names", "specs")
 
     def __init__(self, model: TwinModel) -> None:
         self.model = model
         self.specs = dict(model.properties)
-        self.telemetry = frozenset(model.telemetry)
-        # float properties: (low, high) that a plain finite float in range passes without the slow check
-        self.fast = {
-            name: (
-                -_FLOAT_MAX if spec.min is None else spec.min,
-                _FLOAT_MAX if spec.max is None else spec.max,
+        # field -> (low, high) that a plain finite float in range passes without the slow check
+        # (float properties), or None: a telemetry field, not state. Other fields: the slow check.
+        self.fields: dict[str, tuple[float, float] | None] = dict.fromkeys(model.telemetry)
+        self.fields.update(
+            (
+                name,
+                (
+                    -_FLOAT_MAX if spec.min is None else spec.min,
+                    _FLOAT_MAX if spec.max is None else spec.max,
+                ),
             )
             for name, spec in model.properties.items()
             if spec.type == "float"
-        }
+        )
+        for name in self.specs:  # a property also listed as telemetry is a property
+            if self.fields.get(name, ()) is None:
+                del self.fields[name]
+        # One shared list per combination of changed names (see TwinSync._reported).
+        self.names: dict[tuple[str, ...], list[str]] = {}
         hb = model.heartbeat
         self.heartbeat_ms = None if hb is None else round(hb.total_seconds() * 1000)
+
+
+_Entry = tuple[TwinState, Policy, int, _ModelInfo]  # a device's twin, policy, skew ms, model
 
 
 def sync_fingerprint(registry: Registry) -> str:
@@ -139,8 +154,9 @@ class TwinSync:
         self._now = now
         self.fingerprint = sync_fingerprint(registry)
         self._infos = {name: _ModelInfo(model) for name, model in registry.models.items()}
-        self._policy: dict[str, tuple[Policy, int]] = {}  # device -> (policy, skew ms)
         self.twins: dict[str, TwinState] = {}
+        # device -> what its updates need, resolved once: one lookup per update
+        self._entries: dict[str, _Entry] = {}
         self._counts: dict[str, int] = {}
         self._changes = 0  # the one count on the per-update path, kept apart
         # staleness: whole second -> devices due then; a heap of the seconds
@@ -221,27 +237,32 @@ class TwinSync:
 
     # -- updates -------------------------------------------------------------------
 
-    def _twin_of(
+    def _entry(
         self, device_id: str, source: str, received_ms: int, out: TwinOut, payload: Any
-    ) -> TwinState | None:
+    ) -> _Entry | None:
+        """The device's entry; its twin is made on first sight. None: rejected (unknown device)."""
+        entry = self._entries.get(device_id)
+        if entry is not None:
+            return entry
         twin = self.twins.get(device_id)
-        if twin is not None:
-            return twin
-        try:
-            device = self.registry.device(device_id)
-        except TwinRejected as exc:
-            self._reject(out, exc.kind, exc.reason, source, received_ms, device_id, payload)
-            return None
-        twin = self.twins[device_id] = TwinState(device.model)
-        return twin
+        if twin is None:
+            try:
+                device = self.registry.device(device_id)
+            except TwinRejected as exc:
+                self._reject(out, exc.kind, exc.reason, source, received_ms, device_id, payload)
+                return None
+            twin = self.twins[device_id] = TwinState(device.model)
+        return self._enter(device_id, twin)
 
-    def _resolve_policy(self, device_id: str) -> tuple[Policy, int]:
+    def _enter(self, device_id: str, twin: TwinState) -> _Entry:
         policy = self.registry.policy_of(device_id)
-        found = self._policy[device_id] = (policy, policy.skew_ms)
-        return found
+        entry = self._entries[device_id] = (twin, policy, policy.skew_ms, self._infos[twin.model])
+        return entry
 
     def _policy_of(self, device_id: str) -> Policy:
-        return (self._policy.get(device_id) or self._resolve_policy(device_id))[0]
+        """The policy of a device that has a twin."""
+        entry = self._entries.get(device_id) or self._enter(device_id, self.twins[device_id])
+        return entry[1]
 
     def _reject(
         self,
@@ -262,12 +283,12 @@ class TwinSync:
 
     def _reported(self, update: Reported, now_ms: int, out: TwinOut) -> None:
         device_id = update.device_id
-        twin = self.twins.get(device_id)
-        if twin is None:
-            twin = self._twin_of(device_id, update.source, update.received_ms, out, update)
-            if twin is None:
-                return
-        policy, skew_ms = self._policy.get(device_id) or self._resolve_policy(device_id)
+        entry = self._entries.get(device_id) or self._entry(
+            device_id, update.source, update.received_ms, out, update
+        )
+        if entry is None:
+            return
+        twin, policy, skew_ms, info = entry
         ts_ms, received_ms = update.ts_ms, update.received_ms
         if ts_ms - received_ms > skew_ms:
             self._reject(
@@ -281,20 +302,19 @@ class TwinSync:
                 update,
             )
             return
-        info = self._infos[twin.model]
-        fast = info.fast
+        fields = info.fields
         clean: dict[str, Any] = {}
         problems: list[TwinRejected] | None = None
         for key, value in update.values.items():
-            bounds = fast.get(key)
-            if bounds is not None and type(value) is float and bounds[0] <= value <= bounds[1]:
+            bounds = fields.get(key, _SLOW)
+            if bounds is None:
+                continue  # telemetry, not state
+            if type(value) is float and bounds[0] <= value <= bounds[1]:
                 clean[key] = value  # the common case: a finite float in range
                 continue
             spec = info.specs.get(key)
             try:
                 if spec is None:
-                    if key in info.telemetry:
-                        continue
                     info.model.property_spec(key)  # raises the unknown_property rejection
                 else:
                     clean[key] = spec.check(value, where=key)
@@ -309,6 +329,18 @@ class TwinSync:
         if twin.due_s is None and info.heartbeat_ms is not None:
             self._file(device_id, twin, info.heartbeat_ms)
         changed = twin.apply_reported(clean, ts_ms, update.source, policy) if clean else []
+        if changed:
+            # Readings of a model mostly change the same names: one shared list per
+            # combination instead of one per change. A list per change outlived the
+            # collector's young generations (it lives as long as the batch's output) and
+            # the pile of them set off full collections, each walking every twin.
+            names = info.names
+            combination = tuple(changed)
+            shared = names.get(combination)
+            if shared is not None:
+                changed = shared
+            elif len(names) < _NAMES_MAX:
+                names[combination] = changed
         if twin.skipped:
             self._count("superseded", twin.skipped)
         if not twin.online:
@@ -361,10 +393,10 @@ class TwinSync:
 
     def _desired(self, update: DesiredChange, now_ms: int, out: TwinOut) -> None:
         device_id = update.device_id
-        twin = self._twin_of(device_id, DESIRED_SOURCE, update.received_ms, out, update)
-        if twin is None:
+        entry = self._entry(device_id, DESIRED_SOURCE, update.received_ms, out, update)
+        if entry is None:
             return
-        policy = self._policy_of(device_id)
+        twin, policy = entry[0], entry[1]
 
         def reject(kind: str, reason: str) -> None:
             self._reject(

@@ -83,6 +83,18 @@ def test_bad_fields_are_rejected_and_valid_ones_kept(sync, values, kind, needle)
     assert change.reported == good
 
 
+def test_a_property_also_named_as_telemetry_is_state(clock):
+    reg = Registry()
+    reg.define_model("thermo", {**THERMO, "telemetry": ["seq", "setpoint", "mode"]})
+    reg.add_device("t1", "thermo")
+    sync = TwinSync(reg, now=clock)
+    out = run(sync, reported("t1", T0_MS, setpoint=21.0, mode="heat", seq=1))
+    assert out.changes[0].reported == {"setpoint": 21.0, "mode": "heat"}
+    out = run(sync, reported("t1", T0_MS + 1000, setpoint=40.0, mode="turbo", seq=2))
+    assert sorted(sync.counters) == ["changes", "online", "rejected.out_of_range"]
+    assert sync.counters["rejected.out_of_range"] == 2 and not out.changes
+
+
 def test_future_timestamps_beyond_tolerance_are_rejected(clock):
     sync = TwinSync(
         make_registry({"policy": "latest_timestamp", "skew_tolerance": "2s"}), now=clock

@@ -43,11 +43,12 @@ def batches() -> list[list[Any]]:
 
 
 def run_step(
-    items: list[Any], shards: int, recovery: RecoveryConfig | None = None
+    items: list[Any], shards: int, recovery: RecoveryConfig | None = None, snapshots: bool = True
 ) -> list[TwinOut]:
     registry = make_registry(devices=tuple(f"t{i}" for i in range(12)))
     flow = Dataflow("twin_step_test")
-    outs = twin_step("twins", op.input("in", flow, TestingSource(items)), registry, shards, clock)
+    updates = op.input("in", flow, TestingSource(items))
+    outs = twin_step("twins", updates, registry, shards, clock, recovery=snapshots)
     found: list[TwinOut] = []
     op.output("out", outs, TestingSink(found))
     run_main(flow, epoch_interval=timedelta(0), recovery_config=recovery)
@@ -60,12 +61,12 @@ def changes(outs: list[TwinOut]) -> dict[tuple[str, int], Any]:
     }
 
 
-@pytest.mark.parametrize("shards", [1, 5])
-def test_step_equals_the_logic(shards: int) -> None:
+@pytest.mark.parametrize(("shards", "snapshots"), [(1, True), (5, True), (5, False)])
+def test_step_equals_the_logic(shards: int, snapshots: bool) -> None:
     registry = make_registry(devices=tuple(f"t{i}" for i in range(12)))
     sync = TwinSync(registry, now=clock)
     expected = [o for b in batches() for o in sync.on_batch(b)]
-    got = run_step(batches(), shards)
+    got = run_step(batches(), shards, snapshots=snapshots)
     assert changes(got) == changes(expected)
     assert sorted(c.command_id for o in got for c in o.commands) == sorted(
         c.command_id for o in expected for c in o.commands

@@ -92,6 +92,22 @@ def test_bad_messages_are_rejected(dec, topic, payload, kind, needle):
     )
 
 
+def test_topics_are_judged_alike_every_time(dec):
+    # the decoder remembers the topics it accepted; a rejected one is judged again each time
+    batch = [
+        msg("base/devices/d1/telemetry", '{"a": 1}'),
+        msg("base/devices/a/b/telemetry", '{"a": 1}'),
+        msg("base/devices/d1/state", '{"b": 2}'),
+    ]
+    for _ in range(2):
+        ok, bad = dec.decode(batch)
+        assert [(r.device_id, r.source, r.values) for r in ok] == [
+            ("d1", "telemetry", {"a": 1}),
+            ("d1", "state", {"b": 2}),
+        ]
+        assert [(r.kind, r.topic) for r in bad] == [("bad_device_id", "base/devices/a/b/telemetry")]
+
+
 def test_a_bad_item_keeps_its_good_neighbours(dec):
     ok, bad = dec.decode(
         [msg("base/devices/d1/telemetry", '[{"a": 1}, {"ts": "x", "a": 2}, {"a": 3}]')]
