@@ -328,6 +328,11 @@ class Uplink:
             self._link = state
             self._counts["changes"] += 1
         if state is LinkState.UP:
+            if self._producer is not None:
+                # an "all brokers down" queued before the probe got through must not
+                # take the link down again once served: a flap would turn the records
+                # made in between into backlog
+                self._producer.poll(0)
             self._all_down = False
             now = self._clock()
             with self._lock:  # what waited out the outage in the producer gets a fresh stall timer
