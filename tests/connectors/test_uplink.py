@@ -45,7 +45,8 @@ def envelopes(settings: Settings) -> list[UplinkEnvelope]:
 def make(settings: Settings, proxy: TcpProxy, buffer: StoreAndForward, **kw: object) -> Uplink:
     topic = KafkaTopics(settings.topic_prefix).edge_uplink
     ensure_topics(settings.require_kafka_bootstrap(), [topic])
-    return Uplink(buffer, proxy.address, topic, "gw1", stall_s=2.0, **kw)  # type: ignore[arg-type]
+    kw.setdefault("stall_s", 2.0)
+    return Uplink(buffer, proxy.address, topic, "gw1", **kw)  # type: ignore[arg-type]
 
 
 def test_live_records_arrive_once_in_order_and_leave_the_buffer(
@@ -73,7 +74,9 @@ def test_a_gateway_that_starts_with_the_link_down_buffers_then_replays_in_order(
 ) -> None:
     proxy.cut()
     buffer = StoreAndForward(tmp_path / "b.db", 10_000_000)
-    uplink = make(settings, proxy, buffer)
+    # the outage is the one the test makes: a reconnect slowed by a loaded machine must not
+    # count as a second one (it would turn the live records into backlog)
+    uplink = make(settings, proxy, buffer, stall_s=10.0)
     uplink.start()
     try:
         buffer.put(records("early", 200))
