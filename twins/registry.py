@@ -68,8 +68,11 @@ SIMULATOR_REGISTRY_FILE = Path(__file__).with_name("examples") / "simulator_regi
 """The registry matching ``infra/simulator`` kinds (temp, power, hvac, lock, light) by id pattern."""
 
 
+_NO_METADATA: Mapping[str, Any] = MappingProxyType({})
+
+
 def _frozen(metadata: Mapping[str, Any]) -> Mapping[str, Any]:
-    return MappingProxyType(dict(metadata))
+    return MappingProxyType(dict(metadata)) if metadata else _NO_METADATA
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,7 @@ class Device:
 
     device_id: str
     model: str
-    metadata: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    metadata: Mapping[str, Any] = field(default_factory=lambda: _NO_METADATA)
 
 
 class _DeviceEntry(BaseModel):
@@ -127,8 +130,9 @@ class Registry:
         self.patterns: dict[str, str] = {}
         self.policies: dict[str, Policy] = {DEFAULT: DesiredWins()}
         self._compiled: list[tuple[re.Pattern[str], str]] = []
-        # devices known only by pattern, resolved once (only known ids are cached)
-        self._by_pattern: dict[str, Device] = {}
+        # devices known only by pattern -> their model, resolved once (only known ids are
+        # cached; a model name, not a Device: a fleet's worth of objects the collector walks)
+        self._by_pattern: dict[str, str] = {}
         self._policy_of: dict[str, Policy] = {}
 
     # -- declaring -----------------------------------------------------------------
@@ -237,16 +241,15 @@ class Registry:
         device = self.devices.get(device_id)
         if device is not None:
             return device
-        device = self._by_pattern.get(device_id)
-        if device is not None:
-            return device
+        model = self._by_pattern.get(device_id)
+        if model is not None:
+            return Device(device_id, model)
         if check_device_id(device_id) is not None:
             return None
         for regex, model in self._compiled:
             if regex.match(device_id):
-                device = Device(device_id, model)
-                self._by_pattern[device_id] = device
-                return device
+                self._by_pattern[device_id] = model
+                return Device(device_id, model)
         return None
 
     def knows(self, device_id: object) -> bool:
