@@ -178,25 +178,23 @@ def predict_step(
 
 
 def _splitter(shards: int) -> Callable[[list[Any]], list[tuple[str, list[Any]]]]:
-    """Splits a batch of per-device items into per-shard batches (the shard of each device
-    id computed once)."""
-    cache: dict[str, str] = {}
+    """Splits a batch of per-device items into per-shard batches, in shard order (the shard
+    of each device id computed once)."""
+    cache: dict[str, int] = {}
+    names = [str(index) for index in range(shards)]
 
     def split(batch: list[Any]) -> list[tuple[str, list[Any]]]:
         if shards == 1:
             return [("0", batch)]
-        parts: dict[str, list[Any]] = {}
+        parts: list[list[Any]] = [[] for _ in names]
+        appends = [part.append for part in parts]
         for update in batch:
             device_id = update.device_id
-            shard = cache.get(device_id)
-            if shard is None:
-                shard = cache[device_id] = shard_of(device_id, shards)
-            part = parts.get(shard)
-            if part is None:
-                parts[shard] = [update]
-            else:
-                part.append(update)
-        return list(parts.items())
+            index = cache.get(device_id)
+            if index is None:
+                index = cache[device_id] = int(shard_of(device_id, shards))
+            appends[index](update)
+        return [(name, part) for name, part in zip(names, parts, strict=True) if part]
 
     return split
 

@@ -127,12 +127,12 @@ class TwinState:
                     skipped += 1
                     continue
             if new_ts is None:
-                new_ts = self.r_ts = dict(r_ts)
+                new_ts = self.r_ts = r_ts.copy()
             new_ts[key] = ts_ms
             r_src[key] = source
             if reported.get(key, _MISSING) != value:
                 if new_reported is None:
-                    new_reported = self.reported = dict(reported)
+                    new_reported = self.reported = reported.copy()
                 new_reported[key] = value
                 changed.append(key)
         if policy.follows_reported and self.desired:

@@ -158,7 +158,7 @@ class TwinSync:
         # device -> what its updates need, resolved once: one lookup per update
         self._entries: dict[str, _Entry] = {}
         self._counts: dict[str, int] = {}
-        self._changes = 0  # the one count on the per-update path, kept apart
+        self._changes = 0  # counted per batch, apart from the others (see on_batch)
         # staleness: whole second -> devices due then; a heap of the seconds
         self._due: dict[int, set[str]] = {}
         self._due_heap: list[int] = []
@@ -178,6 +178,7 @@ class TwinSync:
                 self._reported(update, now_ms, out)
             else:
                 self._desired(update, now_ms, out)  # type: ignore[arg-type]
+        self._changes += len(out.changes)
         return [out] if out else []
 
     def on_timer(self) -> list[TwinOut]:
@@ -194,6 +195,7 @@ class TwinSync:
         while heal and heal[0][0] <= now_ms:
             _, device_id = heapq.heappop(heal)
             self._check_consistency(device_id, now_ms, out)
+        self._changes += len(out.changes)
         return [out] if out else []
 
     def on_eof(self) -> list[TwinOut]:
@@ -350,7 +352,6 @@ class TwinSync:
         elif before is None and not twin.sent:
             if changed:  # no desire, nothing commanded: only the new version goes out
                 twin.version += 1
-                self._changes += 1
                 out.changes.append(
                     TwinChange(
                         device_id,
@@ -483,7 +484,6 @@ class TwinSync:
     ) -> None:
         change = twin.change(device_id, ts_ms, now_ms, cause, changed, policy)
         out.changes.append(change)
-        self._changes += 1
         delta = change.delta
         sent = twin.sent
         if sent:
