@@ -58,13 +58,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pydantic import GetCoreSchemaHandler
-from pydantic_core import core_schema
-
 from iotflow.errors import ConfigError
 
 if TYPE_CHECKING:
     import polars as pl
+    from pydantic import GetCoreSchemaHandler
+    from pydantic_core import core_schema
 
 # polars is imported only by ``to_polars``: the plain Python backend (``function``,
 # ``evaluate``) runs on edge gateways without polars or numpy in the process.
@@ -254,11 +253,14 @@ class Expr:
     def __str__(self) -> str:
         return self.text
 
-    # pydantic: a field typed ``Expr`` accepts the text and serializes back to it
+    # pydantic: a field typed ``Expr`` accepts the text and serializes back to it. pydantic
+    # is imported here, by pydantic itself, so the expression language alone does not load it
     @classmethod
     def __get_pydantic_core_schema__(
         cls, source: Any, handler: GetCoreSchemaHandler
     ) -> core_schema.CoreSchema:
+        from pydantic_core import core_schema
+
         return core_schema.no_info_plain_validator_function(
             cls.parse,
             json_schema_input_schema=core_schema.str_schema(),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from typing import Any
 
 import polars as pl
@@ -201,6 +203,19 @@ def test_pydantic_field_accepts_text_and_dumps_it_back() -> None:
     assert rule.model_dump(mode="json") == {"when": "t > 30"}
     with pytest.raises(ValueError, match="attribute access"):
         Rule.model_validate({"when": "t.x > 30"})
+
+
+def test_the_language_alone_does_not_import_pydantic() -> None:
+    # pydantic costs an edge gateway ~9 MiB: only declarations may bring it
+    code = (
+        "import sys; from operators.expr import Expr;"
+        "Expr.parse('t > 1').function()({'t': 2});"
+        "print('pydantic' in sys.modules, 'pydantic_core' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.split() == ["False", "False"]
 
 
 # -- property: both backends agree ----------------------------------------------------------
