@@ -54,16 +54,27 @@ class Table:
     key: tuple[str, ...]
 
     def ddl(self) -> str:
-        types = {
-            pa.string(): "VARCHAR",
-            pa.float64(): "DOUBLE",
-            pa.int64(): "BIGINT",
-            pa.timestamp("us", tz="UTC"): "TIMESTAMPTZ",
-            pa.bool_(): "BOOLEAN",
-        }
-        cols = ", ".join(f'"{f.name}" {types[f.type]}' for f in self.schema)
+        cols = ", ".join(f'"{f.name}" {_SQL_TYPES[f.type]}' for f in self.schema)
         key = ", ".join(f'"{k}"' for k in self.key)
         return f'CREATE TABLE IF NOT EXISTS "{self.name}" ({cols}, PRIMARY KEY ({key}))'
+
+    def added_columns(self, existing: Sequence[str]) -> list[str]:
+        """``ALTER TABLE`` statements for the columns a table made by an older version
+        lacks (new columns come last in the schema, so rows still insert by position)."""
+        return [
+            f'ALTER TABLE "{self.name}" ADD COLUMN "{f.name}" {_SQL_TYPES[f.type]}'
+            for f in self.schema
+            if f.name not in existing
+        ]
+
+
+_SQL_TYPES = {
+    pa.string(): "VARCHAR",
+    pa.float64(): "DOUBLE",
+    pa.int64(): "BIGINT",
+    pa.timestamp("us", tz="UTC"): "TIMESTAMPTZ",
+    pa.bool_(): "BOOLEAN",
+}
 
 
 # Statistic columns beyond count/sum/avg/min/max that a window result may carry.
@@ -99,6 +110,7 @@ AGGREGATES = Table(
             ("min", pa.float64()),
             ("max", pa.float64()),
             *((name, pa.int64() if name in _INT_STATS else pa.float64()) for name in EXTRA_STATS),
+            ("value", pa.float64()),  # a KPI's value (``Aggregation.kpis``)
         ]
     ),
     ("group_by", "key", "metric", "window_start", "window_end"),
@@ -260,6 +272,12 @@ def connect(path: Path | str, tables: Sequence[Table] = (AGGREGATES,)) -> duckdb
         raise ConfigError(msg) from exc
     for table in tables:
         con.execute(table.ddl())
+        existing = con.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = ?",
+            [table.name],
+        ).fetchall()
+        for statement in table.added_columns([name for (name,) in existing]):
+            con.execute(statement)
     return con
 
 

@@ -61,6 +61,7 @@ from iotflow.durations import Duration
 from iotflow.errors import ConfigError
 from iotflow.events import from_ms, to_ms
 from iotflow.frame import DEVICE, TS, metric_columns
+from operators.expr import Expr
 from operators.groups import group_keys, set_label
 from operators.stats import (
     StatSpec,
@@ -81,11 +82,13 @@ __all__ = [
     "Sliding",
     "Tumbling",
     "WindowAggregator",
+    "to_wide",
 ]
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _PANE = "w"
 _GROUP_KEYS = ["group_by", "key", "metric", "window_start_ms", "window_end_ms"]
+_INDEX = ["group_by", "key", "window_start_ms", "window_end_ms"]
 
 
 def _utcnow() -> datetime:
@@ -161,6 +164,14 @@ class Aggregation(_Spec):
 
     ``metrics`` empty means every metric column. ``units`` converts a metric before
     anything else (``{"temperature": {"from": "degF", "to": "degC"}}``).
+
+    ``kpis`` derives values from the statistics of one group and window: name ->
+    an expression (``operators.expr``) over ``{metric}_{stat}`` fields, e.g.
+    ``{"power_per_device": "power_total / power_device_count"}``. Each KPI adds a
+    result row (``metric`` = its name) with its ``value`` for every (group_by, key,
+    window) that has every field it reads and a finite value (a division by zero
+    gives no row); its statistic columns are null, and statistic rows carry a null
+    ``value``. A KPI name must not be a metric's name.
     """
 
     window: WindowSpec
@@ -171,6 +182,7 @@ class Aggregation(_Spec):
     allowed_lateness: Duration = timedelta(0)
     align_to: datetime = EPOCH
     units: dict[str, UnitConversion] = {}
+    kpis: dict[str, Expr] = {}
 
     @field_validator("stats")
     @classmethod
@@ -221,10 +233,29 @@ class Aggregation(_Spec):
             below = length
         return self
 
+    @model_validator(mode="after")
+    def _kpis(self) -> Aggregation:
+        suffixes = tuple(f"_{name}" for name in self.stats)
+        for name, expr in self.kpis.items():
+            if not name.isidentifier() or name in self.metrics:
+                msg = f"KPI name {name!r} must be a plain name (letters, digits, _), not a metric"
+                raise ValueError(msg)
+            if expr.is_condition:
+                raise ValueError(f"KPI {name!r} is a condition ({expr.text!r}); a KPI is a number")
+            for field in sorted(expr.names):
+                if not field.endswith(suffixes):
+                    msg = (
+                        f"KPI {name!r} reads {field!r}: KPIs read {{metric}}_{{stat}} fields "
+                        f"of the statistics asked for ({', '.join(self.stats)})"
+                    )
+                    raise ValueError(msg)
+        return self
+
     @property
     def fingerprint(self) -> str:
-        """Identifies the definition, so state from another definition is never misread."""
-        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        """Identifies the definition, so state from another definition is never misread
+        (KPIs are left out: they are computed from results and hold no state)."""
+        text = json.dumps(self.model_dump(mode="json", exclude={"kpis"}), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def analyze(
@@ -759,6 +790,49 @@ class WindowAggregator:
             return None
         result = pl.concat(frames, how="diagonal_relaxed")
         result = result.rename({_PANE: "window_start_ms", "_end": "window_end_ms"})
-        return result.select(*_GROUP_KEYS, *self._stats.names).sort(
-            ["window_start_ms", "window_end_ms", "group_by", "key", "metric"]
-        )
+        result = result.select(*_GROUP_KEYS, *self._stats.names)
+        if self.spec.kpis:
+            result = pl.concat([result, *self._kpi_rows(result)], how="diagonal_relaxed")
+        return result.sort(["window_start_ms", "window_end_ms", "group_by", "key", "metric"])
+
+    def _kpi_rows(self, result: pl.DataFrame) -> list[pl.DataFrame]:
+        wide = to_wide(result)
+        rows = []
+        for name, expr in self.spec.kpis.items():
+            if not expr.names <= set(wide.columns):  # no group of this close has the fields
+                continue
+            value = expr.to_polars().cast(pl.Float64).alias("value")
+            rows.append(
+                wide.select(*_INDEX, pl.lit(name).alias("metric"), value).filter(
+                    pl.col("value").is_finite()
+                )
+            )
+        return rows
+
+
+def to_wide(results: pl.DataFrame) -> pl.DataFrame:
+    """Window results -> one row per (group_by, key, window) with ``{metric}_{stat}`` columns,
+    and a column per KPI named as the KPI: the layout KPIs, CEP conditions and peer rules
+    read (``temperature_avg > 30``, ``power_per_device > 100``)."""
+    if results.height == 0:
+        return pl.DataFrame(schema={c: results.schema.get(c, pl.Utf8) for c in _INDEX})
+    kpis = None
+    if "value" in results.columns:  # KPI rows carry a value, statistic rows do not
+        is_kpi = pl.col("value").is_not_null()
+        kpis, results = results.filter(is_kpi), results.filter(~is_kpi).drop("value")
+    stats = [c for c in results.columns if c not in (*_INDEX, "metric")]
+    parts = [
+        part.select(*_INDEX, *(pl.col(s).alias(f"{metric}_{s}") for s in stats))
+        for (metric,), part in results.group_by("metric", maintain_order=True)
+    ]
+    if kpis is not None:
+        parts += [
+            part.select(*_INDEX, pl.col("value").alias(name))
+            for (name,), part in kpis.group_by("metric", maintain_order=True)
+        ]
+    if not parts:
+        return pl.DataFrame(schema={c: results.schema.get(c, pl.Utf8) for c in _INDEX})
+    wide = parts[0]
+    for part in parts[1:]:
+        wide = wide.join(part, on=_INDEX, how="full", coalesce=True)
+    return wide.sort(["window_start_ms", "group_by", "key"])

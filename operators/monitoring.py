@@ -25,18 +25,15 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from iotflow.declarations import load_file, parse_text, validate
 from iotflow.durations import Duration
-from operators.aggregation import Aggregation
+from operators.aggregation import Aggregation, to_wide
 from operators.anomaly import EwmaRule, MadRule, PeerRule, Rule, ZScoreRule
 from operators.cep_patterns import PatternSet
 
 __all__ = ["DEFAULT", "Monitoring", "to_wide"]
-
-_INDEX = ["group_by", "key", "window_start_ms", "window_end_ms"]
 
 
 class Monitoring(BaseModel):
@@ -91,22 +88,6 @@ class Monitoring(BaseModel):
     def load(cls, path: Path | str) -> Monitoring:
         """From a ``.yaml``/``.yml`` or ``.json`` file."""
         return cls.from_dict(load_file(path, "monitoring"))
-
-
-def to_wide(results: pl.DataFrame) -> pl.DataFrame:
-    """Window results -> one row per (group_by, key, window) with ``{metric}_{stat}`` columns,
-    the layout CEP conditions and peer rules read (``temperature_avg > 30``)."""
-    if results.height == 0:
-        return pl.DataFrame(schema={c: results.schema.get(c, pl.Utf8) for c in _INDEX})
-    stats = [c for c in results.columns if c not in (*_INDEX, "metric")]
-    parts = [
-        part.select(*_INDEX, *(pl.col(s).alias(f"{metric}_{s}") for s in stats))
-        for (metric,), part in results.group_by("metric", maintain_order=True)
-    ]
-    wide = parts[0]
-    for part in parts[1:]:
-        wide = wide.join(part, on=_INDEX, how="full", coalesce=True)
-    return wide.sort(["window_start_ms", "group_by", "key"])
 
 
 DEFAULT = Monitoring.from_yaml(

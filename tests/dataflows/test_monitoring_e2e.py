@@ -8,6 +8,7 @@ one zone spike at once. Both run as a real ``python -m bytewax.run`` subprocess.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from datetime import UTC, datetime
@@ -120,23 +121,33 @@ def test_summer_afternoon_gives_exact_windows_and_detections(
         for d, ts, v in rows
     ]
     messages.append((topics.telemetry("h1"), b'{"ts": "yesterday", "temperature": 1}'))
-    settings = run(settings, tmp_path, messages, mqtt_publish)
+    deployment = copy.deepcopy(DEPLOYMENT)
+    deployment["aggregation"]["kpis"] = {"avg_share": "temperature_avg / temperature_device_count"}
+    settings = run(settings, tmp_path, messages, mqtt_publish, deployment)
 
     kafka = KafkaTopics(settings.topic_prefix)
     bootstrap = settings.require_kafka_bootstrap()
     aggregates = [json.loads(r.value) for r in read_topic(bootstrap, kafka.aggregates)]
-    # 5 minutes x (4 devices + 2 zones)
-    assert len(aggregates) == 30
+    # 5 minutes x (4 devices + 2 zones), statistics and the KPI
+    assert len(aggregates) == 60
     south = sorted(
         (a["window_start"], a["avg"], a["device_count"])
         for a in aggregates
-        if a["key"] == "zone=south"
+        if a["key"] == "zone=south" and a["metric"] == "temperature"
     )
     # south: 29, 30, 31, 32, 33 (the sine sums to zero over a minute), h2's +15 spike in minute 3
     expected = [29.0, 30.0, 31.0, 32.0 + 15.0 / 12, 33.0]
     assert [s[0] for s in south] == [iso(T0 + m * 60_000) for m in range(5)]
     assert all(math.isclose(s[1], e, abs_tol=1e-9) for s, e in zip(south, expected, strict=True))
     assert {s[2] for s in south} == {2}
+    share = sorted(
+        (a["window_start"], a["value"])
+        for a in aggregates
+        if a["key"] == "zone=south" and a["metric"] == "avg_share"
+    )
+    assert all(
+        math.isclose(s[1], e / 2, abs_tol=1e-9) for s, e in zip(share, expected, strict=True)
+    )
 
     detections = [json.loads(r.value) for r in read_topic(bootstrap, kafka.detections)]
     found = sorted((d["rule"], d["key"], d["ts"]) for d in detections)
@@ -158,7 +169,12 @@ def test_summer_afternoon_gives_exact_windows_and_detections(
     assert len(dead) == 1 and "yesterday" in dead[0]["reason"]
 
     con = duckdb.connect(str(settings.duckdb), read_only=True)
-    assert con.execute("SELECT count(*) FROM aggregates").fetchone() == (30,)
+    assert con.execute("SELECT count(*) FROM aggregates").fetchone() == (60,)
+    shares = con.execute(
+        "SELECT value FROM aggregates WHERE key = 'zone=south' AND metric = 'avg_share' "
+        "ORDER BY window_start"
+    ).fetchall()
+    assert [round(v, 9) for (v,) in shares] == [round(e / 2, 9) for e in expected]
     assert con.execute("SELECT count(*) FROM detections").fetchone() == (5,)
     con.close()
 

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from iotflow.errors import ConfigError
-from operators.aggregation import Aggregation, LateFrame
+from operators.aggregation import Aggregation, LateFrame, to_wide
 from operators.sketch import RELATIVE_ACCURACY
 
 T0 = 1_767_268_800_000  # 2026-01-01T12:00:00Z, a minute boundary
@@ -222,6 +222,50 @@ def test_group_sets_over_registry_dimensions() -> None:
     assert agg.unassigned == 4
 
 
+def test_kpis_derive_from_the_statistics_of_each_group_and_window() -> None:
+    """power_per_device = a zone's total power over its device count, per window; a KPI
+    whose fields a group lacks, or whose value is not finite, gives no row."""
+    agg = build(
+        {
+            "window": {"kind": "tumbling", "length": "1m"},
+            "stats": ["avg", "max", "device_count", "total"],
+            "group_by": [["zone"]],
+            "kpis": {
+                "power_per_device": "power_total / power_device_count",
+                "headroom": "1000 / (power_max - 300)",  # z1's max is 300: no row
+                "spread": "power_max - temp_avg",  # no temp metric: no rows
+            },
+        },
+        DIMS,
+    )
+    rows = [("a", T0, 100.0), ("a", T0 + 1_000, 300.0), ("b", T0, 50.0), ("c", T0, 10.0)]
+    rows += [("a", T0 + 60_000, 40.0)]  # the next minute: z1 alone
+    out = run(agg, [frame(rows, "power")])
+    kpis = out.filter(pl.col("metric") != "power")
+    got = sorted(kpis.select("key", "metric", "window_start_ms", "value").rows())
+    assert got == [
+        ("zone=z1", "headroom", T0 + 60_000, 1000 / (40.0 - 300)),
+        ("zone=z1", "power_per_device", T0, 125.0),  # (200 + 50) / 2
+        ("zone=z1", "power_per_device", T0 + 60_000, 40.0),
+        ("zone=z2", "headroom", T0, 1000 / (10.0 - 300)),
+        ("zone=z2", "power_per_device", T0, 10.0),
+    ]
+    assert kpis.get_column("avg").null_count() == kpis.height  # KPI rows carry no statistics
+    stats = out.filter(pl.col("metric") == "power")
+    assert stats.get_column("value").null_count() == stats.height
+    wide = to_wide(out).filter(pl.col("window_start_ms") == T0).sort("key")
+    assert wide.get_column("power_per_device").to_list() == [125.0, 10.0]
+
+
+def test_kpis_leave_the_state_fingerprint_alone() -> None:
+    """Adding a KPI keeps a recovery store's window state usable (KPIs hold no state)."""
+    plain = {"window": {"kind": "tumbling", "length": "1m"}, "stats": ["avg"]}
+    with_kpi = {**plain, "kpis": {"double": "t_avg * 2"}}
+    one, other = Aggregation.model_validate(plain), Aggregation.model_validate(with_kpi)
+    assert one.fingerprint == other.fingerprint
+    other.build(one.build(None).snapshot())
+
+
 def test_rollups_merge_minutes_into_hours() -> None:
     decl = {
         "window": {"kind": "tumbling", "length": "1m"},
@@ -301,6 +345,26 @@ def test_nulls_are_absent_values_and_other_metrics_are_kept() -> None:
         (
             {"window": {"kind": "tumbling", "length": "1m"}, "allowed_lateness": "-5s"},
             "zero or positive",
+        ),
+        (
+            {"window": {"kind": "tumbling", "length": "1m"}, "kpis": {"hot": "t_avg > 30"}},
+            "KPI 'hot' is a condition",
+        ),
+        (
+            {"window": {"kind": "tumbling", "length": "1m"}, "kpis": {"k": "t_p95 * 2"}},
+            "KPI 'k' reads 't_p95'",
+        ),
+        (
+            {
+                "window": {"kind": "tumbling", "length": "1m"},
+                "metrics": ["t"],
+                "kpis": {"t": "t_avg * 2"},
+            },
+            "KPI name 't' must be a plain name",
+        ),
+        (
+            {"window": {"kind": "tumbling", "length": "1m"}, "kpis": {"k": "t_avg.real"}},
+            "attribute access",
         ),
     ],
 )
