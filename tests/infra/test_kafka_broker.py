@@ -362,6 +362,15 @@ def test_a_consumer_group_shares_partitions_and_rebalances_when_a_member_leaves(
     first, second = Consumer(conf), Consumer(conf)
     first.subscribe([topic])
     second.subscribe([topic])
+    # the group settles with both members before anything is produced: a member that
+    # joins late would otherwise find every record consumed by the other
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (first.assignment() and second.assignment()):
+        for consumer in (first, second):
+            consumer.consume(10, 0.1)
+    assert first.assignment() and second.assignment(), (
+        "the group never gave both members partitions"
+    )
     producer = Producer({"bootstrap.servers": broker.bootstrap})
     for i in range(400):
         producer.produce(topic, f"a{i}".encode(), partition=i % 4)
