@@ -16,12 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from connectors.mapping import FieldPath, SourceMapping, is_missing
+from connectors.field_paths import DEFAULT_DEVICE_ID, DEFAULT_TS, FieldPath, is_missing
 from iotflow.events import DeadLetter, DeviceMessage, Reading
 from iotflow.topics import check_device_id
 
 if TYPE_CHECKING:
     import polars as pl
+
+    from connectors.mapping import SourceMapping
 
 # polars is imported by the columnar path only (``decode_frame``): ``decode`` runs on
 # edge gateways without polars in the process.
@@ -124,10 +126,14 @@ class TelemetryDecoder:
         source: str = "mqtt",
         columnar_min: int = 200,
     ) -> None:
-        self.mapping = mapping or SourceMapping()
-        self._device_path: FieldPath = self.mapping.device_path
-        self._ts_path: FieldPath = self.mapping.ts_path
-        self._metric_paths = self.mapping.metric_paths
+        if mapping is None:  # the default mapping, without building the pydantic model
+            self._device_path = FieldPath.parse(DEFAULT_DEVICE_ID)
+            self._ts_path = FieldPath.parse(DEFAULT_TS)
+            self._metric_paths: dict[str, FieldPath] = {}
+        else:
+            self._device_path = mapping.device_path
+            self._ts_path = mapping.ts_path
+            self._metric_paths = mapping.metric_paths
         flat_ts = self._ts_path.source == "payload" and len(self._ts_path.steps) == 1
         self._ts_field = self._ts_path.steps[0] if flat_ts else None
         self.max_payload_bytes = max_payload_bytes

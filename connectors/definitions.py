@@ -49,7 +49,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 import msgspec
 from bytewax.inputs import DynamicSource, StatelessSourcePartition
@@ -57,7 +57,10 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer
 
 from connectors.kafka_client import ensure_topics, producer_config, security_config
 from iotflow.errors import BrokerUnavailable, ConfigError
-from iotflow.workflow import Workflow
+from iotflow.workflow_lean import load_workflow
+
+if TYPE_CHECKING:  # gateways hold its msgspec mirror (iotflow.workflow_lean)
+    from iotflow.workflow import Workflow
 
 __all__ = [
     "ALL_GATEWAYS",
@@ -125,7 +128,7 @@ def consider(value: bytes, running_version: int, build: Callable[[Workflow], T])
         return Verdict("ignore", doc.version, f"not newer than the running v{running_version}")
     try:
         # the record's version is the workflow's version, whatever the body says
-        workflow = Workflow.from_dict(doc.workflow).model_copy(update={"version": doc.version})
+        workflow = load_workflow({**doc.workflow, "version": doc.version})
         built = build(workflow)
     except ConfigError as exc:
         return Verdict("reject", doc.version, str(exc))
@@ -158,6 +161,8 @@ def publish_definition(
         raise ConfigError(f"definition version {version} must be 1 or more")
     if not target or set(target) & set("/+#"):
         raise ConfigError(f"definition target {target!r} must be a gateway id or '*'")
+    from iotflow.workflow import Workflow  # publishers validate with the pydantic authority
+
     wf = workflow if isinstance(workflow, Workflow) else Workflow.from_dict(workflow)
     wf = wf.model_copy(update={"version": version})
     doc = _Envelope(

@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, TypeVar
-
-from pydantic import BaseModel, ValidationError
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from iotflow.errors import ConfigError
 
+if TYPE_CHECKING:
+    from pydantic import BaseModel, ValidationError
+
 __all__ = ["describe", "load_file", "parse_text", "validate"]
 
-M = TypeVar("M", bound=BaseModel)
+M = TypeVar("M", bound="BaseModel")
 
 
 def describe(exc: ValidationError, what: str) -> str:
@@ -44,6 +45,8 @@ def describe(exc: ValidationError, what: str) -> str:
 
 def validate(model: type[M], data: Any, what: str) -> M:
     """``model`` from plain data; ConfigError naming every wrong field."""
+    from pydantic import ValidationError  # loaded with the model anyway; file loading needs none
+
     try:
         return model.model_validate(data)
     except ValidationError as exc:

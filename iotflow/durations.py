@@ -15,13 +15,11 @@ from __future__ import annotations
 import math
 import re
 from datetime import timedelta
-from typing import Annotated, Any
-
-from pydantic import BeforeValidator, PlainSerializer
+from typing import TYPE_CHECKING, Any
 
 from iotflow.errors import ConfigError
 
-__all__ = ["Duration", "label", "parse_duration"]
+__all__ = ["Duration", "LeanDuration", "label", "lean_duration", "parse_duration"]
 
 _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -65,12 +63,39 @@ def label(duration: timedelta) -> str:
     return f"{ms}ms"
 
 
-def _validate(value: Any) -> timedelta:
-    try:
-        return parse_duration(value)
-    except ConfigError as exc:
-        raise ValueError(str(exc)) from None
+class LeanDuration(timedelta):
+    """A duration field of a msgspec Struct (the declarations' pydantic-free mirrors): msgspec
+    hands the raw value to ``lean_duration`` (its ``dec_hook``) instead of reading ISO 8601."""
 
 
-# A pydantic field type: accepts the forms above, serializes back to the short text.
-Duration = Annotated[timedelta, BeforeValidator(_validate), PlainSerializer(label, return_type=str)]
+def lean_duration(value: Any) -> LeanDuration:
+    """``parse_duration`` as a ``LeanDuration`` (raises ``ConfigError``, a ``ValueError``)."""
+    td = parse_duration(value)
+    return LeanDuration(td.days, td.seconds, td.microseconds)
+
+
+if TYPE_CHECKING:
+    Duration = timedelta
+else:
+
+    def __getattr__(name: str) -> Any:
+        # The pydantic field type is built on first use, so a process that only parses
+        # durations (the edge gateway) never imports pydantic (~7 MiB resident).
+        if name != "Duration":
+            raise AttributeError(name)
+        from typing import Annotated
+
+        from pydantic import BeforeValidator, PlainSerializer
+
+        def _validate(value: Any) -> timedelta:
+            try:
+                return parse_duration(value)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+
+        # accepts the forms above, serializes back to the short text
+        duration = Annotated[
+            timedelta, BeforeValidator(_validate), PlainSerializer(label, return_type=str)
+        ]
+        globals()["Duration"] = duration
+        return duration

@@ -50,19 +50,13 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from iotflow.durations import label
 from iotflow.errors import ConfigError
-from iotflow.workflow import (
-    AggregateComponent,
-    CommandSequenceComponent,
-    FilterComponent,
-    ForwardComponent,
-    GatewayProfile,
-    PatternsComponent,
-    Workflow,
-)
+
+if TYPE_CHECKING:  # or their msgspec mirrors (iotflow.workflow_lean): components go by kind
+    from iotflow.workflow import GatewayProfile, Workflow
 
 __all__ = ["EDGE_PATTERN_KINDS", "Decision", "PlacementError", "Plan", "plan"]
 
@@ -137,8 +131,8 @@ class Plan:
 
 def _edge_capable(c: Any, workflow: Workflow) -> str | None:
     """Why ``c`` cannot run on a gateway at all (None when it can)."""
-    if isinstance(c, PatternsComponent):
-        if c.input != "readings" and isinstance(workflow.component(c.input), AggregateComponent):
+    if c.kind == "patterns":
+        if c.input != "readings" and workflow.component(c.input).kind == "aggregate":
             return "the edge runs patterns on readings; patterns on windows run in the cloud"
         for p in c.patterns:
             kind = p["kind"]
@@ -153,9 +147,9 @@ def _edge_capable(c: Any, workflow: Workflow) -> str | None:
 
 
 def _commands_devices(c: Any) -> bool:
-    if isinstance(c, CommandSequenceComponent):
+    if c.kind == "command_sequence":
         return True
-    if isinstance(c, PatternsComponent):
+    if c.kind == "patterns":
         return any(
             isinstance(a, dict) and a.get("type") == "command"
             for p in c.patterns
@@ -181,7 +175,7 @@ def _auto_reason(c: Any, workflow: Workflow, gw: GatewayProfile) -> str | None:
         )
     traffic = workflow.traffic
     if (
-        isinstance(c, FilterComponent | AggregateComponent)
+        c.kind in ("filter", "aggregate")
         and traffic is not None
         and traffic.kbps > _BANDWIDTH_SHARE * link.uplink_kbps
     ):
@@ -208,7 +202,7 @@ def plan(workflow: Workflow, gateway: GatewayProfile) -> Plan:
                 f"its input {c.input!r} runs in the cloud (data flows from edge to cloud only)"
             )
         fit = _fits(c, gateway, used_mb)
-        if isinstance(c, ForwardComponent):
+        if c.kind == "forward":
             if c.placement == "cloud":
                 raise PlacementError(
                     f"component {c.name!r} (forward) sends raw readings from the gateway; it runs "
@@ -279,10 +273,10 @@ def _forwarded(workflow: Workflow, where: dict[str, Where]) -> dict[str, list[st
     out: dict[str, list[str]] = {}
     for c in workflow.components:
         source = c.input
-        reads_raw = source == "readings" or isinstance(workflow.component(source), FilterComponent)
+        reads_raw = source == "readings" or workflow.component(source).kind == "filter"
         if not reads_raw or where[source] != "edge":
             continue
-        if isinstance(c, ForwardComponent):
+        if c.kind == "forward":
             patterns = out.setdefault(source, [])
             patterns.extend(d for d in c.devices if d not in patterns)
         elif where[c.name] == "cloud":

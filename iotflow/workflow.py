@@ -61,6 +61,17 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from iotflow.declarations import load_file, parse_text, validate
 from iotflow.durations import Duration
+from iotflow.workflow_lean import (
+    NAME_PATTERN,
+    PatternsMethods,
+    ProfileMethods,
+    TrafficMethods,
+    WorkflowMethods,
+    check_aggregate,
+    check_graph,
+    check_latency_budget,
+    check_patterns_named,
+)
 
 __all__ = [
     "AggregateComponent",
@@ -78,7 +89,7 @@ __all__ = [
     "Workflow",
 ]
 
-_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$"
+_NAME = NAME_PATTERN
 Placement = Literal["edge", "cloud", "auto"]
 
 
@@ -107,8 +118,7 @@ class _Component(_Model):
     @field_validator("latency_budget")
     @classmethod
     def _positive(cls, v: timedelta | None) -> timedelta | None:
-        if v is not None and v <= timedelta(0):
-            raise ValueError(f"latency_budget {v} must be positive, e.g. '50ms'")
+        check_latency_budget(v)
         return v
 
 
@@ -128,14 +138,11 @@ class AggregateComponent(_Component):
 
     @model_validator(mode="after")
     def _durations(self) -> AggregateComponent:
-        if self.window <= timedelta(0):
-            raise ValueError(f"window {self.window} must be positive, e.g. '10s'")
-        if self.allowed_lateness < timedelta(0):
-            raise ValueError(f"allowed_lateness {self.allowed_lateness} must be zero or positive")
+        check_aggregate(self.window, self.allowed_lateness)
         return self
 
 
-class PatternsComponent(_Component):
+class PatternsComponent(_Component, PatternsMethods):
     """CEP patterns (each a pattern declaration of ``operators.cep_patterns``).
 
     On readings (``input`` readings or a filter) the patterns listen to input
@@ -151,25 +158,8 @@ class PatternsComponent(_Component):
     @field_validator("patterns")
     @classmethod
     def _named(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        for i, p in enumerate(v):
-            for key in ("name", "kind"):
-                if not isinstance(p.get(key), str):
-                    raise ValueError(f"patterns[{i}] needs a {key} (a string)")
+        check_patterns_named(v)
         return v
-
-    @property
-    def pattern_kinds(self) -> list[str]:
-        return [p["kind"] for p in self.patterns]
-
-    def pattern_set(self, pattern_input: str = "readings") -> dict[str, Any]:
-        """The ``PatternSet`` declaration (plain data) of these patterns on ``pattern_input``."""
-        return {
-            "patterns": [{"input": pattern_input, **p} for p in self.patterns],
-            "allowed_lateness": self.allowed_lateness.total_seconds(),
-            "max_future_skew": None
-            if self.max_future_skew is None
-            else self.max_future_skew.total_seconds(),
-        }
 
 
 class CommandStep(_Model):
@@ -207,30 +197,16 @@ Component = Annotated[
     Field(discriminator="kind"),
 ]
 
-# what each kind may take as input (by the input's kind; "readings" is the source)
-_INPUTS: dict[str, set[str]] = {
-    "filter": {"readings", "filter"},
-    "aggregate": {"readings", "filter"},
-    "patterns": {"readings", "filter", "aggregate"},
-    "command_sequence": {"patterns"},
-    "forward": {"readings", "filter"},
-}
 
-
-class Traffic(_Model):
+class Traffic(_Model, TrafficMethods):
     """The raw input a workflow expects (for bandwidth-driven placement)."""
 
     devices: int = Field(ge=1)
     rate_hz: float = Field(gt=0, allow_inf_nan=False)
     reading_bytes: int = Field(100, ge=1)
 
-    @property
-    def kbps(self) -> float:
-        """Raw readings in kilobits per second."""
-        return self.devices * self.rate_hz * self.reading_bytes * 8 / 1000
 
-
-class Workflow(_Model):
+class Workflow(_Model, WorkflowMethods):
     """A named, versioned chain of components (see the module docstring)."""
 
     name: str = Field(pattern=_NAME)
@@ -240,45 +216,8 @@ class Workflow(_Model):
 
     @model_validator(mode="after")
     def _graph(self) -> Workflow:
-        kinds: dict[str, str] = {}
-        for i, c in enumerate(self.components):
-            if c.name in kinds or c.name == "readings":
-                raise ValueError(
-                    f"components[{i}].name {c.name!r} is used twice (or is 'readings')"
-                )
-            source = "readings" if c.input == "readings" else kinds.get(c.input)
-            if source is None:
-                earlier = ", ".join(kinds) or "none"
-                raise ValueError(
-                    f"components[{i}].input: {c.input!r} is not readings nor an earlier component; "
-                    f"earlier components: {earlier}"
-                )
-            if source not in _INPUTS[c.kind]:
-                allowed = " or ".join(sorted(_INPUTS[c.kind]))
-                raise ValueError(
-                    f"components[{i}].input: a {c.kind} component cannot take the output of "
-                    f"{c.input!r} (a {source}); it takes {allowed}"
-                )
-            if isinstance(c, CommandSequenceComponent):
-                upstream = next(p for p in self.components if p.name == c.input)
-                names = {p["name"] for p in upstream.patterns}  # type: ignore[union-attr]
-                unknown = sorted(set(c.on) - names)
-                if unknown:
-                    raise ValueError(
-                        f"components[{i}].on: {', '.join(unknown)} not among the patterns of "
-                        f"{c.input!r} ({', '.join(sorted(names))})"
-                    )
-            kinds[c.name] = c.kind
+        check_graph(self.components)
         return self
-
-    def component(self, name: str) -> Any:
-        """The component called ``name`` (``KeyError`` naming the known ones otherwise)."""
-        for c in self.components:
-            if c.name == name:
-                return c
-        raise KeyError(
-            f"no component {name!r}; components: {', '.join(c.name for c in self.components)}"
-        )
 
     # -- loading
 
@@ -307,7 +246,7 @@ class Connectivity(_Model):
     availability: float = Field(0.99, gt=0, le=1)
 
 
-class GatewayProfile(_Model):
+class GatewayProfile(_Model, ProfileMethods):
     """What a gateway offers: ``memory_mb`` in all, of which ``runtime_memory_mb`` the
     edge process itself takes (its measured peak), ``cpu_ghz`` per core, connectivity.
 
@@ -323,11 +262,6 @@ class GatewayProfile(_Model):
     cpu_ghz: float = Field(gt=0, allow_inf_nan=False)
     runtime_memory_mb: float = Field(60.0, ge=0, allow_inf_nan=False)
     connectivity: Connectivity
-
-    @property
-    def free_memory_mb(self) -> float:
-        """Memory left for components once the edge runtime runs."""
-        return self.memory_mb - self.runtime_memory_mb
 
     @classmethod
     def from_dict(cls, data: Any) -> GatewayProfile:

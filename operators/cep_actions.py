@@ -21,12 +21,14 @@ Example::
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from iotflow.events import Detection, to_ms
-from operators.cep_patterns import CommandAction, DetectAction, Pattern, TwinUpdateAction
+
+if TYPE_CHECKING:  # or its msgspec mirror (operators.cep_lean): actions go by type
+    from operators.cep_patterns import Pattern
 
 __all__ = ["CommandRequest", "TimedOutMatch", "TwinUpdate", "expand_actions"]
 
@@ -86,7 +88,7 @@ def expand_actions(pattern: Pattern, items: list[Any]) -> list[Any]:
     if not items:
         return []
     actions = pattern.actions
-    if len(actions) == 1 and isinstance(actions[0], DetectAction):
+    if len(actions) == 1 and actions[0].type == "detect":
         return items
     out: list[Any] = []
     for item in items:
@@ -94,13 +96,13 @@ def expand_actions(pattern: Pattern, items: list[Any]) -> list[Any]:
             out.append(item)
             continue
         for i, action in enumerate(actions):
-            if isinstance(action, DetectAction):
+            if action.type == "detect":
                 out.append(item)
                 continue
             subst = {"{key}": item.key, "{pattern}": pattern.name}
             request_id = f"{pattern.name}|{item.key}|{to_ms(item.ts)}|{i}"
             device = _substitute(action.device, subst)
-            if isinstance(action, CommandAction):
+            if action.type == "command":
                 out.append(
                     CommandRequest(
                         request_id=request_id,
@@ -113,7 +115,7 @@ def expand_actions(pattern: Pattern, items: list[Any]) -> list[Any]:
                         ttl_s=action.ttl.total_seconds(),
                     )
                 )
-            elif isinstance(action, TwinUpdateAction):
+            elif action.type == "twin_update":
                 out.append(
                     TwinUpdate(
                         request_id=request_id,

@@ -48,9 +48,6 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
-import json
-import re
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
@@ -69,6 +66,19 @@ from pydantic import (
 from iotflow.declarations import load_file, parse_text, validate
 from iotflow.durations import label as _label
 from iotflow.durations import parse_duration
+from operators.cep_lean import (
+    BUILTIN_INPUT_FIELDS,
+    AbsenceMethods,
+    PatternSetMethods,
+    ThresholdMethods,
+    ValueMethods,
+    check_names_and_inputs,
+    check_placeholders,
+    condition,
+    not_negative,
+    number,
+    positive,
+)
 from operators.expr import Expr
 from operators.groups import group_keys, set_label
 
@@ -91,46 +101,16 @@ __all__ = [
 ]
 
 
-def _positive(value: timedelta) -> timedelta:
-    if value <= timedelta(0):
-        raise ValueError(f"duration {_label(value)} must be positive, e.g. '30s'")
-    return value
-
-
-def _not_negative(value: timedelta) -> timedelta:
-    if value < timedelta(0):
-        raise ValueError(f"duration {_label(value)} must be zero or positive")
-    return value
-
-
 _SERIALIZE = PlainSerializer(_label, return_type=str)
 Duration = Annotated[timedelta, BeforeValidator(parse_duration), _SERIALIZE]
 PositiveDuration = Annotated[
-    timedelta, BeforeValidator(lambda v: _positive(parse_duration(v))), _SERIALIZE
+    timedelta, BeforeValidator(lambda v: positive(parse_duration(v))), _SERIALIZE
 ]
 Lateness = Annotated[
-    timedelta, BeforeValidator(lambda v: _not_negative(parse_duration(v))), _SERIALIZE
+    timedelta, BeforeValidator(lambda v: not_negative(parse_duration(v))), _SERIALIZE
 ]
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$"
-PLACEHOLDERS = ("{key}", "{pattern}")
-_PLACEHOLDER = re.compile(r"\{[^{}]*\}")
-
-
-def _condition(value: Expr, field_name: str) -> Expr:
-    if not value.is_condition:
-        raise ValueError(
-            f"{field_name} {value.text!r} is not a condition; compare it, e.g. '{value.text} > 30'"
-        )
-    return value
-
-
-def _number(value: Expr, field_name: str) -> Expr:
-    if value.is_condition:
-        raise ValueError(
-            f"{field_name} {value.text!r} is a condition; give a number such as 'temperature'"
-        )
-    return value
 
 
 class _Model(BaseModel):
@@ -138,22 +118,6 @@ class _Model(BaseModel):
 
 
 # -- actions -----------------------------------------------------------------------
-
-
-def _check_placeholders(value: Any, where: str) -> Any:
-    if isinstance(value, str):
-        for found in _PLACEHOLDER.findall(value):
-            if found not in PLACEHOLDERS:
-                raise ValueError(
-                    f"{where} uses placeholder {found}; valid placeholders are {', '.join(PLACEHOLDERS)}"
-                )
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            _check_placeholders(v, f"{where}.{k}")
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            _check_placeholders(v, f"{where}[{i}]")
-    return value
 
 
 class DetectAction(_Model):
@@ -176,9 +140,9 @@ class CommandAction(_Model):
 
     @model_validator(mode="after")
     def _placeholders(self) -> CommandAction:
-        _check_placeholders(self.device, "device")
-        _check_placeholders(self.name, "name")
-        _check_placeholders(self.params, "params")
+        check_placeholders(self.device, "device")
+        check_placeholders(self.name, "name")
+        check_placeholders(self.params, "params")
         return self
 
 
@@ -191,8 +155,8 @@ class TwinUpdateAction(_Model):
 
     @model_validator(mode="after")
     def _placeholders(self) -> TwinUpdateAction:
-        _check_placeholders(self.device, "device")
-        _check_placeholders(self.properties, "properties")
+        check_placeholders(self.device, "device")
+        check_placeholders(self.properties, "properties")
         return self
 
 
@@ -209,12 +173,10 @@ class _PatternBase(_Model):
     actions: list[Action] = Field(default_factory=lambda: [DetectAction()])
     description: str = ""
 
-    def conditions(self) -> dict[str, Expr]:
-        """The expressions this pattern evaluates, by a stable local name."""
-        raise NotImplementedError
+    # conditions(): the expressions a pattern evaluates, by a stable local name (each kind's)
 
 
-class ThresholdPattern(_PatternBase):
+class ThresholdPattern(_PatternBase, ThresholdMethods):
     """``condition`` holds for ``times`` consecutive events of a key.
 
     ``after_match``: ``skip_past_last_event`` (default) starts counting afresh
@@ -232,21 +194,15 @@ class ThresholdPattern(_PatternBase):
     @field_validator("condition")
     @classmethod
     def _cond(cls, v: Expr) -> Expr:
-        return _condition(v, "condition")
+        return condition(v, "condition")
 
     @field_validator("value")
     @classmethod
     def _value_is_number(cls, v: Expr | None) -> Expr | None:
-        return None if v is None else _number(v, "value")
-
-    def conditions(self) -> dict[str, Expr]:
-        out = {"cond": self.condition}
-        if self.value is not None:
-            out["value"] = self.value
-        return out
+        return None if v is None else number(v, "value")
 
 
-class RangePattern(_PatternBase):
+class RangePattern(_PatternBase, ValueMethods):
     """``max(value) - min(value) > exceeds`` over a key's events less than ``within`` apart."""
 
     kind: Literal["range"] = "range"
@@ -257,13 +213,10 @@ class RangePattern(_PatternBase):
     @field_validator("value")
     @classmethod
     def _value(cls, v: Expr) -> Expr:
-        return _number(v, "value")
-
-    def conditions(self) -> dict[str, Expr]:
-        return {"value": self.value}
+        return number(v, "value")
 
 
-class RatePattern(_PatternBase):
+class RatePattern(_PatternBase, ValueMethods):
     """``value`` changes faster than ``exceeds`` per ``per`` between consecutive events of a key.
 
     ``direction``: ``rises`` (default), ``falls`` or ``either``.
@@ -278,10 +231,7 @@ class RatePattern(_PatternBase):
     @field_validator("value")
     @classmethod
     def _value(cls, v: Expr) -> Expr:
-        return _number(v, "value")
-
-    def conditions(self) -> dict[str, Expr]:
-        return {"value": self.value}
+        return number(v, "value")
 
 
 Contiguity = Literal["next", "followed_by", "not_next", "not_followed_by"]
@@ -310,7 +260,7 @@ class Step(_Model):
     @field_validator("where")
     @classmethod
     def _where(cls, v: Expr) -> Expr:
-        return _condition(v, "where")
+        return condition(v, "where")
 
     @property
     def negated(self) -> bool:
@@ -377,7 +327,7 @@ class SequencePattern(_PatternBase):
         return {f"step.{s.name}": s.where for s in self.steps}
 
 
-class AbsencePattern(_PatternBase):
+class AbsencePattern(_PatternBase, AbsenceMethods):
     """Silence: no event (matching ``expect``) from a key for ``within``.
 
     Without ``after``: a heartbeat; the key goes silent once its last event
@@ -394,15 +344,7 @@ class AbsencePattern(_PatternBase):
     @field_validator("expect", "after")
     @classmethod
     def _conditions(cls, v: Expr | None, info: Any) -> Expr | None:
-        return None if v is None else _condition(v, info.field_name)
-
-    def conditions(self) -> dict[str, Expr]:
-        out: dict[str, Expr] = {}
-        if self.expect is not None:
-            out["expect"] = self.expect
-        if self.after is not None:
-            out["after"] = self.after
-        return out
+        return None if v is None else condition(v, info.field_name)
 
 
 class CorrelationPattern(_PatternBase):
@@ -432,7 +374,7 @@ class CorrelationPattern(_PatternBase):
     @field_validator("condition")
     @classmethod
     def _cond(cls, v: Expr) -> Expr:
-        return _condition(v, "condition")
+        return condition(v, "condition")
 
     @field_validator("group_by")
     @classmethod
@@ -489,13 +431,11 @@ class InputSpec(_Model):
 
 
 BUILTIN_INPUTS: dict[str, InputSpec] = {
-    "readings": InputSpec(key="device_id", time="ts_ms"),
-    "windows": InputSpec(key="key", time="window_end_ms", start="window_start_ms"),
-    "commands": InputSpec(key="key", time="ts_ms"),
+    name: InputSpec(**spec) for name, spec in BUILTIN_INPUT_FIELDS.items()
 }
 
 
-class PatternSet(_Model):
+class PatternSet(_Model, PatternSetMethods):
     """The patterns of one deployment, plus the event-time settings they share.
 
     ``allowed_lateness`` holds the watermark back (out-of-order tolerance);
@@ -512,32 +452,11 @@ class PatternSet(_Model):
 
     @model_validator(mode="after")
     def _names_and_inputs(self) -> PatternSet:
-        names = [p.name for p in self.patterns]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"pattern names must be unique; repeated: {', '.join(dupes)}")
-        known = self.all_inputs()
-        for i, p in enumerate(self.patterns):
-            if p.input not in known:
-                raise ValueError(
-                    f"patterns[{i}].input {p.input!r} is unknown; declare it under inputs or use one of "
-                    f"{', '.join(sorted(known))}"
-                )
+        check_names_and_inputs(self.patterns, self.all_inputs())
         return self
 
     def all_inputs(self) -> dict[str, InputSpec]:
         return {**BUILTIN_INPUTS, **self.inputs}
-
-    def fingerprint(self, input_name: str | None = None) -> str:
-        """Identifies the definitions (of one input's patterns), so old state is never misread."""
-        chosen = [p for p in self.patterns if input_name is None or p.input == input_name]
-        body = {
-            "patterns": [p.model_dump(mode="json") for p in chosen],
-            "input": self.all_inputs()[input_name].model_dump() if input_name else None,
-            "lateness": self.allowed_lateness.total_seconds(),
-        }
-        text = json.dumps(body, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     # -- loading ---------------------------------------------------------------------
 

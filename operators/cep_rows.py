@@ -43,20 +43,22 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from iotflow.errors import ConfigError
 from iotflow.events import Detection, Reading, from_ms, to_ms
 from operators.cep_actions import expand_actions
-from operators.cep_patterns import (
-    AbsencePattern,
-    InputSpec,
-    Pattern,
-    PatternSet,
-    RatePattern,
-    ThresholdPattern,
-)
 from operators.expr import Expr
+
+if TYPE_CHECKING:  # or their msgspec mirrors (operators.cep_lean): patterns go by kind
+    from operators.cep_patterns import (
+        AbsencePattern,
+        InputSpec,
+        Pattern,
+        PatternSet,
+        RatePattern,
+        ThresholdPattern,
+    )
 
 __all__ = ["SUPPORTED_KINDS", "RejectedEvent", "RowEngine", "unsupported"]
 
@@ -72,7 +74,7 @@ def unsupported(pattern: Pattern) -> str | None:
     """Why ``pattern`` cannot run per reading (None when it can)."""
     if pattern.kind not in SUPPORTED_KINDS:
         return f"pattern {pattern.name!r} is a {pattern.kind} pattern"
-    if isinstance(pattern, AbsencePattern) and pattern.after is not None:
+    if pattern.kind == "absence" and pattern.after is not None:
         return f"pattern {pattern.name!r} is an absence pattern with 'after' (a sequence)"
     return None
 
@@ -263,10 +265,10 @@ class _Heartbeat(_Kind):
         return min(waiting) + self.within_ms if waiting else None
 
 
-_KINDS: dict[type, type[_Kind]] = {
-    ThresholdPattern: _Threshold,
-    RatePattern: _Rate,
-    AbsencePattern: _Heartbeat,
+_KINDS: dict[str, type[_Kind]] = {
+    "threshold": _Threshold,
+    "rate": _Rate,
+    "absence": _Heartbeat,
 }
 
 
@@ -278,7 +280,8 @@ class RowEngine:
     (a missing one reads as null); ``on_readings`` takes ``Reading`` objects.
     Outputs come in event order, each detection followed by its action
     requests. ``resume_state`` is a ``snapshot()``; state made by other pattern
-    definitions is refused with a ``ConfigError``.
+    definitions is refused with a ``ConfigError``. ``patterns`` is a ``PatternSet``
+    or its mirror (``operators.cep_lean.load_patterns``).
     """
 
     def __init__(
@@ -316,7 +319,7 @@ class RowEngine:
         for p in chosen:
             stats = {"detections": 0}
             self._pattern_stats[p.name] = stats
-            self.kinds.append((p, _KINDS[type(p)](p, stats)))
+            self.kinds.append((p, _KINDS[p.kind](p, stats)))
         self.names = sorted(
             set().union(*(e.names for p in chosen for e in p.conditions().values()))
         )

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from iotflow.errors import ConfigError
 from iotflow.events import Detection, Reading, from_ms
 from operators.cep import CepEngine, CommandRequest
+from operators.cep_lean import LeanPatternSet, load_patterns
 from operators.cep_patterns import PatternSet
 from operators.cep_rows import SUPPORTED_KINDS, RejectedEvent, RowEngine
 
@@ -196,20 +197,29 @@ def test_row_engine_and_columnar_engine_agree_on_time_ordered_input(
     pattern: dict[str, Any], rows: list[Any], chunk: int
 ) -> None:
     declared = {**pattern, "actions": [{"type": "detect"}, {"type": "command", "name": "act"}]}
-    ps = PatternSet.from_dict({"patterns": [declared], "max_future_skew": None})
+    data = {"patterns": [declared], "max_future_skew": None}
+    ps = PatternSet.from_dict(data)
+    mirror = load_patterns(data)  # what an edge gateway runs: the msgspec mirror, no pydantic
+    assert isinstance(mirror, LeanPatternSet)
     now = clock(rows[-1][1] + 60_000)
     columnar = CepEngine(ps, now=now, input="readings")
     per_row = RowEngine(ps, now=now)
+    on_mirror = RowEngine(mirror, now=now)
+    assert on_mirror.fingerprint == per_row.fingerprint
     got_columnar: list[Any] = []
     got_rows: list[Any] = []
+    got_mirror: list[Any] = []
     for i in range(0, len(rows), chunk):
         part = rows[i : i + chunk]
         got_columnar += columnar.on_batch(_frame(part))
         got_rows += per_row.on_readings(_readings(part))
+        got_mirror += on_mirror.on_readings(_readings(part))
     got_columnar += columnar.on_eof()
     got_rows += per_row.on_eof()
+    got_mirror += on_mirror.on_eof()
     assert not [o for o in got_rows if isinstance(o, RejectedEvent)]
     assert _canon(got_rows) == _canon(got_columnar)
+    assert got_mirror == got_rows
 
 
 def test_lateness_holds_the_heartbeat_watermark_back_like_the_columnar_engine() -> None:
