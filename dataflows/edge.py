@@ -69,7 +69,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import bytewax.operators as op
 import msgspec
@@ -88,7 +88,6 @@ from connectors.gateway import (
     Inbound,
     release_memory,
 )
-from connectors.mapping import SourceMapping
 from connectors.mqtt import MqttMessage
 from connectors.uplink import AGGREGATE_STATS, Uplink
 from iotflow.errors import ConfigError
@@ -96,20 +95,17 @@ from iotflow.events import Command, DeadLetter, Detection, Reading, from_ms, to_
 from iotflow.placement import Plan, plan
 from iotflow.settings import EnvSettings, Settings
 from iotflow.topics import KafkaTopics, MqttTopics, check_device_id
-from iotflow.workflow import (
-    AggregateComponent,
-    CommandSequenceComponent,
-    FilterComponent,
-    GatewayProfile,
-    PatternsComponent,
-    Workflow,
-)
+from iotflow.workflow_lean import dump, load_profile, load_workflow
 from operators.cep_actions import CommandRequest, TwinUpdate
-from operators.cep_patterns import PatternSet
+from operators.cep_lean import load_patterns
 from operators.cep_rows import RejectedEvent, RowEngine
 from operators.expr import Expr
 from operators.logic_step import LogicStep
 from operators.windows import LateReading, TumblingAggregator, TumblingWindow
+
+if TYPE_CHECKING:  # the edge holds their msgspec mirrors (iotflow.workflow_lean, cep_lean)
+    from iotflow.workflow import CommandSequenceComponent, GatewayProfile, Workflow
+    from operators.cep_patterns import PatternSet
 
 __all__ = [
     "DEFAULT_WORKFLOW",
@@ -125,7 +121,7 @@ log = logging.getLogger("iotflow.edge")
 _encode = msgspec.json.encode
 _AGGREGATE_DEVICES_PER_RECORD = 2000
 
-DEFAULT_WORKFLOW = Workflow.from_dict(
+DEFAULT_WORKFLOW = load_workflow(
     {
         "name": "edge-default",
         "components": [
@@ -174,7 +170,7 @@ class EdgeSettings(EnvSettings):
 
 def default_profile(gateway_id: str) -> GatewayProfile:
     """A mid-range gateway (1 GB, 1.2 GHz, 1 Mbit/s uplink at 100 ms, up 99%)."""
-    return GatewayProfile.from_dict(
+    return load_profile(
         {
             "name": gateway_id,
             "memory_mb": 1024,
@@ -221,22 +217,22 @@ def compile_edge(workflow: Workflow, profile: GatewayProfile) -> EdgeProgram:
     sequences: dict[str, CommandSequenceComponent] = {}
     for c in chosen.edge:
         try:
-            if isinstance(c, FilterComponent):
+            if c.kind == "filter":
                 expr = Expr.parse(c.where)
                 if not expr.is_condition:
                     msg = f"where {c.where!r} is not a condition; compare it, e.g. 't > 0'"
                     raise ConfigError(msg)
                 filters[c.name] = _Filter(c.input, expr.function(), tuple(sorted(expr.names)))
-            elif isinstance(c, AggregateComponent):
+            elif c.kind == "aggregate":
                 windows[c.name] = (
                     c.input,
                     TumblingWindow(length=c.window, allowed_lateness=c.allowed_lateness),
                 )
-            elif isinstance(c, PatternsComponent):
-                ps = PatternSet.from_dict(c.pattern_set("readings"))
+            elif c.kind == "patterns":
+                ps = load_patterns(c.pattern_set("readings"))
                 RowEngine(ps)  # refuses what the per-reading engine cannot run
                 patterns[c.name] = (c.input, ps)
-            elif isinstance(c, CommandSequenceComponent):
+            elif c.kind == "command_sequence":
                 sequences[c.name] = c
         except ConfigError as exc:
             raise ConfigError(f"workflow {workflow.name!r} component {c.name!r}: {exc}") from None
@@ -261,7 +257,7 @@ class _State(msgspec.Struct):
 
 
 def _definition_state(program: EdgeProgram) -> dict[str, Any]:
-    return {"version": program.version, "workflow": program.workflow.model_dump(mode="json")}
+    return {"version": program.version, "workflow": dump(program.workflow)}
 
 
 # state as MessagePack: window starts stay integer keys
@@ -325,7 +321,7 @@ class EdgeLogic:
         stored = state.definition
         if stored is not None and stored["version"] >= workflow.version:
             try:
-                program = compile_edge(Workflow.from_dict(stored["workflow"]), profile)
+                program = compile_edge(load_workflow(stored["workflow"]), profile)
             except ConfigError as exc:  # the profile changed under it: say so, run the file's
                 log.warning("stored definition v%s no longer fits: %s", stored["version"], exc)
         self.program = program
@@ -707,8 +703,15 @@ def _load_profile(edge: EdgeSettings) -> GatewayProfile:
     return (
         default_profile(edge.gateway_id)
         if edge.profile is None
-        else GatewayProfile.load(edge.profile)
+        else load_profile(edge.profile)
     )
+
+
+def _source_mapping(mapping: dict[str, str]) -> Any:
+    # a declared mapping is validated by its pydantic model (~9 MiB more on a gateway)
+    from connectors.mapping import SourceMapping
+
+    return SourceMapping.model_validate(mapping)
 
 
 def build_flow(settings: Settings | None = None, edge: EdgeSettings | None = None) -> Dataflow:
@@ -716,7 +719,7 @@ def build_flow(settings: Settings | None = None, edge: EdgeSettings | None = Non
     workflow the gateway cannot host, or a buffer file it cannot open."""
     settings = settings or Settings()
     edge = edge or EdgeSettings()
-    workflow = DEFAULT_WORKFLOW if edge.workflow is None else Workflow.load(edge.workflow)
+    workflow = DEFAULT_WORKFLOW if edge.workflow is None else load_workflow(edge.workflow)
     profile = _load_profile(edge)
     compile_edge(workflow, profile)  # refuse a workflow the gateway cannot host, before starting
     mqtt_url = settings.require_mqtt_url()
@@ -724,7 +727,7 @@ def build_flow(settings: Settings | None = None, edge: EdgeSettings | None = Non
     kafka = KafkaTopics(settings.topic_prefix)
     mapping = settings.source_mapping
     decoder = TelemetryDecoder(
-        SourceMapping.model_validate(mapping) if mapping is not None else None,
+        None if mapping is None else _source_mapping(mapping),
         max_payload_bytes=settings.max_payload_bytes,
         max_future_skew_ms=int(settings.max_future_skew_s * 1000),
         source="edge",
