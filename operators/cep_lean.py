@@ -186,15 +186,15 @@ class _Struct(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=T
     pass
 
 
-def _expr(struct: Any, name: str, check: Any = None) -> None:
-    """Parse the text in field ``name`` into an ``Expr`` (in place; frozen Structs allow it here)."""
+def _expr(struct: Any, name: str, check: Any, *, optional: bool = False) -> None:
+    """Parse the text in field ``name`` into an ``Expr`` (in place: a frozen Struct's
+    ``__post_init__`` may); ``optional`` lets it be null."""
     text = getattr(struct, name)
-    if text is None:
+    if text is None and optional:
         return
     if not isinstance(text, str):
         raise ValueError(f"{name} must be a string")
-    parsed = Expr.parse(text)
-    force_setattr(struct, name, parsed if check is None else check(parsed, name))
+    force_setattr(struct, name, check(Expr.parse(text), name))
 
 
 class _Tagged(_Struct, kw_only=True):
@@ -251,7 +251,7 @@ class LeanThreshold(_LeanPattern, ThresholdMethods, tag="threshold", kw_only=Tru
 
     def __post_init__(self) -> None:
         _expr(self, "condition", condition)
-        _expr(self, "value", number)
+        _expr(self, "value", number, optional=True)
 
 
 class LeanRate(_LeanPattern, ValueMethods, tag="rate", kw_only=True):
@@ -274,7 +274,7 @@ class LeanAbsence(_LeanPattern, AbsenceMethods, tag="absence", kw_only=True):
 
     def __post_init__(self) -> None:
         positive(self.within)
-        _expr(self, "expect", condition)
+        _expr(self, "expect", condition, optional=True)
 
 
 class LeanInputSpec(_Struct, kw_only=True):
