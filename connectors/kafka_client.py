@@ -13,13 +13,16 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from iotflow.env import LeanSettings, lean_settings
 from iotflow.errors import BrokerUnavailable, ConfigError
-from iotflow.settings import Settings
+
+if TYPE_CHECKING:
+    from iotflow.settings import Settings
 
 __all__ = [
     "COMPACTED",
@@ -37,25 +40,27 @@ DEFAULT_PARTITIONS = 3
 _SECRET_KEYS = ("sasl.password", "ssl.key.password", "sasl.oauthbearer.client.secret")
 
 
-def security_config(settings: Settings | None = None) -> dict[str, str]:
+def security_config(settings: Settings | LeanSettings | None = None) -> dict[str, str]:
     """The librdkafka SASL/TLS options from ``IOTFLOW_KAFKA_SECURITY_PROTOCOL``,
     ``IOTFLOW_KAFKA_SASL_MECHANISM``, ``IOTFLOW_KAFKA_SASL_USERNAME``,
     ``IOTFLOW_KAFKA_SASL_PASSWORD`` and ``IOTFLOW_KAFKA_CA_FILE`` (by default read
     from the environment); empty when none is set. Every producer, consumer and
-    admin client here merges it in. The result holds the password: log only
+    admin client here merges it in (``settings``: ``Settings`` or, by default,
+    ``iotflow.env.lean_settings()``). The result holds the password: log only
     ``redact_config(...)`` of it. An inconsistent combination (SASL settings
     without a SASL protocol, a CA file without TLS, a missing file) is a
     ``ConfigError`` naming the setting.
 
     Example::
 
+        >>> from iotflow.settings import Settings
         >>> s = Settings(_env_file=None, kafka_security_protocol="sasl_ssl",
         ...              kafka_sasl_mechanism="SCRAM-SHA-512", kafka_sasl_username="flow",
         ...              kafka_sasl_password="pw")
         >>> redact_config(security_config(s))
         {'security.protocol': 'SASL_SSL', 'sasl.mechanisms': 'SCRAM-SHA-512', 'sasl.username': 'flow', 'sasl.password': '***'}
     """
-    s = Settings() if settings is None else settings
+    s = lean_settings() if settings is None else settings
     protocol = s.kafka_security_protocol
     sasl = {
         "IOTFLOW_KAFKA_SASL_MECHANISM": s.kafka_sasl_mechanism,

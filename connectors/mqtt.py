@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import unquote, urlsplit
 
 import msgspec
@@ -45,6 +45,7 @@ from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from iotflow.env import LeanSettings, lean_settings, redact_url
 from iotflow.errors import (
     BrokerError,
     BrokerUnavailable,
@@ -53,7 +54,9 @@ from iotflow.errors import (
     PublishRejected,
 )
 from iotflow.events import DeviceMessage
-from iotflow.settings import Settings, redact_url
+
+if TYPE_CHECKING:
+    from iotflow.settings import Settings
 
 __all__ = [
     "MqttEpochSink",
@@ -145,9 +148,10 @@ class MqttTls:
     key_file: Path | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings | None = None) -> MqttTls:
-        """The TLS files named by ``settings`` (by default, the environment and ``.env``)."""
-        s = Settings() if settings is None else settings
+    def from_settings(cls, settings: Settings | LeanSettings | None = None) -> MqttTls:
+        """The TLS files named by ``settings`` (by default, the environment and ``.env``,
+        read by ``iotflow.env.lean_settings``)."""
+        s = lean_settings() if settings is None else settings
         return cls(s.mqtt_ca_file, s.mqtt_cert_file, s.mqtt_key_file)
 
     @property

@@ -5,94 +5,32 @@ of the local stack started by ``iotflow stack up`` (or ``iotflow demo``) is
 used, read from its state file. Secrets never appear in ``repr`` or logs:
 ``Settings.mqtt_url`` is a ``SecretStr`` and ``redact_url`` masks passwords.
 
-``EnvSettings`` is the small environment reader behind ``Settings`` (and the
-edge gateway's ``EdgeSettings``): a plain pydantic model, so a process that
-reads its settings does not carry pydantic-settings (about 2 MB resident on a
-gateway).
+``EnvSettings`` is the small environment reader behind ``Settings``: a plain
+pydantic model, so a process that reads its settings does not carry
+pydantic-settings (about 2 MB resident on a gateway). The edge gateway reads
+the part of ``Settings`` it needs without pydantic (``iotflow.env``, which also
+holds the checks and methods both share).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import types
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Union, get_args, get_origin
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from iotflow.errors import ConfigError
+from iotflow.env import (
+    SettingsMixin,
+    env_values,
+    plain_name,
+    read_dotenv,
+    redact_url,
+    stack_state_path,
+    upper,
+)
 
 __all__ = ["EnvSettings", "Settings", "read_dotenv", "redact_url", "stack_state_path"]
-
-DEFAULT_STATE_DIR = Path(".iotflow")
-
-
-def stack_state_path() -> Path:
-    """Where the local stack records its brokers (``IOTFLOW_STATE_DIR``, default ``.iotflow``)."""
-    return Path(os.environ.get("IOTFLOW_STATE_DIR", DEFAULT_STATE_DIR)) / "stack.json"
-
-
-def redact_url(url: str) -> str:
-    """``mqtt://user:secret@host:1883`` -> ``mqtt://user:***@host:1883``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}"
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
-def read_dotenv(path: str | Path) -> dict[str, str]:
-    """``NAME=value`` lines of a ``.env`` file (empty when there is none).
-
-    Blank lines and ``#`` comments are skipped, an ``export`` prefix is
-    allowed, a value in matching single or double quotes is taken as written,
-    and an unquoted value ends at `` #`` (a comment).
-    """
-    try:
-        lines = Path(path).read_text().splitlines()
-    except FileNotFoundError:
-        return {}
-    except OSError as exc:
-        raise ConfigError(f"cannot read the settings file {path}: {exc.strerror}") from None
-    values: dict[str, str] = {}
-    for line in lines:
-        line = line.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        name, _, value = line.removeprefix("export ").partition("=")
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        else:
-            value = value.split(" #", 1)[0].rstrip()
-        values[name.strip()] = value
-    return values
-
-
-def _kinds(annotation: Any) -> list[Any]:
-    """The types a field's annotation allows, without ``None`` (``list[str] | None`` -> ``[list]``)."""
-    if get_origin(annotation) in (Union, types.UnionType):
-        return [k for a in get_args(annotation) if a is not type(None) for k in _kinds(a)]
-    return [get_origin(annotation) or annotation]
-
-
-def _takes_json(annotation: Any) -> bool:
-    """Whether a field's environment value is JSON (lists, dicts, models), as with pydantic-settings."""
-    return any(
-        isinstance(k, type) and issubclass(k, list | dict | set | tuple | BaseModel)
-        for k in _kinds(annotation)
-    )
-
-
-def _json_example(annotation: Any) -> str:
-    mapping = any(
-        isinstance(k, type) and issubclass(k, dict | BaseModel) for k in _kinds(annotation)
-    )
-    return '{"name": "value"}' if mapping else '["a", "b"]'
 
 
 class EnvSettings(BaseModel):
@@ -107,6 +45,7 @@ class EnvSettings(BaseModel):
 
     Example::
 
+        >>> import os
         >>> class Demo(EnvSettings):
         ...     env_prefix = "DEMO_"
         ...     window_s: float = 60.0
@@ -120,30 +59,12 @@ class EnvSettings(BaseModel):
     env_prefix: ClassVar[str] = "IOTFLOW_"
 
     def __init__(self, _env_file: str | Path | None = ".env", **values: Any) -> None:
-        prefix = self.env_prefix.lower()
-        found = {} if _env_file is None else read_dotenv(_env_file)
-        found.update(os.environ)
-        by_name = {k.lower(): (k, v) for k, v in found.items() if k.lower().startswith(prefix)}
-        from_env: dict[str, Any] = {}
-        for name, field in type(self).model_fields.items():
-            if name in values or prefix + name not in by_name:
-                continue
-            var, raw = by_name[prefix + name]
-            if _takes_json(field.annotation):
-                try:
-                    from_env[name] = json.loads(raw)
-                except ValueError as exc:
-                    example = _json_example(field.annotation)
-                    msg = (
-                        f"{var} is not valid JSON ({exc}); write it as JSON, e.g. {var}='{example}'"
-                    )
-                    raise ConfigError(msg) from None
-            else:
-                from_env[name] = raw
-        super().__init__(**from_env, **values)
+        fields = {name: field.annotation for name, field in type(self).model_fields.items()}
+        found = env_values(self.env_prefix, fields, _env_file, values)
+        super().__init__(**{name: value for name, (_, value) in found.items()}, **values)
 
 
-class Settings(EnvSettings):
+class Settings(EnvSettings, SettingsMixin):
     """Everything a flow or command needs to find its brokers and stores.
 
     Example::
@@ -210,74 +131,17 @@ class Settings(EnvSettings):
     @field_validator("kafka_security_protocol", "kafka_sasl_mechanism", mode="before")
     @classmethod
     def _upper(cls, value: object) -> object:
-        return value.upper() if isinstance(value, str) else value
+        return upper(value)
 
     @model_validator(mode="after")
     def _tls_files_need_mqtts(self) -> Settings:
-        files = [
-            name
-            for name in ("mqtt_ca_file", "mqtt_cert_file", "mqtt_key_file")
-            if getattr(self, name) is not None
-        ]
-        url = self.mqtt_url.get_secret_value() if self.mqtt_url is not None else None
-        if files and url is not None and not url.startswith("mqtts://"):
-            names = ", ".join(f"IOTFLOW_{n.upper()}" for n in files)
-            msg = f"{names} set but IOTFLOW_MQTT_URL {redact_url(url)!r} is not mqtts://; use mqtts:// for TLS"
-            raise ValueError(msg)
+        self.check_tls_files()
         return self
 
     @field_validator("topic_prefix", "mqtt_base")
     @classmethod
     def _plain_name(cls, value: str) -> str:
-        bad = set(value) & set("+#/ \t\n\0")
-        if not value or bad:
-            msg = f"{value!r} must be a non-empty name without '+', '#', '/' or spaces"
-            raise ValueError(msg)
-        return value
-
-    @property
-    def mqtt_url_redacted(self) -> str | None:
-        """The MQTT URL with its password masked, safe to print."""
-        url = self.resolved_mqtt_url()
-        return None if url is None else redact_url(url)
-
-    def _stack(self) -> dict[str, str]:
-        path = stack_state_path()
-        if not path.exists():
-            return {}
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            msg = (
-                f"stack state file {path} is unreadable ({exc}); run `iotflow stack down` then `up`"
-            )
-            raise ConfigError(msg) from exc
-
-    def resolved_mqtt_url(self) -> str | None:
-        """``IOTFLOW_MQTT_URL``, else the local stack's broker, else None."""
-        if self.mqtt_url is not None:
-            return self.mqtt_url.get_secret_value()
-        return self._stack().get("mqtt_url")
-
-    def resolved_kafka_bootstrap(self) -> str | None:
-        """``IOTFLOW_KAFKA_BOOTSTRAP``, else the local stack's broker, else None."""
-        return self.kafka_bootstrap or self._stack().get("kafka_bootstrap")
-
-    def require_mqtt_url(self) -> str:
-        url = self.resolved_mqtt_url()
-        if url is None:
-            msg = "no MQTT broker: set IOTFLOW_MQTT_URL or start one with `iotflow stack up`"
-            raise ConfigError(msg)
-        return url
-
-    def require_kafka_bootstrap(self) -> str:
-        bootstrap = self.resolved_kafka_bootstrap()
-        if bootstrap is None:
-            msg = (
-                "no Kafka broker: set IOTFLOW_KAFKA_BOOTSTRAP or start one with `iotflow stack up`"
-            )
-            raise ConfigError(msg)
-        return bootstrap
+        return plain_name(value)
 
     def to_env(self) -> dict[str, str]:
         """These settings as ``IOTFLOW_*`` variables, to hand to a flow subprocess.

@@ -88,3 +88,12 @@ def test_a_list_setting_that_is_not_json_names_the_variable(
         ConfigError, match=r"IOTFLOW_MQTT_TOPICS is not valid JSON.*\[\"a\", \"b\"\]"
     ):
         Settings(_env_file=None)
+
+
+def test_the_environment_helpers_are_iotflow_envs_own() -> None:
+    # one copy, shared with the edge's pydantic-free reader
+    import iotflow.env
+    import iotflow.settings
+
+    for name in ("read_dotenv", "redact_url", "stack_state_path"):
+        assert getattr(iotflow.settings, name) is getattr(iotflow.env, name)
