@@ -256,10 +256,23 @@ def _metadata(annotation: Any, kind: type) -> list[Any]:
     return [m for m in get_args(annotation)[1:] if isinstance(m, kind)]
 
 
+def _null_is_none(annotation: Any) -> bool:
+    """Whether msgspec's lenient mode would read the text ``null`` as None for this field
+    (an optional field that takes no text), which pydantic refuses."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _null_is_none(get_args(annotation)[0])
+    allows_none = origin in (Union, types.UnionType) and type(None) in get_args(annotation)
+    return allows_none and not any(k in (str, Path, Secret) for k in _kinds(annotation))
+
+
 def _prepare(name: str, annotation: Any, value: Any) -> Any:
-    """A raw value as msgspec should see it: ``Before`` hooks applied, whole numbers parsed."""
+    """A raw value as msgspec should see it: ``Before`` hooks applied, whole numbers parsed,
+    and what msgspec would read otherwise than pydantic refused."""
     for before in _metadata(annotation, Before):
         value = before.function(value)
+    if isinstance(value, str) and value.lower() == "null" and _null_is_none(annotation):
+        raise _Refused(name, "text 'null' does not mean None here")
     if isinstance(value, str) and _kinds(annotation) == [int]:
         if not _WHOLE_NUMBER.fullmatch(value):
             raise _Refused(name, "Expected `int` (a whole number such as 10)")

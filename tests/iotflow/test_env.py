@@ -134,6 +134,21 @@ def test_a_bad_choice_lists_the_choices(monkeypatch: pytest.MonkeyPatch) -> None
     assert read_env(LeanSettings, "IOTFLOW_", None).kafka_security_protocol == "SASL_SSL"
 
 
+@pytest.mark.parametrize("variable", ["IOTFLOW_MQTT_IDLE_STOP_S", "IOTFLOW_KAFKA_SASL_MECHANISM"])
+def test_null_text_is_not_none_as_for_pydantic(
+    monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    # msgspec's lenient mode alone would read it as None
+    monkeypatch.setenv(variable, "Null")
+    with pytest.raises(ConfigError, match=f"^{variable}='Null' is not valid: text 'null'"):
+        read_env(LeanSettings, "IOTFLOW_", None)
+    with pytest.raises(ValidationError):
+        Settings(_env_file=None)
+    monkeypatch.setenv("IOTFLOW_MQTT_CA_FILE", "null")  # text fields keep it
+    monkeypatch.delenv(variable)
+    assert read_env(LeanSettings, "IOTFLOW_", None).mqtt_ca_file == Path("null")
+
+
 def test_a_keyword_is_named_by_its_field() -> None:
     with pytest.raises(ConfigError, match=r"^count=0 is not valid"):
         read_env(Demo, "DEMO_", None, count=0)
@@ -215,7 +230,8 @@ _NUMBER_TEXT = st.one_of(
         [
             *("0", "-0", "+5", "007", "1e3", "1.0e1", "10.0", "10.000000000000001", " 10"),
             *("1_000", "0x10", "\u0663", "nan", "-nan", "inf", "+inf", "-inf", "Infinity"),
-            *("1e400", "1e-400", "", "null", "None", "true", "9" * 4301, ".5", "5.", "1E5"),
+            *("1e400", "1e-400", "", "null", "Null", "None", "true", "9" * 4301, ".5", "5."),
+            "1E5",
         ]
     ),
     st.integers(-(10**20), 10**20).map(str),
@@ -225,7 +241,7 @@ _NUMBER_TEXT = st.one_of(
 _NAME_TEXT = st.one_of(st.sampled_from(["iot", "plant-7", "a/b", "x+", "y#", " ", ""]), _TEXT)
 _CHOICE_TEXT = st.one_of(
     st.sampled_from(["SSL", "sasl_ssl", "Sasl_Plaintext", "PLAINTEXT", "tls", ""]),
-    st.sampled_from(["PLAIN", "scram-sha-256", "SCRAM-SHA-512", "scram", "ß"]),
+    st.sampled_from(["PLAIN", "scram-sha-256", "SCRAM-SHA-512", "scram", "ß", "null", "NULL"]),
     _TEXT,
 )
 _URL_TEXT = st.one_of(
