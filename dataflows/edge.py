@@ -68,13 +68,11 @@ import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any
 
 import bytewax.operators as op
 import msgspec
 from bytewax.dataflow import Dataflow
-from pydantic import Field, field_validator
 
 from connectors.buffer import StoreAndForward, UplinkRecord
 from connectors.decode import TelemetryDecoder, dead_letter
@@ -90,10 +88,11 @@ from connectors.gateway import (
 )
 from connectors.mqtt import MqttMessage
 from connectors.uplink import AGGREGATE_STATS, Uplink
+from iotflow.edge_settings import EdgeSettings
+from iotflow.env import LeanSettings, lean_settings
 from iotflow.errors import ConfigError
 from iotflow.events import Command, DeadLetter, Detection, Reading, from_ms, to_ms
 from iotflow.placement import Plan, plan
-from iotflow.settings import EnvSettings, Settings
 from iotflow.topics import KafkaTopics, MqttTopics, check_device_id
 from iotflow.workflow_lean import dump, load_profile, load_workflow
 from operators.cep_actions import CommandRequest, TwinUpdate
@@ -104,6 +103,7 @@ from operators.logic_step import LogicStep
 from operators.windows import LateReading, TumblingAggregator, TumblingWindow
 
 if TYPE_CHECKING:  # the edge holds their msgspec mirrors (iotflow.workflow_lean, cep_lean)
+    from iotflow.settings import Settings
     from iotflow.workflow import CommandSequenceComponent, GatewayProfile, Workflow
     from operators.cep_patterns import PatternSet
 
@@ -129,43 +129,6 @@ DEFAULT_WORKFLOW = load_workflow(
         ],
     }
 )
-
-
-class EdgeSettings(EnvSettings):
-    """``IOTFLOW_EDGE_*`` settings of a gateway (also read from ``.env``).
-
-    ``workflow``/``profile``: YAML or JSON files (default: ``DEFAULT_WORKFLOW``,
-    10 s aggregates; ``default_profile``). ``buffer``: the SQLite file,
-    ``buffer_max_bytes`` its bound, ``durability`` SQLite's synchronous mode
-    (``FULL`` survives a power cut). ``checkpoint_ms``/``checkpoint_messages``:
-    how often state and buffer are committed and messages acknowledged.
-    ``backfill_per_s``: a cap on backlog records per second (unset: the
-    in-flight window). ``definitions``: follow ``{prefix}.edge.definitions``.
-    """
-
-    env_prefix: ClassVar[str] = "IOTFLOW_EDGE_"
-
-    gateway_id: str = "gw1"
-    workflow: Path | None = None
-    profile: Path | None = None
-    buffer: Path = Path(".iotflow/edge-buffer.db")
-    buffer_max_bytes: int = Field(64_000_000, gt=0)
-    durability: Literal["FULL", "NORMAL"] = "FULL"
-    checkpoint_ms: int = Field(100, gt=0)
-    checkpoint_messages: int = Field(800, gt=0)
-    status_s: float = Field(30.0, gt=0)
-    backfill_per_s: float | None = Field(None, gt=0)
-    definitions: bool = True
-    batch_size: int = Field(1000, gt=0)
-    idle_stop_s: float | None = Field(None, gt=0)
-
-    @field_validator("gateway_id")
-    @classmethod
-    def _gateway_id(cls, value: str) -> str:
-        problem = check_device_id(value)
-        if problem is not None or "|" in value:
-            raise ValueError(f"gateway id {value[:40]!r} is not usable: {problem or 'contains |'}")
-        return value
 
 
 def default_profile(gateway_id: str) -> GatewayProfile:
@@ -700,11 +663,7 @@ class EdgeLogic:
 
 
 def _load_profile(edge: EdgeSettings) -> GatewayProfile:
-    return (
-        default_profile(edge.gateway_id)
-        if edge.profile is None
-        else load_profile(edge.profile)
-    )
+    return default_profile(edge.gateway_id) if edge.profile is None else load_profile(edge.profile)
 
 
 def _source_mapping(mapping: dict[str, str]) -> Any:
@@ -714,11 +673,13 @@ def _source_mapping(mapping: dict[str, str]) -> Any:
     return SourceMapping.model_validate(mapping)
 
 
-def build_flow(settings: Settings | None = None, edge: EdgeSettings | None = None) -> Dataflow:
+def build_flow(
+    settings: Settings | LeanSettings | None = None, edge: EdgeSettings | None = None
+) -> Dataflow:
     """Wire the edge flow for one gateway. Raises ``ConfigError`` for a missing broker, a
     workflow the gateway cannot host, or a buffer file it cannot open."""
-    settings = settings or Settings()
-    edge = edge or EdgeSettings()
+    settings = settings or lean_settings()
+    edge = edge or EdgeSettings.from_env()
     workflow = DEFAULT_WORKFLOW if edge.workflow is None else load_workflow(edge.workflow)
     profile = _load_profile(edge)
     compile_edge(workflow, profile)  # refuse a workflow the gateway cannot host, before starting
