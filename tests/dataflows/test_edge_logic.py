@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from datetime import timedelta
@@ -298,3 +299,64 @@ def test_the_edge_process_imports_neither_polars_numpy_nor_duckdb() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert done.stdout.strip() == "[]"
+
+
+_WITHOUT_PYDANTIC = """
+import json, os, sys
+from connectors.decode import TelemetryDecoder
+from connectors.definitions import DefinitionOffer
+from connectors.gateway import Inbound
+from dataflows.edge import EdgeLogic, build_flow, default_profile
+from iotflow.events import DeviceMessage, from_ms
+from iotflow.workflow_lean import load_workflow
+
+build_flow()  # settings, workflow file, profile, buffer, sources and sinks (no broker needed yet)
+wf = load_workflow(os.environ["IOTFLOW_EDGE_WORKFLOW"])
+logic = EdgeLogic("gw", default_profile("gw"), wf, TelemetryDecoder(), now=lambda: from_ms(T0))
+body = json.dumps({"ts": T0, "smoke": 1.0}).encode()
+out = logic.on_batch(Inbound(1, [DeviceMessage("iotflow/devices/k/telemetry", body, T0)]))
+doc = {"version": 2, "target": "*", "workflow": json.loads(open(os.environ["IOTFLOW_EDGE_WORKFLOW"]).read())}
+out += logic.on_batch(DefinitionOffer("*", json.dumps(doc).encode(), 0, 1))
+print(sorted(type(o).__name__ for o in out), logic.program.version)
+print(sorted(m for m in ("pydantic", "pydantic_core") if m in sys.modules))
+"""
+
+
+def test_the_edge_reads_settings_and_declarations_and_runs_without_pydantic(tmp_path) -> None:
+    # pydantic costs a gateway ~10 MiB (import and models): the edge holds the msgspec mirrors
+    workflow = {
+        "name": "w",
+        "version": 1,
+        "components": [
+            {**STATS},
+            {"name": "p", "kind": "patterns", "placement": "edge", "patterns": [SMOKE]},
+        ],
+    }
+    path = tmp_path / "workflow.json"
+    path.write_text(json.dumps(workflow))
+    env = {
+        **os.environ,
+        "IOTFLOW_MQTT_URL": "mqtt://127.0.0.1:1",
+        "IOTFLOW_KAFKA_BOOTSTRAP": "127.0.0.1:1",
+        "IOTFLOW_EDGE_WORKFLOW": str(path),
+        "IOTFLOW_EDGE_BUFFER": str(tmp_path / "buffer.db"),
+        "IOTFLOW_EDGE_GATEWAY_ID": "gw-7",
+    }
+    code = f"T0 = {T0}\n" + _WITHOUT_PYDANTIC
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    kinds, loaded = done.stdout.strip().splitlines()
+    # the local command and the definition's status on MQTT; detection, command and the
+    # definition's acknowledgment for the uplink; the checkpoint; running version 2
+    assert kinds == (
+        "['Checkpoint', 'MqttMessage', 'MqttMessage', 'UplinkRecord', 'UplinkRecord',"
+        " 'UplinkRecord'] 2"
+    )
+    assert loaded == "[]"
