@@ -42,10 +42,13 @@ Definition sync (``connectors.definitions``): new workflow versions from
 ``{prefix}.edge.definitions`` apply without a restart; see there.
 
 Memory (``bench edge_memory``: 1,000 devices at 1 Hz, 10 s windows, a local
-rule): ~61 MiB peak resident, of which ~27 MiB is mapped library code (Bytewax,
-librdkafka, libpython, pydantic_core, libcrypto) and ~9 MiB pydantic (the
-declarations and settings). Install the gateway with compiled bytecode (pip
-does; ``uv sync --compile-bytecode``): a process that compiles its ~330 modules
+rule): ~51 MiB peak resident, of which ~24 MiB is mapped library code (Bytewax,
+librdkafka, libpython, libcrypto). pydantic stays out (~10 MiB): settings, the
+workflow, the profile and the per-reading patterns are read through msgspec
+mirrors of the pydantic models (``iotflow.env``, ``iotflow.edge_settings``,
+``iotflow.workflow_lean``, ``operators.cep_lean``), which hand what they refuse
+to pydantic for the verdict. Install the gateway with compiled bytecode (pip
+does; ``uv sync --compile-bytecode``): a process that compiles its ~320 modules
 at every start (``PYTHONDONTWRITEBYTECODE``, a read-only checkout) holds ~1-4 MiB
 more. Declarations as JSON (or the default workflow) keep PyYAML out.
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -304,29 +305,38 @@ def lean(kind: type[Any], data: Any) -> Any | None:
         return None
 
 
+def load(mirror: type[Any], data: Any, authority: Callable[[], Any]) -> Any:
+    """``data`` as ``mirror``; when the mirror refuses it, the verdict of the pydantic
+    model's ``from_dict`` (``authority()`` imports and returns the model)."""
+    found = lean(mirror, data)
+    return found if found is not None else authority().from_dict(data)
+
+
+def _workflow_model() -> Any:
+    from iotflow.workflow import Workflow
+
+    return Workflow
+
+
+def _profile_model() -> Any:
+    from iotflow.workflow import GatewayProfile
+
+    return GatewayProfile
+
+
 def load_workflow(data: Any) -> Any:
     """A ``LeanWorkflow`` from plain data or a ``.json``/``.yaml`` path; when the mirror
     refuses it, ``Workflow``'s verdict (its model, or its ``ConfigError``)."""
     if isinstance(data, str | Path):
         data = load_file(data, "workflow")
-    found = lean(LeanWorkflow, data)
-    if found is not None:
-        return found
-    from iotflow.workflow import Workflow
-
-    return Workflow.from_dict(data)
+    return load(LeanWorkflow, data, _workflow_model)
 
 
 def load_profile(data: Any) -> Any:
     """A ``LeanGatewayProfile`` (as ``load_workflow``; the authority is ``GatewayProfile``)."""
     if isinstance(data, str | Path):
         data = load_file(data, "gateway profile")
-    found = lean(LeanGatewayProfile, data)
-    if found is not None:
-        return found
-    from iotflow.workflow import GatewayProfile
-
-    return GatewayProfile.from_dict(data)
+    return load(LeanGatewayProfile, data, _profile_model)
 
 
 def dump(model: Any) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from msgspec.structs import force_setattr
 
 from iotflow.durations import LeanDuration
 from iotflow.durations import label as _label
-from iotflow.workflow_lean import NAME_PATTERN, decode_hook, dump
+from iotflow.workflow_lean import NAME_PATTERN, dump, load
 from operators.expr import Expr
 
 __all__ = [
@@ -307,12 +307,10 @@ class LeanPatternSet(_Struct, PatternSetMethods, kw_only=True):
 def load_patterns(data: Any) -> Any:
     """A ``LeanPatternSet`` from plain data (a list is taken as the patterns); when the
     mirrors refuse it, ``PatternSet``'s verdict (its model, or its ``ConfigError``)."""
-    if isinstance(data, list):
-        data = {"patterns": data}
-    try:
-        return msgspec.convert(data, LeanPatternSet, dec_hook=decode_hook)
-    except (msgspec.ValidationError, ValueError):
-        pass
+    return load(LeanPatternSet, {"patterns": data} if isinstance(data, list) else data, _model)
+
+
+def _model() -> Any:
     from operators.cep_patterns import PatternSet
 
-    return PatternSet.from_dict(data)
+    return PatternSet
