@@ -5,8 +5,9 @@ local rule, store-and-forward uplink to Kafka, definitions off): the real edge
 flow (``python -m bytewax.run dataflows.edge:flow``) in its own process, whose
 ``VmHWM`` (peak RSS, all threads: Bytewax, paho-mqtt, librdkafka, SQLite) is read
 from ``/proc`` every 0.2 s until it exits. ``idle_rss_mb`` is its RSS when it
-came online, before the load. The process imports neither polars, numpy nor
-DuckDB (``tests/operators/test_cep_rows.py`` checks the imports).
+came online, before the load. The process imports neither polars, numpy,
+DuckDB (``tests/operators/test_cep_rows.py`` checks the imports) nor pydantic
+(``tests/dataflows/test_edge_logic.py``).
 
 The run fails unless the aggregates count every reading sent.
 """
