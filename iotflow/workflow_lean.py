@@ -294,7 +294,7 @@ def decode_hook(kind: type, value: Any) -> Any:
     """msgspec's ``dec_hook`` for the mirrors: durations in the declarations' forms."""
     if kind is LeanDuration:
         return lean_duration(value)
-    raise NotImplementedError(f"no decoder for {kind}")
+    raise NotImplementedError(f"no decoder for {kind}")  # msgspec: a type this hook does not take
 
 
 def lean(kind: type[Any], data: Any) -> Any | None:
